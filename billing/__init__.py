@@ -1,0 +1,1 @@
+"""Stripe billing from usage rows (issue: billing job). Not built yet."""

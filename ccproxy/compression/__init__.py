@@ -1,0 +1,1 @@
+"""Context compression: units, the QR-head scorer, the selection policy."""

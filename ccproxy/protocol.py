@@ -1,0 +1,186 @@
+"""The OpenAI wire protocol as ccproxy sees it: request validation, error bodies, SSE framing.
+
+Validation is lenient on purpose: ccproxy checks only what it must understand (``model``,
+``messages``, ``stream``) and forwards every other field untouched, so new OpenAI features
+(tools, response_format, audio, …) pass through without a release of ccproxy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+
+class ProxyError(Exception):
+    """An error that ccproxy itself answers with, in the OpenAI error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: StrictStr = Field(min_length=1)
+    content: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        # A string, content parts (text, image_url, input_audio, …), or null beside tool calls.
+        parts_ok = isinstance(value, list) and all(isinstance(part, dict) for part in value)
+        if value is None or isinstance(value, str) or parts_ok:
+            return value
+        raise ValueError("must be a string, an array of content parts, or null")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be one JSON object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProxyError(400, f"Request body is not valid UTF-8 (byte {exc.start}).") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ProxyError(400, "Request body is nested too deeply.") from None
+    except json.JSONDecodeError as exc:
+        raise ProxyError(
+            400,
+            "We could not parse the JSON body of your request: "
+            f"{exc.msg} at line {exc.lineno} column {exc.colno}.",
+        ) from None
+    if not isinstance(value, dict):
+        raise ProxyError(400, "Request body must be a JSON object.")
+    return value
+
+
+def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """Validate a chat-completions body; return the body as sent and its checked view.
+
+    The returned dict, not the model, is what gets forwarded, so fields ccproxy does not
+    know keep their exact values.
+    """
+    body = parse_json_object(raw)
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = _param_path(tuple(first["loc"]))
+        raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
+    return body, request
+
+
+class SSEDecoder:
+    """Splits a byte stream into whole server-sent events (each ending in a blank line).
+
+    Relaying whole events, never half of one, lets later stages read or drop single events
+    and keeps a client's parser from ever seeing a torn line.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk.replace(b"\r\n", b"\n")
+        events: list[bytes] = []
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                return events
+            events.append(self._buffer[: end + 2])
+            self._buffer = self._buffer[end + 2 :]
+
+    def flush(self) -> list[bytes]:
+        """What is left when the stream ends: a last event without its blank line."""
+        rest, self._buffer = self._buffer, b""
+        return [rest + b"\n\n"] if rest.strip() else []
+
+
+async def split_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    decoder = SSEDecoder()
+    async for chunk in chunks:
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.flush():
+        yield event
+
+
+def sse_event(data: dict[str, Any] | str, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_fields(event: bytes) -> dict[str, str]:
+    """The fields of one event; multi-line ``data`` joined with newlines, per the SSE spec."""
+    fields: dict[str, str] = {}
+    for line in event.decode("utf-8", errors="replace").split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        fields[name] = f"{fields[name]}\n{value}" if name == "data" and name in fields else value
+    return fields

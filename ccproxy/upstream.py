@@ -1,0 +1,226 @@
+"""Talking to the upstream: forward a request, relay its answer (whole or as SSE events).
+
+Two upstreams share one interface: ``HttpUpstream`` (any OpenAI-compatible server over a
+pooled httpx client) and ``EmbeddedUpstream`` (the Bento's own llama.cpp service). The app
+sees only ``UpstreamReply`` and ``ProxyError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from ccproxy.protocol import ProxyError, split_sse, sse_fields
+from ccproxy.settings import Settings
+
+# Response headers worth relaying to the caller: rate-limit state and retry hints.
+_RELAYED_HEADER_PREFIXES = ("x-ratelimit-", "openai-")
+_RELAYED_HEADERS = {"retry-after", "retry-after-ms"}
+# Caller headers that only make sense together with the caller's own provider key.
+_CALLER_ACCOUNT_HEADERS = ("authorization", "openai-organization", "openai-project")
+
+
+@dataclass
+class UpstreamReply:
+    status: int
+    headers: dict[str, str]
+    media_type: str = "application/json"
+    body: bytes = b""
+    # Set only for a successful streamed answer: whole SSE events, in order.
+    events: AsyncIterator[bytes] | None = None
+
+
+class Upstream(Protocol):
+    async def chat_completions(
+        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool
+    ) -> UpstreamReply: ...
+
+    async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply: ...
+
+    async def ready(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    kept = {
+        name.lower(): value
+        for name, value in headers.items()
+        if name.lower() in _RELAYED_HEADERS or name.lower().startswith(_RELAYED_HEADER_PREFIXES)
+    }
+    if "x-request-id" in headers:
+        kept["x-upstream-request-id"] = headers["x-request-id"]
+    return kept
+
+
+def upstream_request_headers(
+    caller_headers: Mapping[str, str], server_api_key: str | None
+) -> dict[str, str]:
+    """Credentials for the upstream: the server's key if it holds one, else the caller's."""
+    if server_api_key is not None:
+        return {"authorization": f"Bearer {server_api_key}"}
+    lowered = {name.lower(): value for name, value in caller_headers.items()}
+    return {name: lowered[name] for name in _CALLER_ACCOUNT_HEADERS if name in lowered}
+
+
+def transport_error(exc: httpx.HTTPError) -> ProxyError:
+    if isinstance(exc, httpx.TimeoutException):
+        return ProxyError(
+            504, "The upstream did not answer in time.", type="upstream_error", code="upstream_timeout"
+        )
+    if isinstance(exc, httpx.ConnectError):
+        return ProxyError(
+            502, "Could not connect to the upstream.", type="upstream_error", code="upstream_unreachable"
+        )
+    return ProxyError(
+        502,
+        f"The connection to the upstream failed ({type(exc).__name__}).",
+        type="upstream_error",
+        code="upstream_connection_error",
+    )
+
+
+class HttpUpstream:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.upstream_url is not None
+        self._api_key = (
+            settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        )
+        self._client = httpx.AsyncClient(
+            base_url=settings.upstream_url + "/",
+            timeout=httpx.Timeout(
+                settings.upstream_read_timeout_s, connect=settings.upstream_connect_timeout_s
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.upstream_max_connections,
+                max_keepalive_connections=settings.upstream_max_connections,
+            ),
+        )
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from exc
+
+    async def _whole(self, response: httpx.Response) -> UpstreamReply:
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            raise transport_error(exc) from exc
+        finally:
+            await response.aclose()
+        return UpstreamReply(
+            status=response.status_code,
+            headers=relayed_headers(response.headers),
+            media_type=response.headers.get("content-type", "application/json"),
+            body=body,
+        )
+
+    async def chat_completions(
+        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool
+    ) -> UpstreamReply:
+        request = self._client.build_request(
+            "POST",
+            "chat/completions",
+            content=json.dumps(body, ensure_ascii=False).encode(),
+            headers={
+                "content-type": "application/json",
+                **upstream_request_headers(caller_headers, self._api_key),
+            },
+        )
+        response = await self._send(request)
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if not (stream and response.status_code == 200 and is_sse):
+            return await self._whole(response)
+        return UpstreamReply(
+            status=200,
+            headers=relayed_headers(response.headers),
+            media_type="text/event-stream",
+            events=_sse_events(response),
+        )
+
+    async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply:
+        request = self._client.build_request(
+            "GET", "models", headers=upstream_request_headers(caller_headers, self._api_key)
+        )
+        return await self._whole(await self._send(request))
+
+    async def ready(self) -> bool:
+        try:
+            reply = await self.models({})
+        except ProxyError:
+            return False
+        rejected_our_key = self._api_key is not None and reply.status in (401, 403)
+        return reply.status < 500 and not rejected_our_key
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for event in split_sse(response.aiter_raw()):
+            yield event
+    except httpx.HTTPError as exc:
+        raise transport_error(exc) from exc
+    finally:
+        await response.aclose()
+
+
+class EmbeddedLLMHandle(Protocol):
+    """What the Gateway needs from the embedded llama.cpp service (a BentoML dependency)."""
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[str]: ...
+
+    async def models(self) -> dict[str, Any]: ...
+
+
+class EmbeddedUpstream:
+    """The embedded model as an upstream. Its answers already use the OpenAI shapes.
+
+    A streamed answer starts with one ``ccproxy-status`` event carrying the status (and the
+    error body when the request was refused), so a refusal becomes a real HTTP status here.
+    """
+
+    def __init__(self, llm: EmbeddedLLMHandle) -> None:
+        self._llm = llm
+
+    async def chat_completions(
+        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool
+    ) -> UpstreamReply:
+        if not stream:
+            envelope = await self._llm.chat(body=body)
+            return UpstreamReply(
+                status=envelope["status"], headers={}, body=json.dumps(envelope["body"]).encode()
+            )
+        events = split_sse(chunk.encode() async for chunk in self._llm.chat_stream(body=body))
+        first = await anext(events)
+        status = json.loads(sse_fields(first)["data"])
+        if status["status"] != 200:
+            await events.aclose()
+            return UpstreamReply(
+                status=status["status"], headers={}, body=json.dumps(status["body"]).encode()
+            )
+        return UpstreamReply(
+            status=200, headers={}, media_type="text/event-stream", events=events
+        )
+
+    async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply:
+        return UpstreamReply(status=200, headers={}, body=json.dumps(await self._llm.models()).encode())
+
+    async def ready(self) -> bool:
+        try:
+            await self._llm.models()
+        except Exception:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ccproxy.embedded import embedded_gguf_path
+from tests.e2e.servers import bentoml_serve, free_port, llama_cpp_server, running
+
+UPSTREAM_KEY = "sk-upstream-test-key"
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def embedded_gateway(logs_dir: Path) -> Iterator[str]:
+    """``bentoml serve`` with no upstream configured: the embedded SmolLM2 answers."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(bentoml_serve(port), probe_url=f"{base}/readyz", log=logs_dir / "embedded.log"):
+        yield base
+
+
+@pytest.fixture(scope="session")
+def llama_upstream(logs_dir: Path) -> Iterator[str]:
+    """llama.cpp's own OpenAI server on the embedded GGUF, protected by an API key."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    command = llama_cpp_server(port, embedded_gguf_path(), api_key=UPSTREAM_KEY)
+    with running(
+        command, probe_url=f"{base}/models", log=logs_dir / "llama.log", ok_statuses=frozenset({200, 401})
+    ):
+        yield base
+
+
+def _gateway_to(upstream_url: str, logs_dir: Path, name: str, **extra_env: str) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"CCPROXY_UPSTREAM_URL": upstream_url, **extra_env}
+    with running(bentoml_serve(port), probe_url=f"{base}/livez", log=logs_dir / f"{name}.log", env=env):
+        yield base
+
+
+@pytest.fixture(scope="session")
+def passthrough_gateway(llama_upstream: str, logs_dir: Path) -> Iterator[str]:
+    """Points at the llama.cpp server and holds no key: callers bring their own."""
+    yield from _gateway_to(llama_upstream, logs_dir, "passthrough")
+
+
+@pytest.fixture(scope="session")
+def keyed_gateway(llama_upstream: str, logs_dir: Path) -> Iterator[str]:
+    """Points at the llama.cpp server and holds its key."""
+    yield from _gateway_to(llama_upstream, logs_dir, "keyed", CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY)
+
+
+@pytest.fixture(scope="session")
+def dead_upstream_gateway(logs_dir: Path) -> Iterator[str]:
+    """Points at a loopback port where nothing listens."""
+    yield from _gateway_to(f"http://127.0.0.1:{free_port()}/v1", logs_dir, "dead")

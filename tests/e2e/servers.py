@@ -1,0 +1,81 @@
+"""Start real servers on loopback for end-to-end tests, and stop them for sure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float, ok: set[int]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code in ok:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not up after {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+@contextmanager
+def running(
+    command: list[str],
+    *,
+    probe_url: str,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 180,
+    ok_statuses: frozenset[int] = frozenset({200}),
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` in its own process group until the block ends."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    child_env.update(env or {})
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=child_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_until(probe_url, process, log, timeout_s, set(ok_statuses))
+        yield process
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            if process.poll() is not None:
+                break
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(wait_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+def bentoml_serve(port: int) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def llama_cpp_server(port: int, model: Path, api_key: str | None = None) -> list[str]:
+    command = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", "4096", "--model_alias", "smollm2-upstream",
+    ]
+    return command + (["--api_key", api_key] if api_key else [])

@@ -1,0 +1,1 @@
+"""QR-head detection and the QR-head LoRA fine-tune (issue: training). Not built yet."""
