@@ -16,7 +16,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ccproxy.protocol import ProxyError, error_body, parse_chat_request, sse_event
+from ccproxy.compression.gateway import ContextCompressor, compress_response, compression_headers
+from ccproxy.protocol import (
+    CompressionControl,
+    ProxyError,
+    compression_control,
+    error_body,
+    parse_chat_request,
+    parse_compress_request,
+    sse_event,
+)
 from ccproxy.settings import Settings
 from ccproxy.upstream import Upstream, UpstreamReply
 
@@ -127,20 +136,56 @@ def create_app(settings: Settings) -> FastAPI:
             error_body(str(exc.detail), code=code), status_code=exc.status_code
         )
 
+    def compressor_of(request: Request) -> ContextCompressor:
+        compressor: ContextCompressor | None = getattr(request.app.state, "compressor", None)
+        if compressor is None:
+            raise ProxyError(503, "The compressor is not configured yet.", type="server_error")
+        return compressor
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         raw = await read_body(request, settings.max_body_bytes)
         body, chat = parse_chat_request(raw)
-        stream = bool(chat.stream)
-        reply = await upstream_of(request).chat_completions(body, request.headers, stream)
+        control, body = compression_control(request.headers, body)
+        compressor = compressor_of(request)
+        compression = await compressor.compress_or_original(body["messages"], compressor.plan(control))
+        if compression.outcome == "compressed":
+            body = {**body, "messages": compression.messages}
+        extra_headers = compression_headers(compression)
+        reply = await upstream_of(request).chat_completions(body, request.headers, bool(chat.stream))
         if reply.events is None:
-            return _reply_response(reply)
+            response = _reply_response(reply)
+            response.headers.update(extra_headers)
+            return response
         return StreamingResponse(
             _relay_events(reply.events),
             status_code=reply.status,
             media_type="text/event-stream",
-            headers={**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            headers={
+                **reply.headers,
+                **extra_headers,
+                "cache-control": "no-cache",
+                "x-accel-buffering": "no",
+            },
         )
+
+    @app.post("/v1/compress")
+    async def compress(request: Request) -> JSONResponse:
+        raw = await read_body(request, settings.max_body_bytes)
+        body, asked = parse_compress_request(raw)
+        compressor = compressor_of(request)
+        control = CompressionControl(enabled=True, ratio=asked.ratio, budget_tokens=asked.budget)
+        try:
+            compression = await compressor.compress(body["messages"], compressor.plan(control))
+        except Exception as exc:
+            logger.warning("compress endpoint failed: %s", type(exc).__name__)
+            raise ProxyError(
+                503,
+                "The compressor could not score this request; try again later.",
+                type="server_error",
+                code="compressor_unavailable",
+            ) from None
+        return JSONResponse(compress_response(compression))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -8,8 +8,9 @@ Validation is lenient on purpose: ccproxy checks only what it must understand (`
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -114,20 +115,118 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
-    """Validate a chat-completions body; return the body as sent and its checked view.
+class CompressRequest(BaseModel):
+    """Body of ``POST /v1/compress``."""
 
-    The returned dict, not the model, is what gets forwarded, so fields ccproxy does not
-    know keep their exact values.
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    ratio: float | None = Field(default=None, gt=0, le=1)
+    budget: int | None = Field(default=None, ge=1)
+    model: StrictStr | None = None  # accepted so a chat body can be sent as it is; unused
+
+
+_Request = TypeVar("_Request", bound=BaseModel)
+
+
+def _validated(raw: bytes, schema: type[_Request]) -> tuple[dict[str, Any], _Request]:
+    """The body as sent and its checked view.
+
+    The dict, not the model, is what gets forwarded, so fields ccproxy does not know keep
+    their exact values.
     """
     body = parse_json_object(raw)
     try:
-        request = ChatCompletionRequest.model_validate(body)
+        request = schema.model_validate(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = _param_path(tuple(first["loc"]))
         raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
     return body, request
+
+
+def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    return _validated(raw, ChatCompletionRequest)
+
+
+def parse_compress_request(raw: bytes) -> tuple[dict[str, Any], CompressRequest]:
+    return _validated(raw, CompressRequest)
+
+
+@dataclass(frozen=True)
+class CompressionControl:
+    """What the caller asked of the compressor for one request (None: server default)."""
+
+    enabled: bool | None = None
+    ratio: float | None = None
+    budget_tokens: int | None = None
+
+
+_CONTROL_FIELD = "ccproxy"
+
+
+def _control_value(name: str, raw: Any, parse: Callable[[Any], Any]) -> Any:
+    try:
+        return parse(raw)
+    except (TypeError, ValueError):
+        raise ProxyError(400, f"Invalid value for '{name}': {raw!r}.", param=name) from None
+
+
+def _switch(raw: Any) -> bool:
+    value = str(raw).strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(value)
+    return value == "on"
+
+
+def _ratio(raw: Any) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(value)
+    return value
+
+
+def _budget(raw: Any) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError(raw)
+    value = int(raw)
+    if value < 1:
+        raise ValueError(value)
+    return value
+
+
+def compression_control(
+    headers: Mapping[str, str], body: dict[str, Any]
+) -> tuple[CompressionControl, dict[str, Any]]:
+    """Per-request compression settings, and the body without ccproxy's own field.
+
+    Sources: the optional body field ``"ccproxy": {"compression", "ratio", "budget"}`` and the
+    headers ``X-Compression``, ``X-Compression-Ratio``, ``X-Compression-Budget``; a header wins
+    over the body field. The field never reaches the upstream.
+    """
+    field = body.get(_CONTROL_FIELD, {})
+    if not isinstance(field, dict):
+        raise ProxyError(400, "'ccproxy' must be an object.", param=_CONTROL_FIELD)
+    unknown = set(field) - {"compression", "ratio", "budget"}
+    if unknown:
+        raise ProxyError(400, f"Unknown 'ccproxy' option(s): {sorted(unknown)}.", param=_CONTROL_FIELD)
+    lowered = {name.lower(): value for name, value in headers.items()}
+    sources = {
+        "compression": ("x-compression", _switch),
+        "ratio": ("x-compression-ratio", _ratio),
+        "budget": ("x-compression-budget", _budget),
+    }
+    values: dict[str, Any] = {}
+    for option, (header, parse) in sources.items():
+        if header in lowered:
+            values[option] = _control_value(header, lowered[header], parse)
+        elif field.get(option) is not None:
+            values[option] = _control_value(f"{_CONTROL_FIELD}.{option}", field[option], parse)
+    control = CompressionControl(
+        enabled=values.get("compression"), ratio=values.get("ratio"), budget_tokens=values.get("budget")
+    )
+    forwarded = {key: value for key, value in body.items() if key != _CONTROL_FIELD}
+    return control, forwarded
 
 
 class SSEDecoder:

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CCPROXY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CCPROXY_", extra="ignore", frozen=True)
 
     # --- upstream ---------------------------------------------------------------------------
     upstream_url: str | None = Field(
@@ -61,6 +61,60 @@ class Settings(BaseSettings):
     )
     embedded_n_threads: int | None = Field(
         default=None, ge=1, description="CPU threads for the embedded model. Unset: all cores."
+    )
+
+    # --- compression -----------------------------------------------------------------------
+    compression_enabled: bool = Field(
+        default=True, description="Compress requests unless the caller sends X-Compression: off."
+    )
+    compression_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Default share of the droppable context tokens kept (X-Compression-Ratio overrides).",
+    )
+    compression_threshold_tokens: int = Field(
+        default=1000, ge=0, description="Contexts with fewer tokens than this are forwarded as they are."
+    )
+    compression_protect_system: bool = Field(
+        default=True, description="Never drop anything from system and developer messages."
+    )
+    compressor_url: str | None = Field(
+        default=None,
+        description="URL of a remote Compressor service (same Bento elsewhere). Unset: run it here.",
+    )
+    compressor_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds the Gateway waits for scores before forwarding the original request.",
+    )
+    compressor_gpus: int = Field(
+        default=1,
+        ge=0,
+        description="GPUs the Compressor service declares; 0 builds a CPU-only Bento.",
+    )
+    compressor_max_batch_size: int = Field(
+        default=16, ge=1, description="Most scoring requests the Compressor batches together."
+    )
+    compressor_max_latency_ms: int = Field(
+        default=10_000, ge=1, description="Adaptive batching's latency bound for one scoring request."
+    )
+    scoring_model: str | None = Field(
+        default=None,
+        description="Hub id or local path of the scoring LLM. Unset: the embedded SmolLM2 on CPU, "
+        "mistralai/Mistral-7B-Instruct-v0.2 in int4 where CUDA is present.",
+    )
+    scoring_lora_path: Path | None = Field(
+        default=None, description="A peft LoRA adapter (from training/train_qr_lora.py) to load."
+    )
+    scoring_head_set: str | None = Field(
+        default=None,
+        description="Name of the QR-head set in ccproxy/compression/heads/. Unset: the scoring "
+        "model's own set, or all heads of the middle layers if it has none.",
+    )
+    model_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "ccproxy" / "models",
+        description="Where converted models are cached (the GGUF dequantised once).",
     )
 
     # --- serving ----------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""Compression as the Gateway uses it: server defaults, a time limit, and fail-open.
+
+A failure anywhere in compression (the scorer raised, timed out, was not loaded, ran out of
+memory) must never fail the caller's request: the original messages are forwarded instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ccproxy.compression.pipeline import (
+    Compression,
+    CompressionPlan,
+    Scorer,
+    compress_messages,
+    plan_for,
+)
+from ccproxy.protocol import CompressionControl
+from ccproxy.settings import Settings
+from ccproxy.tokens import TokenCounter
+
+logger = logging.getLogger("ccproxy.compression")
+
+
+class ContextCompressor:
+    def __init__(self, score: Scorer, count_tokens: TokenCounter, settings: Settings) -> None:
+        self._score = score
+        self._count_tokens = count_tokens
+        self._settings = settings
+
+    def plan(self, control: CompressionControl) -> CompressionPlan:
+        return plan_for(
+            enabled=control.enabled,
+            ratio=control.ratio,
+            budget_tokens=control.budget_tokens,
+            default_enabled=self._settings.compression_enabled,
+            default_ratio=self._settings.compression_ratio,
+            threshold_tokens=self._settings.compression_threshold_tokens,
+            protect_system=self._settings.compression_protect_system,
+        )
+
+    async def compress(self, messages: list[dict[str, Any]], plan: CompressionPlan) -> Compression:
+        """Compress or raise; bounded by the compressor timeout."""
+        return await asyncio.wait_for(
+            compress_messages(messages, plan, count_tokens=self._count_tokens, score=self._score),
+            timeout=self._settings.compressor_timeout_s,
+        )
+
+    async def compress_or_original(
+        self, messages: list[dict[str, Any]], plan: CompressionPlan
+    ) -> Compression:
+        try:
+            return await self.compress(messages, plan)
+        except Exception as exc:  # fail-open: any failure forwards the original request
+            logger.warning("compression failed open: %s", type(exc).__name__)
+            return Compression(messages, "failed", 0, 0, ())
+
+
+def compression_headers(compression: Compression) -> dict[str, str]:
+    """What the caller learns about its request's compression, as response headers."""
+    headers = {"x-compression": compression.outcome}
+    if compression.outcome == "failed":
+        return headers
+    kept = compression.tokens_after / compression.tokens_before if compression.tokens_before else 1.0
+    headers.update(
+        {
+            "x-tokens-before": str(compression.tokens_before),
+            "x-tokens-after": str(compression.tokens_after),
+            "x-tokens-saved": str(compression.tokens_saved),
+            "x-compression-ratio": f"{kept:.4f}",
+        }
+    )
+    return headers
+
+
+def compress_response(compression: Compression) -> dict[str, Any]:
+    """Body of ``POST /v1/compress``."""
+    return {
+        "object": "ccproxy.compression",
+        "outcome": compression.outcome,
+        "messages": compression.messages,
+        "tokens_before": compression.tokens_before,
+        "tokens_after": compression.tokens_after,
+        "tokens_saved": compression.tokens_saved,
+        "units": [unit.as_dict() for unit in compression.units],
+    }

@@ -1,0 +1,626 @@
+"""Chat messages -> scoreable units, and kept units -> valid chat messages again.
+
+A *unit* is the smallest piece of context the policy may keep or drop: a short history turn,
+a paragraph or sentence of a long message, a fenced code block, a JSON block, a markdown table,
+or a whole tool exchange (the assistant's ``tool_calls`` message with every ``tool`` message
+that answers it). Some units are *protected* and always survive: system/developer messages
+(configurable), non-text content parts (images, audio, …), the current question, and
+everything after the last user message (the turn in progress).
+
+Rebuilding works on character offsets into the original text, so a rebuild that keeps every
+unit reproduces the input exactly, and a partial rebuild only removes whole units: it never
+rewrites the inside of a unit nor touches a message's other keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+UnitKind = Literal[
+    "turn",
+    "paragraph",
+    "sentence",
+    "code",
+    "table",
+    "json",
+    "tool_exchange",
+    "query",
+    "system",
+    "other",
+]
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+# Text from several content parts joined into one unit text for the scorer to read.
+PART_JOINER = "\n\n"
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int  # position in Segmentation.units (document order)
+    text: str  # the text a scorer reads for this unit
+    kind: UnitKind
+    protected: bool  # never dropped
+    message_index: int  # first message it belongs to
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One text that rebuild may shorten: a message's str content or one text content part.
+
+    The text equals ``leading + atoms[0] + separators[0] + atoms[1] + … + trailing``.
+    """
+
+    part_index: int | None  # None: the str content itself; else the index in the content list
+    leading: str
+    atoms: tuple[tuple[int, str], ...]  # (unit index, text)
+    separators: tuple[str, ...]  # separators[k] lies between atoms[k] and atoms[k + 1]
+    trailing: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one message comes back: whole (with its owner unit) or field by field."""
+
+    message_index: int
+    owner: int | None  # the unit holding the whole message; None when rebuilt per field
+    fields: tuple[_Field, ...] = ()
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    units: tuple[Unit, ...]
+    query: str  # the question the scorer uses
+    # What rebuild needs; references to the caller's messages, which must not change meanwhile.
+    _messages: tuple[dict[str, Any], ...] = field(default=(), repr=False, compare=False)
+    _plans: tuple[_Plan, ...] = field(default=(), repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Text -> blocks (paragraphs, code, JSON, tables) -> atoms (blocks or sentences)
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int
+    end: int
+    kind: UnitKind
+
+
+_FENCE_OPEN = re.compile(r"^\s*(`{3,}|~{3,})")
+# A sentence ends with . ! ? … (maybe closed by quotes/brackets) and whitespace; CJK full stops
+# need no whitespace after them.
+_SENTENCE_END = re.compile(
+    r"(?:[.!?\u2026]+[\"'\u201d\u2019)\]]*(\s+))|(?:[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\u2019)]*(\s*))"
+)
+_LINE_BREAK = re.compile(r"(\r?\n)")
+_TABLE_DELIMITER_CHARS = frozenset("|:- \t")
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    """Lines with their start offsets, split on "\\n" only (other breaks stay inside a line)."""
+    lines: list[tuple[int, str]] = []
+    start = 0
+    for line in text.split("\n"):
+        lines.append((start, line))
+        start += len(line) + 1
+    return lines
+
+
+def _line_end(start: int, line: str) -> int:
+    # A block ends at its last visible character: trailing blanks and "\r\n" go to the separator.
+    return start + len(line.rstrip())
+
+
+def _fence_opened(line: str) -> str | None:
+    """The fence marker a line opens a code block with, else None."""
+    match = _FENCE_OPEN.match(line)
+    if match is None:
+        return None
+    marker = match.group(1)
+    # As in CommonMark: ```x``` on one line is inline code, not a fence.
+    if marker[0] == "`" and "`" in line[match.end() :]:
+        return None
+    return marker
+
+
+def _closes_fence(line: str, marker: str) -> bool:
+    stripped = line.strip()
+    return len(stripped) >= len(marker) and set(stripped) == {marker[0]}
+
+
+def _is_table_delimiter(line: str) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and "-" in stripped and "|" in stripped and set(stripped) <= _TABLE_DELIMITER_CHARS
+
+
+def _holds_table(lines: Sequence[str]) -> bool:
+    return any(
+        _is_table_delimiter(lines[k]) and "|" in lines[k - 1] for k in range(1, len(lines))
+    )
+
+
+_JSON_DECODER = json.JSONDecoder()
+# How far a JSON block may reach across blank lines; bounds the work on text full of "[".
+_JSON_MAX_CHARS = 1 << 16
+
+
+def _decode_json(text: str, start: int, stop: int) -> tuple[int | None, int]:
+    """(end of the JSON object/array at ``start`` if it ends its line, else None; how far the
+    decoder read), reading no further than ``stop``."""
+    try:
+        value, length = _JSON_DECODER.raw_decode(text[start:stop])
+    except json.JSONDecodeError as error:
+        return None, start + error.pos
+    end = start + length
+    if not isinstance(value, (dict, list)):
+        return None, end
+    line_break = text.find("\n", end)
+    rest_of_line = text[end:] if line_break < 0 else text[end:line_break]
+    return (None if rest_of_line.strip() else end), end
+
+
+def _blocks(text: str) -> list[_Span]:
+    """Paragraphs split on blank lines; fenced code, JSON and tables as whole blocks."""
+    lines = _lines(text)
+    blocks: list[_Span] = []
+    # A failed look for JSON across blank lines read this far; starts before it are not retried,
+    # which keeps the scan linear.
+    json_read_to = -1
+    i = 0
+    while i < len(lines):
+        start, line = lines[i]
+        if not line.strip():
+            i += 1
+            continue
+        fence = _fence_opened(line)
+        if fence is not None:
+            # An unclosed fence runs to the end of the text, like markdown renders it.
+            j = i + 1
+            while j < len(lines) and not _closes_fence(lines[j][1], fence):
+                j += 1
+            last = min(j, len(lines) - 1)
+            blocks.append(_Span(start, _line_end(*lines[last]), "code"))
+            i = last + 1
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j][1].strip() and _fence_opened(lines[j][1]) is None:
+            j += 1
+        paragraph_end = _line_end(*lines[j - 1])
+        first_char = start + len(line) - len(line.lstrip())
+        if text[first_char] in "{[":
+            json_end, read_to = _decode_json(text, first_char, paragraph_end)
+            if json_end is None and read_to >= paragraph_end and first_char >= json_read_to:
+                # The paragraph ended mid-value: pretty-printed JSON may hold blank lines.
+                stop = min(len(text), first_char + _JSON_MAX_CHARS)
+                json_end, json_read_to = _decode_json(text, first_char, stop)
+            if json_end is not None:
+                blocks.append(_Span(start, json_end, "json"))
+                while i < len(lines) and lines[i][0] + len(lines[i][1]) < json_end:
+                    i += 1
+                i += 1
+                continue
+        paragraph_lines = [lines[k][1] for k in range(i, j)]
+        kind: UnitKind = "table" if _holds_table(paragraph_lines) else "paragraph"
+        blocks.append(_Span(start, paragraph_end, kind))
+        i = j
+    return blocks
+
+
+def _split_at(text: str, start: int, end: int, pattern: re.Pattern[str]) -> list[_Span]:
+    """Pieces of text[start:end], cut at the last matched group of each pattern match."""
+    pieces: list[_Span] = []
+    piece_start = start
+    for match in pattern.finditer(text, start, end):
+        cut_start, cut_end = match.span(match.lastindex or 0)
+        if cut_start <= piece_start or cut_end >= end:
+            continue  # a cut would leave an empty piece
+        pieces.append(_Span(piece_start, cut_start, "sentence"))
+        piece_start = cut_end
+    pieces.append(_Span(piece_start, end, "sentence"))
+    return pieces
+
+
+def _sentences(text: str, block: _Span, max_chars: int) -> list[_Span]:
+    """A long prose paragraph cut into sentences; a sentence still too long, into lines."""
+    pieces: list[_Span] = []
+    for sentence in _split_at(text, block.start, block.end, _SENTENCE_END):
+        if sentence.end - sentence.start > max_chars:
+            pieces.extend(_split_at(text, sentence.start, sentence.end, _LINE_BREAK))
+        else:
+            pieces.append(sentence)
+    return pieces
+
+
+def _atoms(text: str, blocks: Sequence[_Span], sentence_max_chars: int) -> list[_Span]:
+    """Blocks, with long prose paragraphs replaced by their sentences."""
+    atoms: list[_Span] = []
+    for block in blocks:
+        if block.kind == "paragraph" and block.end - block.start > sentence_max_chars:
+            atoms.extend(_sentences(text, block, sentence_max_chars))
+        else:
+            atoms.append(block)
+    return atoms
+
+
+# --------------------------------------------------------------------------------------------
+# Messages -> units
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _texts_of(message: dict[str, Any]) -> list[tuple[int | None, str]]:
+    """(part index, text) of each text the message holds; None for a str content."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [(None, content)]
+    if isinstance(content, list):
+        return [(k, part["text"]) for k, part in enumerate(content) if _is_text_part(part)]
+    return []
+
+
+def _non_text_parts(message: dict[str, Any]) -> list[int]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [k for k, part in enumerate(content) if not _is_text_part(part)]
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    return PART_JOINER.join(text for _, text in _texts_of(message))
+
+
+def _tool_call_ids(message: dict[str, Any]) -> list[str]:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return []
+    return [call["id"] for call in calls if isinstance(call, dict) and isinstance(call.get("id"), str)]
+
+
+def _issues_tool_calls(message: dict[str, Any]) -> bool:
+    return message.get("role") == "assistant" and bool(
+        message.get("tool_calls") or message.get("function_call")
+    )
+
+
+def _tool_exchanges(messages: Sequence[dict[str, Any]]) -> dict[int, list[int]]:
+    """Index of each assistant message that calls tools -> the messages of its exchange."""
+    exchanges: dict[int, list[int]] = {}
+    # A call id points at the latest assistant that issued it: some servers reuse ids per turn.
+    issuer_of: dict[str, int] = {}
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if _issues_tool_calls(message):
+            exchanges[i] = [i]
+            for call_id in _tool_call_ids(message):
+                issuer_of[call_id] = i
+        elif role == "tool" and message.get("tool_call_id") in issuer_of:
+            exchanges[issuer_of[message["tool_call_id"]]].append(i)
+        elif role == "function" and i > 0 and messages[i - 1].get("function_call") and (i - 1) in exchanges:
+            # The legacy functions API: the answer follows its call directly.
+            exchanges[i - 1].append(i)
+    return exchanges
+
+
+def _exchange_text(messages: Sequence[dict[str, Any]], members: Sequence[int]) -> str:
+    """What the scorer reads for a tool exchange: the calls and the results, in order."""
+    pieces: list[str] = []
+    for i in members:
+        message = messages[i]
+        text = _message_text(message)
+        if text:
+            pieces.append(text)
+        calls = message.get("tool_calls")
+        functions = [call.get("function") for call in calls if isinstance(call, dict)] if isinstance(calls, list) else []
+        functions.append(message.get("function_call"))
+        for function in functions:
+            if isinstance(function, dict):
+                pieces.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+    return "\n".join(pieces)
+
+
+class _Builder:
+    """Collects units and rebuild plans in document order."""
+
+    def __init__(self) -> None:
+        self.units: list[Unit] = []
+        self.plans: list[_Plan] = []
+        self.query = ""
+
+    def add_unit(self, text: str, kind: UnitKind, protected: bool, message_index: int) -> int:
+        index = len(self.units)
+        self.units.append(Unit(index, text, kind, protected, message_index))
+        return index
+
+    def whole(self, message_index: int, text: str, kind: UnitKind, protected: bool) -> int:
+        unit = self.add_unit(text, kind, protected, message_index)
+        self.plans.append(_Plan(message_index, unit))
+        return unit
+
+
+class _NonTextUnits:
+    """Adds the protected units of non-text parts at their place among the text parts."""
+
+    def __init__(self, builder: _Builder, message_index: int, non_text: Sequence[int]) -> None:
+        self.builder = builder
+        self.message_index = message_index
+        self.pending = list(non_text)
+
+    def add_before(self, part: int | None) -> None:
+        while self.pending and (part is None or self.pending[0] < part):
+            self.pending.pop(0)
+            self.builder.add_unit("", "other", True, self.message_index)
+
+    def add_rest(self) -> None:
+        self.add_before(None)
+
+
+def _field_from_atoms(
+    part_index: int | None, text: str, atoms: Sequence[_Span], unit_of_atom: Sequence[int]
+) -> _Field:
+    if not atoms:
+        return _Field(part_index, text, (), (), "")
+    return _Field(
+        part_index=part_index,
+        leading=text[: atoms[0].start],
+        atoms=tuple((unit, text[a.start : a.end]) for unit, a in zip(unit_of_atom, atoms)),
+        separators=tuple(text[a.end : b.start] for a, b in zip(atoms, atoms[1:])),
+        trailing=text[atoms[-1].end :],
+    )
+
+
+def _single_unit(
+    builder: _Builder, i: int, message: dict[str, Any], kind: UnitKind, protected: bool
+) -> None:
+    """The message's text as one unit; non-text parts beside it stay as protected units."""
+    texts = _texts_of(message)
+    non_text = _non_text_parts(message)
+    if not non_text:
+        builder.whole(i, _message_text(message), kind, protected)
+        return
+    others = _NonTextUnits(builder, i, non_text)
+    fields: tuple[_Field, ...] = ()
+    if texts:
+        others.add_before(texts[0][0])
+        unit = builder.add_unit(_message_text(message), kind, protected, i)
+        fields = tuple(_Field(part, "", ((unit, text),), (), "") for part, text in texts)
+    others.add_rest()
+    builder.plans.append(_Plan(i, None, fields))
+
+
+def _split_message(
+    builder: _Builder,
+    i: int,
+    message: dict[str, Any],
+    atoms_per_text: Sequence[tuple[int | None, str, list[_Span]]],
+    query_from: tuple[int, int] | None = None,
+) -> None:
+    """A long message as one unit per atom; from ``query_from`` (text, atom) on, one query unit."""
+    others = _NonTextUnits(builder, i, _non_text_parts(message))
+    fields: list[_Field] = []
+    query_unit: int | None = None
+    query_pieces: list[str] = []
+    for t, (part, text, atoms) in enumerate(atoms_per_text):
+        others.add_before(part)
+        first_query_atom = len(atoms)
+        if query_from is not None and t >= query_from[0]:
+            first_query_atom = query_from[1] if t == query_from[0] else 0
+        context_atoms = atoms[:first_query_atom]
+        units = [builder.add_unit(text[a.start : a.end], a.kind, False, i) for a in context_atoms]
+        field_atoms = list(context_atoms)
+        if first_query_atom < len(atoms):
+            # The question stays whole: one span, its original separators inside.
+            query_span = _Span(atoms[first_query_atom].start, atoms[-1].end, "query")
+            if query_unit is None:
+                query_unit = builder.add_unit("", "query", True, i)
+            query_pieces.append(text[query_span.start : query_span.end])
+            field_atoms.append(query_span)
+            units.append(query_unit)
+        fields.append(_field_from_atoms(part, text, field_atoms, units))
+    others.add_rest()
+    if query_unit is not None:
+        builder.query = PART_JOINER.join(query_pieces)
+        builder.units[query_unit] = Unit(query_unit, builder.query, "query", True, i)
+    builder.plans.append(_Plan(i, None, tuple(fields)))
+
+
+def _query_start(blocks_per_text: Sequence[tuple[int | None, str, list[_Span]]]) -> tuple[int, int] | None:
+    """Where the question starts in a documents + question message, as (text, block).
+
+    The question is the last prose paragraph and whatever follows it: code, JSON or a table
+    after it (``Why does this fail?`` + a traceback) belongs to the question. None when the
+    question would be the whole message.
+    """
+    positions = [(t, b) for t, (_, _, blocks) in enumerate(blocks_per_text) for b in range(len(blocks))]
+    prose = [
+        position
+        for position in positions
+        if blocks_per_text[position[0]][2][position[1]].kind == "paragraph"
+    ]
+    if not prose or prose[-1] == positions[0]:
+        return None
+    return prose[-1]
+
+
+def _segment_message(
+    builder: _Builder,
+    i: int,
+    message: dict[str, Any],
+    *,
+    short_kind: UnitKind,
+    is_query: bool,
+    protected: bool,
+    paragraph_min_chars: int,
+    sentence_max_chars: int,
+) -> None:
+    """A message without tool calls: one unit when short, blocks/sentences when long."""
+    content = message.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        builder.whole(i, "", "other", True)  # a shape this module does not know travels untouched
+        return
+    is_long = len(_message_text(message)) > paragraph_min_chars and not protected
+    blocks_per_text = [(part, text, _blocks(text)) for part, text in _texts_of(message)] if is_long else []
+    if is_query:
+        query_from = _query_start(blocks_per_text)
+        if query_from is None:
+            builder.query = _message_text(message)
+            _single_unit(builder, i, message, "query", True)
+            return
+        # Documents before the question are ordinary context; cut them like any long message.
+        t_query, b_query = query_from
+        atoms_per_text = []
+        for t, (part, text, blocks) in enumerate(blocks_per_text):
+            if t < t_query:
+                atoms_per_text.append((part, text, _atoms(text, blocks, sentence_max_chars)))
+            elif t == t_query:
+                context = _atoms(text, blocks[:b_query], sentence_max_chars)
+                atoms_per_text.append((part, text, context + blocks[b_query:]))
+                query_from = (t, len(context))
+            else:
+                atoms_per_text.append((part, text, list(blocks)))
+        _split_message(builder, i, message, atoms_per_text, query_from)
+        return
+    atoms_per_text = [(part, text, _atoms(text, blocks, sentence_max_chars)) for part, text, blocks in blocks_per_text]
+    if sum(len(atoms) for _, _, atoms in atoms_per_text) <= 1:
+        _single_unit(builder, i, message, short_kind, protected)
+        return
+    _split_message(builder, i, message, atoms_per_text)
+
+
+def segment(
+    messages: list[dict[str, Any]],
+    *,
+    protect_system: bool = True,
+    paragraph_min_chars: int = 400,
+    sentence_max_chars: int = 2000,
+) -> Segmentation:
+    """Split chat messages into units; see the module docstring for what is protected."""
+    if paragraph_min_chars < 0:
+        raise ValueError(f"paragraph_min_chars must be >= 0, got {paragraph_min_chars}")
+    if sentence_max_chars < 1:
+        raise ValueError(f"sentence_max_chars must be >= 1, got {sentence_max_chars}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be an object, not {type(message).__name__}")
+    builder = _Builder()
+    exchanges = _tool_exchanges(messages)
+    exchange_of = {member: owner for owner, members in exchanges.items() for member in members}
+    exchange_unit: dict[int, int] = {}
+    user_indices = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+    last_user = user_indices[-1] if user_indices else None
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        # The turn in progress (tool results the model is about to read, an assistant prefill)
+        # is what the next answer continues from: dropping it would change the task.
+        in_current_turn = last_user is not None and i > last_user
+        owner = exchange_of.get(i)
+        if owner is not None:
+            if owner not in exchange_unit:
+                text = _exchange_text(messages, exchanges[owner])
+                exchange_unit[owner] = builder.add_unit(text, "tool_exchange", in_current_turn, i)
+            builder.plans.append(_Plan(i, exchange_unit[owner]))
+            continue
+        if role in ("tool", "function"):
+            # A result without its call is already invalid; pass it on for upstream to judge.
+            builder.whole(i, _message_text(message), "tool_exchange", True)
+            continue
+        is_system = role in SYSTEM_ROLES
+        _segment_message(
+            builder,
+            i,
+            message,
+            short_kind="system" if is_system else "turn",
+            is_query=i == last_user,
+            protected=(is_system and protect_system) or in_current_turn,
+            paragraph_min_chars=paragraph_min_chars,
+            sentence_max_chars=sentence_max_chars,
+        )
+    return Segmentation(
+        units=tuple(builder.units),
+        query=builder.query,
+        _messages=tuple(messages),
+        _plans=tuple(builder.plans),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Units -> messages
+
+
+def _strongest(separators: Sequence[str]) -> str:
+    """The separator that replaces a dropped stretch: the one with most line breaks wins, so
+    dropping the end of one paragraph never glues the next paragraph to it."""
+    return max(separators, key=lambda separator: separator.count("\n"))
+
+
+def _rebuild_field(text_field: _Field, kept: Sequence[bool]) -> str | None:
+    """The field's text with dropped atoms removed; None when every atom was dropped."""
+    if not text_field.atoms:
+        return text_field.leading + text_field.trailing
+    positions = [k for k, (unit, _) in enumerate(text_field.atoms) if kept[unit]]
+    if not positions:
+        return None
+    pieces = [text_field.leading, text_field.atoms[positions[0]][1]]
+    for previous, current in zip(positions, positions[1:]):
+        pieces.append(_strongest(text_field.separators[previous:current]))
+        pieces.append(text_field.atoms[current][1])
+    pieces.append(text_field.trailing)
+    return "".join(pieces)
+
+
+def _rebuild_message(message: dict[str, Any], plan: _Plan, kept: Sequence[bool]) -> dict[str, Any] | None:
+    atoms_kept = [kept[unit] for text_field in plan.fields for unit, _ in text_field.atoms]
+    if all(atoms_kept):
+        return copy.deepcopy(message)
+    texts = {text_field.part_index: _rebuild_field(text_field, kept) for text_field in plan.fields}
+    any_atom_kept = any(atoms_kept)
+    content = message.get("content")
+    if isinstance(content, str):
+        new_content: Any = texts.get(None)
+        if new_content is None:
+            return None
+    else:
+        parts: list[Any] = []
+        has_non_text = False
+        for k, part in enumerate(content):
+            if k not in texts:
+                has_non_text = True
+                parts.append(copy.deepcopy(part))
+            elif texts[k] is not None:
+                parts.append({**copy.deepcopy(part), "text": texts[k]})
+        if not (any_atom_kept or has_non_text):
+            return None
+        new_content = parts
+    return {
+        key: (new_content if key == "content" else copy.deepcopy(value))
+        for key, value in message.items()
+    }
+
+
+def rebuild(segmentation: Segmentation, keep: Sequence[bool]) -> list[dict[str, Any]]:
+    """New messages holding the kept units (protected ones always), in the original order.
+
+    A message whose units were all dropped disappears; a tool exchange goes as one; every key
+    other than ``content`` is copied unchanged. Keeping everything returns an equal copy.
+    """
+    units = segmentation.units
+    if len(keep) != len(units):
+        raise ValueError(f"keep has {len(keep)} flags for {len(units)} units")
+    kept = [bool(flag) or unit.protected for flag, unit in zip(keep, units)]
+    messages: list[dict[str, Any]] = []
+    for plan in segmentation._plans:
+        message = segmentation._messages[plan.message_index]
+        if plan.owner is not None:
+            if kept[plan.owner]:
+                messages.append(copy.deepcopy(message))
+            continue
+        rebuilt = _rebuild_message(message, plan, kept)
+        if rebuilt is not None:
+            messages.append(rebuilt)
+    return messages
