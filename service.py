@@ -1,23 +1,44 @@
 """BentoML wiring only: which services exist, what they hold, how they reach each other.
 
-``bentoml serve`` starts the Gateway (the OpenAI-compatible API). When no upstream URL is
-configured, the Gateway depends on EmbeddedLLM, which answers with SmolLM2 via llama.cpp.
+``bentoml serve`` starts the Gateway (the OpenAI-compatible API) and what it depends on:
+the Compressor (the QR-head scorer; remote when CCPROXY_COMPRESSOR_URL is set) and, when no
+upstream URL is configured, EmbeddedLLM, which answers with SmolLM2 via llama.cpp.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import bentoml
 
 from ccproxy.app import create_app
+from ccproxy.compression.gateway import ContextCompressor
+from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.embedded import EmbeddedEngine
 from ccproxy.settings import get_settings
+from ccproxy.tokens import default_counter
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
 
 settings = get_settings()
 traffic = {"timeout": settings.request_timeout_s}
+compressor_resources = (
+    {"gpu": settings.compressor_gpus} if settings.compressor_gpus else {"cpu": "2"}
+)
+
+
+@bentoml.service(name="ccproxy-compressor", traffic=traffic, resources=compressor_resources)
+class Compressor:
+    def __init__(self) -> None:
+        self.scorer = load_scorer(settings)
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.compressor_max_batch_size,
+        max_latency_ms=settings.compressor_max_latency_ms,
+    )
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        return score_requests(self.scorer, requests)
 
 
 @bentoml.service(name="ccproxy-embedded-llm", traffic=traffic, resources={"cpu": "1"})
@@ -45,6 +66,7 @@ app = create_app(settings)
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(name="ccproxy", traffic=traffic, workers=settings.gateway_workers)
 class Gateway:
+    compressor = bentoml.depends(Compressor, url=settings.compressor_url)
     if settings.upstream_url is None:
         embedded_llm = bentoml.depends(EmbeddedLLM)
 
@@ -53,6 +75,11 @@ class Gateway:
             HttpUpstream(settings) if settings.upstream_url else EmbeddedUpstream(self.embedded_llm)
         )
         app.state.upstream = self.upstream
+        app.state.compressor = ContextCompressor(self._score, default_counter(), settings)
+
+    async def _score(self, query: str, units: Sequence[str]) -> list[float]:
+        [scores] = await self.compressor.to_async.score([ScoreRequest(query=query, units=list(units))])
+        return scores
 
     async def __is_ready__(self) -> bool:
         return await self.upstream.ready()

@@ -37,27 +37,42 @@ def llama_upstream(logs_dir: Path) -> Iterator[str]:
         yield base
 
 
-def _gateway_to(upstream_url: str, logs_dir: Path, name: str, **extra_env: str) -> Iterator[str]:
+@pytest.fixture(scope="session")
+def remote_compressor(logs_dir: Path) -> Iterator[str]:
+    """The Compressor served on its own, as on a separate GPU host; gateways reach it by URL."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"CCPROXY_UPSTREAM_URL": upstream_url, **extra_env}
+    with running(
+        bentoml_serve(port, "service:Compressor"), probe_url=f"{base}/readyz", log=logs_dir / "compressor.log"
+    ):
+        yield base
+
+
+def _gateway_to(
+    upstream_url: str, compressor_url: str, logs_dir: Path, name: str, **extra_env: str
+) -> Iterator[str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"CCPROXY_UPSTREAM_URL": upstream_url, "CCPROXY_COMPRESSOR_URL": compressor_url, **extra_env}
     with running(bentoml_serve(port), probe_url=f"{base}/livez", log=logs_dir / f"{name}.log", env=env):
         yield base
 
 
 @pytest.fixture(scope="session")
-def passthrough_gateway(llama_upstream: str, logs_dir: Path) -> Iterator[str]:
+def passthrough_gateway(llama_upstream: str, remote_compressor: str, logs_dir: Path) -> Iterator[str]:
     """Points at the llama.cpp server and holds no key: callers bring their own."""
-    yield from _gateway_to(llama_upstream, logs_dir, "passthrough")
+    yield from _gateway_to(llama_upstream, remote_compressor, logs_dir, "passthrough")
 
 
 @pytest.fixture(scope="session")
-def keyed_gateway(llama_upstream: str, logs_dir: Path) -> Iterator[str]:
+def keyed_gateway(llama_upstream: str, remote_compressor: str, logs_dir: Path) -> Iterator[str]:
     """Points at the llama.cpp server and holds its key."""
-    yield from _gateway_to(llama_upstream, logs_dir, "keyed", CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY)
+    yield from _gateway_to(
+        llama_upstream, remote_compressor, logs_dir, "keyed", CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY
+    )
 
 
 @pytest.fixture(scope="session")
-def dead_upstream_gateway(logs_dir: Path) -> Iterator[str]:
+def dead_upstream_gateway(remote_compressor: str, logs_dir: Path) -> Iterator[str]:
     """Points at a loopback port where nothing listens."""
-    yield from _gateway_to(f"http://127.0.0.1:{free_port()}/v1", logs_dir, "dead")
+    yield from _gateway_to(f"http://127.0.0.1:{free_port()}/v1", remote_compressor, logs_dir, "dead")

@@ -68,8 +68,8 @@ def running(
                 continue
 
 
-def bentoml_serve(port: int) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", "service:Gateway", "--host", "127.0.0.1", "--port", str(port)]
+def bentoml_serve(port: int, service: str = "service:Gateway") -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
 
 
 def llama_cpp_server(port: int, model: Path, api_key: str | None = None) -> list[str]:

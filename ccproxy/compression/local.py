@@ -1,0 +1,52 @@
+"""``ccproxy.compress``: the Gateway's compression, in-process, with the scorer loaded here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from ccproxy.compression.gateway import ContextCompressor
+from ccproxy.compression.pipeline import Compression
+from ccproxy.compression.scoring import load_scorer
+from ccproxy.protocol import CompressionControl
+from ccproxy.settings import Settings, get_settings
+from ccproxy.tokens import default_counter
+
+
+@lru_cache(maxsize=2)
+def _compressor(settings: Settings) -> ContextCompressor:
+    scorer = load_scorer(settings)
+
+    async def score(query: str, units: Sequence[str]) -> list[float]:
+        return await asyncio.to_thread(scorer.score, query, list(units))
+
+    return ContextCompressor(score, default_counter(), settings)
+
+
+async def acompress(
+    messages: list[dict[str, Any]],
+    *,
+    ratio: float | None = None,
+    budget: int | None = None,
+    settings: Settings | None = None,
+) -> Compression:
+    compressor = _compressor(settings or get_settings())
+    plan = compressor.plan(CompressionControl(enabled=True, ratio=ratio, budget_tokens=budget))
+    return await compressor.compress(messages, plan)
+
+
+def compress(
+    messages: list[dict[str, Any]],
+    *,
+    ratio: float | None = None,
+    budget: int | None = None,
+    settings: Settings | None = None,
+) -> Compression:
+    """Compress chat messages as the proxy would; inside an event loop use ``acompress``."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(acompress(messages, ratio=ratio, budget=budget, settings=settings))
+    raise RuntimeError("ccproxy.compress() was called inside an event loop; await ccproxy.acompress() instead.")

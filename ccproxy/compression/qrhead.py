@@ -1,0 +1,425 @@
+"""Query-focused retrieval-head (QR-head) scoring on a Hugging Face causal LM.
+
+The method is QRHead (Zhang et al., EMNLP 2025) on top of in-context re-ranking (ICR, Chen et
+al., ICLR 2025):
+
+* Prompt: the context units first, each its own block, then a late instruction, the query and the
+  assistant header. The "query span" is that whole tail (instruction + query + header), as in the
+  reference implementation (princeton-pli/QRHead, ``compose_scoring_prompt``).
+* Per head h, a context token t scores the mean over the query span's rows i of the attention
+  probability A_h[i, t], minus the same quantity with the query replaced by "N/A" (calibration:
+  it removes the mass a head puts on a token whatever the question).
+* Sum over the head set; inside each unit, drop tokens below mean - 2 std of that unit's token
+  scores (outliers such as attention sinks); the unit scores the sum of what is left.
+
+Efficiency (never materialise the full attention matrix):
+
+* The context runs once through the decoder layers with SDPA, up to the deepest layer that holds a
+  selected head. At that layer only the keys are projected; the layers after it and the LM head
+  never run.
+* Both tails (real query and "N/A") then run together as one short sequence against the cached
+  context keys/values: each tail sees the context and itself, never the other, and both start at
+  the same position, so this equals two separate runs on a shared KV prefix.
+* For the selected layers, the post-RoPE query vectors of the tail rows are projected again from
+  the layer input (a few dozen rows) and the softmax is recomputed for those rows only, against
+  the layer's keys. A query head reads its KV group's keys (GQA).
+
+Contexts longer than one window are scored in overlapping windows of whole units, each window a
+complete prompt ending with the query; a unit in several windows gets the mean of its scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+INTRO = "Here are some paragraphs:"
+LATE_INSTRUCTION = "Please find information that are relevant to the following query in the paragraphs above."
+SEPARATOR = "\n\n"
+NULL_QUERY = "N/A"
+_SENTINEL = "\x00CCPROXY_CONTENT\x00"
+
+Head = tuple[int, int]
+
+
+# --- prompt layout ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of one scoring prompt: ``context`` (template head, units, separators) then a tail.
+
+    ``spans[k]`` is unit k's half-open token range inside ``context``.
+    """
+
+    context: list[int]
+    spans: list[tuple[int, int]]
+    query_tail: list[int]
+    null_tail: list[int]
+
+
+@dataclass(frozen=True)
+class PromptPieces:
+    """The fixed parts of every prompt for one tokenizer, tokenised once."""
+
+    head: list[int]  # chat template up to the user content, then the intro and a separator
+    separator: list[int]
+    tail_prefix: list[int]  # late instruction, separator, "Query:"
+    tail_suffix: list[int]  # end of the user turn and the assistant header
+
+    def tail(self, query_ids: list[int]) -> list[int]:
+        return self.tail_prefix + query_ids + self.tail_suffix
+
+    def assemble(self, unit_ids: Sequence[list[int]], query_ids: list[int], null_ids: list[int]) -> Prompt:
+        context = list(self.head)
+        spans = []
+        for ids in unit_ids:
+            spans.append((len(context), len(context) + len(ids)))
+            context += ids
+            context += self.separator
+        return Prompt(context, spans, self.tail(query_ids), self.tail(null_ids))
+
+
+def prompt_pieces(tokenizer: Any, instruction: str = LATE_INSTRUCTION) -> PromptPieces:
+    """Split the model's own chat template around the user content, so any template works."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+        )
+        template_head, template_tail = rendered.split(_SENTINEL)
+    else:
+        template_head, template_tail = "", "\n"
+    head = encode(template_head)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    # Tokenizers that add a BOS by themselves expect it; a template that writes it already has it.
+    if bos is not None and tokenizer("x").input_ids[:1] == [bos] and head[:1] != [bos]:
+        head = [bos] + head
+    separator = encode(SEPARATOR)
+    return PromptPieces(
+        head=head + encode(INTRO) + separator,
+        separator=separator,
+        tail_prefix=encode(instruction) + separator + encode("Query:"),
+        tail_suffix=encode(template_tail),
+    )
+
+
+# --- the maths (pure functions) -----------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, n, d]; cos/sin: [n, d] (the model's rotary table at x's positions)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def tail_mask(n_context: int, tail_lengths: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [n_tail, n_context + n_tail] (True = may attend) for tails run side by side: every
+    tail sees the whole context and, causally, itself; never another tail."""
+    n_tail = sum(tail_lengths)
+    mask = torch.zeros(n_tail, n_context + n_tail, dtype=torch.bool, device=device)
+    mask[:, :n_context] = True
+    start = 0
+    for length in tail_lengths:
+        block = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        mask[start : start + length, n_context + start : n_context + start + length] = block
+        start += length
+    return mask
+
+
+def rows_attention(
+    queries: torch.Tensor, keys: torch.Tensor, kv_index: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Softmax rows for a few query rows, recomputed outside the model.
+
+    queries: [heads, rows, d] post-RoPE; keys: [kv_heads, n_keys, d] post-RoPE; kv_index: [heads],
+    the KV group each query head reads (GQA); mask: [rows, n_keys] booleans. -> [heads, rows, n_keys]
+    """
+    logits = torch.matmul(queries.float(), keys[kv_index].float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def calibrated_token_scores(probs: torch.Tensor, n_context: int, n_query_rows: int) -> torch.Tensor:
+    """[heads, rows, n_keys] (query rows first, then the "N/A" rows) -> [heads, n_context]:
+    mean attention of the query rows on each context token minus that of the "N/A" rows."""
+    query = probs[:, :n_query_rows, :n_context].mean(dim=1)
+    null = probs[:, n_query_rows:, :n_context].mean(dim=1)
+    return query - null
+
+
+def unit_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[..., n_tokens] -> [..., n_units]: per unit, the sum of its token scores above
+    mean - 2 std (unbiased std, as the reference); units of 0 or 1 token keep what they have."""
+    out = token_scores.new_zeros((*token_scores.shape[:-1], len(spans)))
+    for k, (start, end) in enumerate(spans):
+        scores = token_scores[..., start:end]
+        if end - start >= 2:
+            threshold = scores.mean(dim=-1, keepdim=True) - 2 * scores.std(dim=-1, keepdim=True)
+            scores = scores * (scores > threshold)
+        out[..., k] = scores.sum(dim=-1)
+    return out
+
+
+def plan_windows(costs: Sequence[int], budget: int, overlap: int) -> list[range]:
+    """Greedy windows of consecutive units whose costs fit ``budget``; each next window starts
+    early enough to repeat up to ``overlap`` tokens of units from the end of the previous one.
+    A unit bigger than the budget gets a window to itself (the caller truncates it)."""
+    windows: list[range] = []
+    start, n = 0, len(costs)
+    while start < n:
+        end, total = start, 0
+        while end < n and (end == start or total + costs[end] <= budget):
+            total += costs[end]
+            end += 1
+        windows.append(range(start, end))
+        if end == n:
+            break
+        next_start, repeated = end, 0
+        while next_start - 1 > start and repeated + costs[next_start - 1] <= overlap:
+            repeated += costs[next_start - 1]
+            next_start -= 1
+        start = next_start
+    return windows
+
+
+def middle_layers(n_layers: int) -> range:
+    """The middle third of the layers: ICR-style scoring without detected heads."""
+    return range(n_layers // 3, max(n_layers // 3 + 1, (2 * n_layers) // 3))
+
+
+# --- running the model --------------------------------------------------------------------------
+
+
+class _KeyValueStore:
+    """The smallest KV cache the decoder layers accept: they only call ``update``. Owning it keeps
+    the scorer independent of the cache classes, which change between transformers versions."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if layer_idx in self.keys:
+            keys = torch.cat([self.keys[layer_idx], keys], dim=-2)
+            values = torch.cat([self.values[layer_idx], values], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if layer_idx not in self.keys else self.keys[layer_idx].shape[-2]
+
+
+def decoder_of(model: Any) -> Any:
+    """The decoder stack (embed_tokens, layers, rotary_emb) of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model if hasattr(base, "model") and hasattr(base.model, "layers") else base
+
+
+def _run_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], store: _KeyValueStore) -> torch.Tensor:
+    # Positional (hidden, mask, position_ids, cache): the 4th parameter is the cache under both
+    # the transformers 4.x (``past_key_value``) and 5.x (``cache``) signatures.
+    out = layer(hidden, mask, positions, store, use_cache=True, position_embeddings=rope)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _project(layer: Any, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], which: str) -> torch.Tensor:
+    """Post-RoPE query or key vectors of one layer for the given hidden rows: [heads, n, d]."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    proj = attn.q_proj if which == "q" else attn.k_proj
+    states = proj(x).view(x.shape[1], -1, head_dim)
+    norm = getattr(attn, "q_norm" if which == "q" else "k_norm", None)  # Qwen3-style QK-norm
+    if norm is not None:
+        states = norm(states)
+    cos, sin = rope
+    return apply_rope(states.transpose(0, 1), cos[0], sin[0])
+
+
+# --- the scorer ---------------------------------------------------------------------------------
+
+
+class QRHeadScorer:
+    """Scores context units by the calibrated attention of selected heads from the query.
+
+    ``heads``: (layer, head) pairs; ``None`` scores with every head of the middle third of the
+    layers (ICR-style, no detection needed). ``window_tokens``: the longest prompt scored at once;
+    longer contexts go through overlapping windows (``overlap_tokens`` of units repeated).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        heads: Sequence[tuple[int, int]] | None = None,
+        *,
+        window_tokens: int = 6000,
+        overlap_tokens: int = 512,
+        instruction: str = LATE_INSTRUCTION,
+        null_query: str = NULL_QUERY,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decoder = decoder_of(model)
+        config = self.decoder.config if hasattr(self.decoder, "config") else model.config
+        self.n_layers = int(config.num_hidden_layers)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        if heads is None:
+            heads = [(layer, head) for layer in middle_layers(self.n_layers) for head in range(self.n_heads)]
+        self.heads: list[Head] = sorted({(int(layer), int(head)) for layer, head in heads})
+        for layer, head in self.heads:
+            if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+                raise ValueError(f"head ({layer}, {head}) is outside {self.n_layers} layers x {self.n_heads} heads")
+        if not self.heads:
+            raise ValueError("the head set is empty")
+        # Windows compute full causal attention: keep them within the positions the model was
+        # trained on and within a sliding window, where the model has one.
+        limits = [getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", None)]
+        self.window_tokens = min([window_tokens, *(int(x) for x in limits if x)])
+        self.overlap_tokens = overlap_tokens
+        self.null_query = null_query
+        self.pieces = prompt_pieces(tokenizer, instruction)
+        self._null_ids = self._encode(f" {null_query}")
+
+    @classmethod
+    def load(cls, source: str | None = None, *, adapter: str | None = None, **kwargs: Any) -> QRHeadScorer:
+        """The scoring model (see ``model.load_scoring_model``) with its shipped head set, if any."""
+        from ccproxy.compression.heads import load_head_set
+        from ccproxy.compression.model import load_scoring_model
+
+        model, tokenizer, name = load_scoring_model(source, adapter=adapter)
+        kwargs.setdefault("heads", load_head_set(name))
+        return cls(model, tokenizer, **kwargs)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def score(self, query: str, units: Sequence[str]) -> list[float]:
+        """One relevance score per unit (higher = more relevant to the query)."""
+        if not units:
+            return []
+        heads_by_layer = self._group(self.heads)
+        per_unit = self._windowed(query, units, heads_by_layer, per_head=False)
+        return [float(x) for x in per_unit]
+
+    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        """Scores for many (query, units) requests. One at a time: on CPU a padded batch costs as
+        much as the sum of its rows, and every request needs its own windows anyway."""
+        return [self.score(query, units) for query, units in requests]
+
+    def per_head_unit_scores(self, query: str, units: Sequence[str], layers: Sequence[int] | None = None) -> torch.Tensor:
+        """[len(layers), n_heads, n_units]: each head's own unit scores (threshold per head), for
+        head detection. ``layers`` defaults to all layers."""
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        heads_by_layer = {layer: list(range(self.n_heads)) for layer in layers}
+        if not units:
+            return torch.zeros(len(layers), self.n_heads, 0)
+        per_head = self._windowed(query, units, heads_by_layer, per_head=True)  # [n_sel, n_units]
+        return per_head.view(len(layers), self.n_heads, len(units))
+
+    def build_prompt(self, query: str, units: Sequence[str]) -> Prompt:
+        """The single-window prompt for ``units`` (no truncation)."""
+        return self.pieces.assemble(self._encode_units(units), self._encode(f" {query}"), self._null_ids)
+
+    def token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:
+        """Calibrated per-head scores of every context token: [n_selected_heads, len(context)],
+        rows ordered by layer, then head as given."""
+        return self._window_token_scores(prompt, heads_by_layer)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _encode_units(self, units: Sequence[str]) -> list[list[int]]:
+        texts = [u for u in units if u]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+        return [list(next(encoded)) if u else [] for u in units]
+
+    @staticmethod
+    def _group(heads: Sequence[Head]) -> dict[int, list[int]]:
+        grouped: dict[int, list[int]] = {}
+        for layer, head in heads:
+            grouped.setdefault(layer, []).append(head)
+        return dict(sorted(grouped.items()))
+
+    def _windowed(self, query: str, units: Sequence[str], heads_by_layer: Mapping[int, Sequence[int]],
+                  *, per_head: bool) -> torch.Tensor:
+        unit_ids = self._encode_units(units)
+        query_ids = self._encode(f" {query}")
+        fixed = len(self.pieces.head) + len(self.pieces.tail(query_ids))
+        sep = len(self.pieces.separator)
+        # Never below a small floor, so a huge query still leaves room for some context.
+        budget = max(self.window_tokens - fixed, 64)
+        windows = plan_windows([len(ids) + sep for ids in unit_ids], budget, self.overlap_tokens)
+        n_rows = sum(len(h) for h in heads_by_layer.values())
+        total = torch.zeros(n_rows if per_head else 1, len(units), dtype=torch.float64)
+        counts = torch.zeros(len(units), dtype=torch.float64)
+        for window in windows:
+            ids = [unit_ids[k] for k in window]
+            if len(ids) == 1 and len(ids[0]) + sep > budget:
+                ids = [ids[0][: budget - sep]]  # one oversized unit: its head stands for it
+            prompt = self.pieces.assemble(ids, query_ids, self._null_ids)
+            tokens = self._window_token_scores(prompt, heads_by_layer)  # [n_rows, n_context]
+            if not per_head:
+                tokens = tokens.sum(dim=0, keepdim=True)
+            total[:, window.start : window.stop] += unit_scores(tokens, prompt.spans).double()
+            counts[window.start : window.stop] += 1
+        mean = (total / counts).float()
+        return mean if per_head else mean[0]
+
+    @torch.inference_mode()
+    def _window_token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:
+        decoder = self.decoder
+        layers = decoder.layers
+        deepest = max(heads_by_layer)
+        device = decoder.embed_tokens.weight.device
+        group = self.n_heads // self.n_kv_heads
+        n_context = len(prompt.context)
+        n_query, n_null = len(prompt.query_tail), len(prompt.null_tail)
+        store = _KeyValueStore()
+
+        # Context: full layers below the deepest selected one; at that layer, keys only.
+        positions = torch.arange(n_context, device=device)[None]
+        hidden = decoder.embed_tokens(torch.tensor([prompt.context], device=device))
+        rope = decoder.rotary_emb(hidden, positions)
+        for index in range(deepest):
+            hidden = _run_layer(layers[index], hidden, None, positions, rope, store)
+        deepest_context_keys = _project(layers[deepest], hidden, rope, "k")
+        del hidden
+
+        # Both tails in one sequence, each starting right after the context.
+        tail_ids = prompt.query_tail + prompt.null_tail
+        positions = torch.cat([torch.arange(n_query), torch.arange(n_null)]).to(device)[None] + n_context
+        mask = tail_mask(n_context, [n_query, n_null], device)
+        hidden = decoder.embed_tokens(torch.tensor([tail_ids], device=device))
+        rope = decoder.rotary_emb(hidden, positions)
+        rows: list[torch.Tensor] = []
+        for index in range(deepest + 1):
+            layer = layers[index]
+            wanted = heads_by_layer.get(index)
+            queries = _project(layer, hidden, rope, "q") if wanted else None
+            if index < deepest:
+                hidden = _run_layer(layer, hidden, mask[None, None], positions, rope, store)
+                keys = store.keys[index][0]
+            else:
+                keys = torch.cat([deepest_context_keys, _project(layer, hidden, rope, "k")], dim=1)
+            if wanted:
+                head_index = torch.tensor(list(wanted), device=device)
+                scaling = float(getattr(layer.self_attn, "scaling", 1 / math.sqrt(queries.shape[-1])))
+                probs = rows_attention(queries[head_index], keys, head_index // group, mask, scaling)
+                rows.append(calibrated_token_scores(probs, n_context, n_query).cpu())
+        return torch.cat(rows, dim=0)
