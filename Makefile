@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-unit build clean
+.PHONY: install serve test test-unit build bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-unit: install
 
 build: install
 	$(VENV)/bin/bentoml build
+
+# The compressor benchmark (docs/BENCHMARKS.md); BENCH_ARGS passes options, e.g. --n-items 50 10 3 2.
+bench: install
+	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m bench.compressor_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

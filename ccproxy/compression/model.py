@@ -93,24 +93,25 @@ def load_scoring_model(
     if quantize_4bit is None:
         quantize_4bit = device.startswith("cuda")
     cache = str(cache_dir) if cache_dir is not None else str(default_cache_dir())
-    return _load(source or EMBEDDED, adapter, device, dtype, bool(quantize_4bit), cache)
+    # The lock sits outside the cache so that concurrent first callers wait for one load.
+    with _load_lock:
+        return _load(source or EMBEDDED, adapter, device, dtype, bool(quantize_4bit), cache)
 
 
 @lru_cache(maxsize=4)
 def _load(source: str, adapter: str | None, device: str, dtype: torch.dtype, quantize_4bit: bool,
           cache_dir: str) -> ScoringModel:
-    with _load_lock:
-        if source == EMBEDDED or source.endswith(".gguf"):
-            model, tokenizer = _load_gguf(_gguf_path(source), Path(cache_dir), dtype)
-            model = model.to(device)
-        else:
-            model, tokenizer = _load_hub(source, device, dtype, quantize_4bit)
-        if adapter is not None:
-            model = _attach_lora(model, adapter)
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        return ScoringModel(model, tokenizer, model_name(source, adapter))
+    if source == EMBEDDED or source.endswith(".gguf"):
+        model, tokenizer = _load_gguf(_gguf_path(source), Path(cache_dir), dtype)
+        model = model.to(device)
+    else:
+        model, tokenizer = _load_hub(source, device, dtype, quantize_4bit)
+    if adapter is not None:
+        model = _attach_lora(model, adapter)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return ScoringModel(model, tokenizer, model_name(source, adapter))
 
 
 def _gguf_path(source: str) -> Path:

@@ -1,0 +1,461 @@
+"""Compressor benchmark: does the gold passage (and the answer) survive compression?
+
+Multi-document QA from the EVALUATION part of the NQ file (``bench/nq.py``): one gold passage,
+random or mined (BM25 + MiniLM) distractors, the question last. Every method gives one score per
+document; the product's policy (``ccproxy.compression.policy``) then keeps the best documents that
+fit the budget, so methods differ only in their scores. Budgets: 10/20/30 % of the document
+tokens, and at 200 documents an absolute 4,000-token budget for the whole prompt.
+
+    .venv/bin/python -m bench.compressor_bench                      # the full run
+    .venv/bin/python -m bench.compressor_bench --sizes 20 --distractors hard --n-items 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.nq import Item, contains_answer, hard_distractor_items, load_records, random_distractor_items
+from ccproxy.compression.policy import allowance, select
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("qrhead", "icr", "bm25", "minilm", "recent", "random")
+RATIOS = (0.1, 0.2, 0.3)
+ABSOLUTE_BUDGET = 4000
+SEPARATOR = "\n\n"
+ABSOLUTE_BUDGET_MIN_DOCS = 200  # a 4k budget means nothing for a 2.5k-token prompt
+SMOLLM2_LAYERS = 30  # SmolLM2-135M; only used to name ICR's layers in the report
+INSTRUCTION = (
+    "Write a high-quality answer for the given question using only the provided search "
+    "results (some of which might be irrelevant)."
+)
+
+Scorer = Callable[[Item], list[float]]
+
+
+# --- methods: name -> one score per document --------------------------------------------------
+
+
+def _qr_scorer(heads_from_file: bool) -> Scorer:
+    from ccproxy.compression.heads import head_set_path, load_head_set
+    from ccproxy.compression.model import load_scoring_model
+    from ccproxy.compression.qrhead import QRHeadScorer
+
+    loaded = load_scoring_model()
+    heads = None
+    if heads_from_file:
+        heads = load_head_set(loaded.name)
+        if heads is None:
+            # Without the file the scorer would fall back to ICR's heads: that is not "qrhead".
+            raise SystemExit(f"no shipped head set at {head_set_path(loaded.name)}; run training/detect_heads.py")
+    scorer = QRHeadScorer(loaded.model, loaded.tokenizer, heads)
+    return lambda item: scorer.score(item.question, item.document_texts())
+
+
+def _bm25() -> Scorer:
+    from bench.retrievers import bm25_scores
+
+    return lambda item: bm25_scores(item.question, item.document_texts()).tolist()
+
+
+def _minilm() -> Scorer:
+    from bench.retrievers import minilm
+
+    encoder = minilm()
+    return lambda item: encoder.scores(item.question, item.document_texts()).tolist()
+
+
+def _recent() -> Scorer:
+    # Later documents score higher, so the policy keeps the last ones that fit.
+    return lambda item: [float(i) for i in range(len(item.documents))]
+
+
+def _random(seed: int) -> Scorer:
+    def score(item: Item) -> list[float]:
+        rng = random.Random(f"{seed}-{item.record.line}-{len(item.documents)}")
+        return [rng.random() for _ in item.documents]
+
+    return score
+
+
+def make_scorer(name: str, seed: int) -> Scorer:
+    factories: dict[str, Callable[[], Scorer]] = {
+        "qrhead": lambda: _qr_scorer(heads_from_file=True),
+        "icr": lambda: _qr_scorer(heads_from_file=False),
+        "bm25": _bm25,
+        "minilm": _minilm,
+        "recent": _recent,
+        "random": lambda: _random(seed),
+    }
+    return factories[name]()
+
+
+# --- one item --------------------------------------------------------------------------------
+
+
+class TokenCounter:
+    """Counts with the compressor model's own tokenizer (SmolLM2, from the shipped GGUF)."""
+
+    def __init__(self) -> None:
+        from transformers import AutoTokenizer
+
+        from ccproxy.embedded import embedded_gguf_path
+
+        path = embedded_gguf_path()
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # Between two texts "\n\n" costs two tokens ("\n", "\n"), at a text's end only one, as
+        # the pre-tokenizer splits whitespace before a word: measure it in context.
+        self.separator = self.one(f"a{SEPARATOR}b") - self.one("a") - self.one("b")
+
+    def many(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self._tokenizer(list(texts), add_special_tokens=False).input_ids]
+
+    def one(self, text: str) -> int:
+        return self.many([text])[0]
+
+
+@dataclass
+class Prepared:
+    """What every method shares for one item: units, their token counts, where answers are."""
+
+    item: Item
+    documents: list[str]
+    unit_tokens: list[int]  # instruction, documents..., question
+    protected: list[bool]
+    has_answer: list[bool]  # per document
+    prompt_tokens: int
+
+    @property
+    def context_tokens(self) -> int:
+        return sum(self.unit_tokens[1:-1])
+
+    def question_block(self) -> str:
+        return f"Question: {self.item.question}\nAnswer:"
+
+    def prompt(self, kept_documents: Sequence[str]) -> str:
+        # The same layout as Item.messages(), documents keep their original numbers.
+        return "".join(f"{text}{SEPARATOR}" for text in [INSTRUCTION, *kept_documents]) + self.question_block()
+
+
+def prepare(item: Item, counter: TokenCounter) -> Prepared:
+    documents = item.document_texts()
+    prepared = Prepared(item, documents, [], [], [], 0)
+    # Each unit carries the separator after it, so the kept units add up to the real prompt.
+    counts = counter.many([INSTRUCTION, *documents, prepared.question_block()])
+    prepared.unit_tokens = [n + counter.separator for n in counts[:-1]] + counts[-1:]
+    prepared.protected = [True] + [False] * len(documents) + [True]
+    # Title and text only: the rendered "Document [n]" would match numeric answers such as "3".
+    prepared.has_answer = [contains_answer(f"{p.title} {p.text}", item.record.answers) for p in item.documents]
+    prepared.prompt_tokens = counter.one(prepared.prompt(documents))
+    return prepared
+
+
+def evaluate(prepared: Prepared, scores: Sequence[float], counter: TokenCounter) -> dict[str, Any]:
+    unit_scores = [0.0, *scores, 0.0]
+    gold = prepared.item.gold_index
+    # Ties ranked as the policy breaks them: the later document first.
+    rank = 1 + sum(1 for j, s in enumerate(scores) if (s, j) > (scores[gold], gold))
+    budgets: dict[str, Any] = {}
+    plans: list[tuple[str, int]] = [
+        (f"{round(r * 100)}%", allowance(prepared.unit_tokens, prepared.protected, ratio=r)) for r in RATIOS
+    ]
+    if len(prepared.documents) >= ABSOLUTE_BUDGET_MIN_DOCS:
+        plans.append(
+            (str(ABSOLUTE_BUDGET), allowance(prepared.unit_tokens, prepared.protected, budget_tokens=ABSOLUTE_BUDGET))
+        )
+    for label, allowed in plans:
+        keep = select(prepared.unit_tokens, unit_scores, prepared.protected, allowed)[1:-1]
+        kept = [i for i, k in enumerate(keep) if k]
+        result: dict[str, Any] = {
+            "gold": keep[gold],
+            "answer": any(prepared.has_answer[i] for i in kept),
+            "documents": len(kept),
+            "kept_context_tokens": sum(prepared.unit_tokens[1 + i] for i in kept),
+        }
+        if label == str(ABSOLUTE_BUDGET):
+            result["prompt_tokens_after"] = counter.one(prepared.prompt([prepared.documents[i] for i in kept]))
+        budgets[label] = result
+    return {"gold_rank": rank, "budgets": budgets}
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    n_documents: int
+    distractors: str
+    n_items: int
+    items: list[Prepared] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.n_documents}-{self.distractors}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.n_documents} documents, {self.distractors} distractors"
+
+
+def build_items(setting: Setting, seed: int, counter: TokenCounter) -> list[Prepared]:
+    records = load_records("eval")
+    builder = hard_distractor_items if setting.distractors == "hard" else random_distractor_items
+    return [prepare(item, counter) for item in builder(records, setting.n_documents, n_items=setting.n_items, seed=seed)]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_setting(scorers: dict[str, Scorer], setting: Setting, counter: TokenCounter) -> list[dict[str, Any]]:
+    # The first call pays for lazy initialisation (kernels, caches); keep it out of the timings.
+    first = setting.items[0].item
+    for scorer in scorers.values():
+        scorer(Item(first.record, first.documents[:3], min(first.gold_index, 2)))
+    rows = []
+    started = time.perf_counter()
+    for number, prepared in enumerate(setting.items, 1):
+        # Item-major: every method sees the machine in the same state, whatever else runs on it.
+        for name, scorer in scorers.items():
+            t0 = time.perf_counter()
+            scores = scorer(prepared.item)
+            seconds = time.perf_counter() - t0
+            if len(scores) != len(prepared.documents):
+                raise RuntimeError(f"{name} gave {len(scores)} scores for {len(prepared.documents)} documents")
+            rows.append(
+                {
+                    "setting": setting.key,
+                    "method": name,
+                    "line": prepared.item.record.line,
+                    "gold_index": prepared.item.gold_index,
+                    "n_documents": len(prepared.documents),
+                    "context_tokens": prepared.context_tokens,
+                    "prompt_tokens": prepared.prompt_tokens,
+                    "seconds": seconds,
+                    **evaluate(prepared, scores, counter),
+                }
+            )
+        if number % 10 == 0 or number == len(setting.items):
+            log(f"  {setting.key}: {number}/{len(setting.items)} items ({time.perf_counter() - started:.0f} s)")
+    return rows
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def ms_per_1k(rows: Sequence[dict[str, Any]]) -> float:
+    """Total scoring time over total context tokens, so long items weigh by their length."""
+    return 1e6 * sum(r["seconds"] for r in rows) / sum(r["context_tokens"] for r in rows)
+
+
+def setting_table(setting: Setting, rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
+    labels = [f"{round(r * 100)}%" for r in RATIOS]
+    absolute = setting.n_documents >= ABSOLUTE_BUDGET_MIN_DOCS
+    header = ["method", *(f"gold kept {b}" for b in labels), *(f"answer kept {b}" for b in labels), "gold in top 4"]
+    if absolute:
+        header += ["gold kept @4k", "prompt tokens @4k (mean / max)"]
+    header.append("ms / 1k tokens")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        cells = [f"`{method}`"]
+        cells += [f"{_mean([r['budgets'][b]['gold'] for r in mine]):.3f}" for b in labels]
+        cells += [f"{_mean([r['budgets'][b]['answer'] for r in mine]):.3f}" for b in labels]
+        cells.append(f"{_mean([r['gold_rank'] <= 4 for r in mine]):.3f}")
+        if absolute:
+            after = [r["budgets"][str(ABSOLUTE_BUDGET)]["prompt_tokens_after"] for r in mine]
+            cells.append(f"{_mean([r['budgets'][str(ABSOLUTE_BUDGET)]['gold'] for r in mine]):.3f}")
+            cells.append(f"{_mean(after):,.0f} / {max(after):,}")
+        cells.append(f"{ms_per_1k(mine):,.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
+    sizes = sorted({s.n_documents for s in settings})
+    by_size = {n: [r for r in rows if r["n_documents"] == n] for n in sizes}
+    header = ["method"] + [
+        f"ms / 1k tokens at {n} docs (~{_mean([r['context_tokens'] for r in by_size[n]]):,.0f} tokens)" for n in sizes
+    ] + [f"s / item at {n} docs" for n in sizes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for method in methods:
+        mine = {n: [r for r in by_size[n] if r["method"] == method] for n in sizes}
+        cells = [f"`{method}`"]
+        cells += [f"{ms_per_1k(mine[n]):,.1f}" if mine[n] else "–" for n in sizes]
+        cells += [f"{_mean([r['seconds'] for r in mine[n]]):.3f}" if mine[n] else "–" for n in sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_dtype() -> str:
+    from ccproxy.compression.model import default_dtype
+
+    return str(default_dtype("cpu")).removeprefix("torch.")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: Sequence[str],
+           wall_seconds: float, load: tuple[float, float], heads: Sequence[Sequence[int]]) -> str:
+    import torch
+
+    from ccproxy.compression.qrhead import middle_layers
+
+    middle = middle_layers(SMOLLM2_LAYERS)
+    parts = [
+        "## Compressor benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, {wall_seconds / 60:.1f} min in all (1-min load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end: other work on the machine slows the timings). "
+        f"Scoring model: SmolLM2-135M-Instruct (embedded GGUF, {model_dtype()}). `qrhead`: the shipped head set, "
+        f"{len(heads)} heads (layer, head): {', '.join(f'({layer}, {head})' for layer, head in heads)}. "
+        f"`icr`: every head of layers {middle.start}–{middle.stop - 1}. Token counts: SmolLM2 tokenizer, each "
+        "document with its separator. Kept rates are shares of items; budgets are shares of the document "
+        "tokens, selected by `ccproxy.compression.policy`; \"@4k\" is an absolute budget of 4,000 tokens for "
+        "the whole prompt, measured by tokenising the compressed prompt.",
+    ]
+    for setting in settings:
+        mine = [r for r in rows if r["setting"] == setting.key]
+        if not mine:
+            continue
+        context = _mean([p.context_tokens for p in setting.items])
+        prompt = _mean([p.prompt_tokens for p in setting.items])
+        parts += [
+            "",
+            f"### {setting.title} ({len(setting.items)} items; mean {context:,.0f} document tokens, "
+            f"{prompt:,.0f} prompt tokens)",
+            "",
+            setting_table(setting, mine, methods),
+        ]
+    parts += ["", "### Scoring time", "", timing_table(settings, rows, methods)]
+    return "\n".join(parts) + "\n"
+
+
+def plot(settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in settings if any(r["setting"] == s.key for r in rows)]
+    figure, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown), 7), squeeze=False, sharey=True)
+    x = [round(r * 100) for r in RATIOS]
+    for column, setting in enumerate(shown):
+        for row, (metric, label) in enumerate((("gold", "gold passage kept"), ("answer", "answer string kept"))):
+            axis = axes[row][column]
+            for number, method in enumerate(methods):
+                mine = [r for r in rows if r["setting"] == setting.key and r["method"] == method]
+                if mine:
+                    y = [_mean([r["budgets"][f"{b}%"][metric] for r in mine]) for b in x]
+                    # Fixed style per method, so a method looks the same in every panel.
+                    axis.plot(x, y, marker="os^Dvx"[number % 6], color=f"C{number}", label=method)
+            axis.set_title(f"{setting.title}\n({len(setting.items)} items)" if row == 0 else "", fontsize=10)
+            axis.set_xticks(x)
+            axis.set_xlabel("budget (% of document tokens)")
+            axis.set_ylim(0, 1.02)
+            axis.grid(alpha=0.3)
+            if column == 0:
+                axis.set_ylabel(label)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 200], help="documents per item")
+    parser.add_argument("--distractors", nargs="+", choices=["hard", "random"], default=["hard", "random"])
+    parser.add_argument(
+        "--n-items", type=int, nargs="+", default=[200, 50, 10, 5],
+        help="items per setting, in the order sizes x distractors (the last value repeats); "
+        "default: 200 for 20 docs/hard, 50 for 20/random, 10 for 200/hard, 5 for 200/random "
+        "(about 20 min on 2 idle cores)",
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compressor.md")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "compressor_items.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "compressor_kept_rate.png")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = ".venv/bin/python -m bench.compressor_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command.rstrip()
+    pairs = [(n, kind) for n in args.sizes for kind in args.distractors]
+    counts = args.n_items + [args.n_items[-1]] * max(0, len(pairs) - len(args.n_items))
+    settings = [Setting(n, kind, count) for (n, kind), count in zip(pairs, counts)]
+    print(f"# {command}", flush=True)
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+    counter = TokenCounter()
+    for setting in settings:
+        t0 = time.perf_counter()
+        setting.items = build_items(setting, args.seed, counter)
+        log(f"built {setting.key}: {len(setting.items)} items in {time.perf_counter() - t0:.0f} s")
+    rows: list[dict[str, Any]] = []
+    # Read with the scorers, so the report names the heads that were used even if the file changes.
+    heads = shipped_heads()
+    scorers = {name: make_scorer(name, args.seed) for name in args.methods}
+    for setting in settings:
+        rows += run_setting(scorers, setting, counter)
+        _write_json(args.json, command, heads, rows)
+    load = (load_at_start, os.getloadavg()[0])
+    text = report(command, settings, rows, args.methods, time.perf_counter() - started, load, heads)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    plot(settings, rows, args.methods, args.plot)
+    log(f"wrote {args.out}, {args.json}, {args.plot}")
+    return 0
+
+
+def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"command": command, "qrhead_heads": list(heads), "items": list(rows)}
+    path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+
+
+def shipped_heads() -> list[list[int]]:
+    from ccproxy.compression.heads import read_head_set
+    from ccproxy.compression.model import EMBEDDED_NAME
+
+    return (read_head_set(EMBEDDED_NAME) or {}).get("heads", [])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""The scorer's pure functions, without a model."""
+
+from __future__ import annotations
+
+import torch
+
+from ccproxy.compression.qrhead import (
+    calibrated_token_scores,
+    middle_layers,
+    plan_windows,
+    rows_attention,
+    tail_mask,
+    unit_scores,
+)
+
+
+def test_unit_scores_drop_tokens_below_mean_minus_two_std() -> None:
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -5.0, 2.0, 3.0])
+    spans = [(0, 10), (10, 12), (12, 12)]
+    out = unit_scores(scores, spans)
+    # Unit 0: the -5 outlier lies below mean - 2 std and is dropped; unit 1 keeps both tokens.
+    assert out.tolist() == [9.0, 5.0, 0.0]
+
+
+def test_unit_scores_keep_single_token_units_and_broadcast_over_heads() -> None:
+    scores = torch.tensor([[0.5, 0.1, 0.2], [0.3, 0.4, 0.0]])
+    out = unit_scores(scores, [(0, 1), (1, 3)])
+    assert torch.allclose(out, torch.tensor([[0.5, 0.3], [0.3, 0.4]]))
+
+
+def test_tail_mask_keeps_tails_apart() -> None:
+    mask = tail_mask(3, [2, 2])
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0, 1, 0],
+            [1, 1, 1, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+
+
+def test_rows_attention_reads_the_kv_group_and_respects_the_mask() -> None:
+    torch.manual_seed(0)
+    queries = torch.randn(4, 2, 8)  # 4 query heads
+    keys = torch.randn(2, 5, 8)  # 2 KV heads: heads 0,1 read group 0; heads 2,3 group 1
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    probs = rows_attention(queries, keys, torch.tensor([0, 0, 1, 1]), mask, 8**-0.5)
+    assert torch.allclose(probs.sum(-1), torch.ones(4, 2))
+    assert torch.all(probs[:, 0, 4] == 0)
+    expected = torch.softmax(queries[3, 1] @ keys[1].T * 8**-0.5, dim=-1)
+    assert torch.allclose(probs[3, 1], expected, atol=1e-6)
+
+
+def test_calibration_subtracts_the_null_rows() -> None:
+    probs = torch.zeros(1, 3, 4)
+    probs[0, 0] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    probs[0, 1] = torch.tensor([0.1, 0.9, 0.0, 0.0])
+    probs[0, 2] = torch.tensor([0.2, 0.2, 0.0, 0.6])  # the "N/A" row
+    out = calibrated_token_scores(probs, n_context=2, n_query_rows=2)
+    assert torch.allclose(out, torch.tensor([[0.1, 0.5]]))
+
+
+def test_plan_windows_covers_every_unit_with_bounded_overlap() -> None:
+    costs = [30, 50, 20, 70, 10, 40, 60, 25, 35, 45]
+    windows = plan_windows(costs, budget=120, overlap=40)
+    covered = sorted({k for w in windows for k in w})
+    assert covered == list(range(len(costs)))
+    for window in windows:
+        assert len(window) == 1 or sum(costs[k] for k in window) <= 120
+    for before, after in zip(windows, windows[1:]):
+        assert after.start > before.start and after.start <= before.stop
+        assert sum(costs[k] for k in range(after.start, before.stop)) <= 40
+
+
+def test_plan_windows_one_window_when_everything_fits_and_alone_for_giants() -> None:
+    assert plan_windows([10, 20, 30], budget=60, overlap=10) == [range(0, 3)]
+    assert plan_windows([10, 500, 10], budget=100, overlap=0) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert plan_windows([], budget=100, overlap=0) == []
+
+
+def test_middle_layers_is_the_middle_third() -> None:
+    assert middle_layers(30) == range(10, 20)
+    assert list(middle_layers(2)) == [0]
