@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         ge=0,
         description="GPUs the Compressor service declares; 0 builds a CPU-only Bento.",
     )
+    compressor_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for scoring. Unset: torch's default. Set it to the cores left "
+        "free by other processes; busy cores make torch's threads spin-wait on each other.",
+    )
     compressor_max_batch_size: int = Field(
         default=16, ge=1, description="Most scoring requests the Compressor batches together."
     )

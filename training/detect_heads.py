@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -140,9 +141,9 @@ def evaluate(scores: Sequence[ItemScores], head_sets: dict[str, list[Head]], n_h
     for name, heads in head_sets.items():
         ranks = gold_ranks(scores, heads, n_heads)
         table[name] = {
-            "top1": float((ranks == 0).float().mean()),
-            "top4": float((ranks < 4).float().mean()),
-            "mrr": float((1.0 / (ranks + 1).float()).mean()),
+            "top1": round(float((ranks == 0).float().mean()), 4),
+            "top4": round(float((ranks < 4).float().mean()), 4),
+            "mrr": round(float((1.0 / (ranks + 1).float()).mean()), 4),
             "deepest_layer": max(layer for layer, _ in heads),
             "n_heads": len(heads),
         }
@@ -197,6 +198,13 @@ def format_eval_table(table: dict[str, dict[str, float]]) -> str:
             f"{name:<28} {row['n_heads']:>5} {row['deepest_layer']:>7} {row['top1']:6.3f} {row['top4']:6.3f} {row['mrr']:6.3f}"
         )
     return "\n".join(lines)
+
+
+def dump_json(data: Any) -> str:
+    """Indented JSON with every list of numbers on one line, so a head set reads as a table."""
+    text = json.dumps(data, indent=1)
+    numbers = re.compile(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]")
+    return numbers.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
 def save_heatmap(stats: dict[str, torch.Tensor], path: Path) -> bool:
@@ -328,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timing_ms_per_context_token": timing,
         },
     }
-    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    out.write_text(dump_json(report), encoding="utf-8")
     print(f"\nwrote {out}")
     if save_heatmap(stats, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")

@@ -56,7 +56,7 @@ def model_name(source: str, adapter: str | None = None) -> str:
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX). There bf16 runs the
-    scorer ~2.4x faster than float32 (measured on SmolLM2-135M, 2 threads); elsewhere bf16 is
+    scorer ~2.3x faster than float32 (measured on SmolLM2-135M, 1 and 2 threads); elsewhere bf16 is
     emulated and slower, so float32 stays the default."""
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")

@@ -28,6 +28,9 @@ def scoring_source(settings: Settings, cuda_available: bool) -> str | None:
 def load_scorer(settings: Settings):  # -> QRHeadScorer; torch is imported only here
     import torch
 
+    if settings.compressor_threads:
+        torch.set_num_threads(settings.compressor_threads)
+
     from ccproxy.compression.heads import load_head_set
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
