@@ -18,7 +18,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccproxy.compression.gateway import ContextCompressor, compress_response, compression_headers
 from ccproxy.protocol import (
-    CompressionControl,
     ProxyError,
     compression_control,
     error_body,
@@ -174,9 +173,10 @@ def create_app(settings: Settings) -> FastAPI:
         raw = await read_body(request, settings.max_body_bytes)
         body, asked = parse_compress_request(raw)
         compressor = compressor_of(request)
-        control = CompressionControl(enabled=True, ratio=asked.ratio, budget_tokens=asked.budget)
         try:
-            compression = await compressor.compress(body["messages"], compressor.plan(control))
+            compression = await compressor.compress_as_asked(
+                body["messages"], ratio=asked.ratio, budget_tokens=asked.budget
+            )
         except Exception as exc:
             logger.warning("compress endpoint failed: %s", type(exc).__name__)
             raise ProxyError(

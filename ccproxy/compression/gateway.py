@@ -48,6 +48,14 @@ class ContextCompressor:
             timeout=self._settings.compressor_timeout_s,
         )
 
+    async def compress_as_asked(
+        self, messages: list[dict[str, Any]], *, ratio: float | None, budget_tokens: int | None
+    ) -> Compression:
+        """Compression the caller asked for by name (``/v1/compress``, ``ccproxy.compress``):
+        always on, and a failure raises instead of failing open."""
+        plan = self.plan(CompressionControl(enabled=True, ratio=ratio, budget_tokens=budget_tokens))
+        return await self.compress(messages, plan)
+
     async def compress_or_original(
         self, messages: list[dict[str, Any]], plan: CompressionPlan
     ) -> Compression:

@@ -10,9 +10,8 @@ from typing import Any
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.pipeline import Compression
 from ccproxy.compression.scoring import load_scorer
-from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings, get_settings
-from ccproxy.tokens import default_counter
+from ccproxy.tokens import TokenizerCounter
 
 
 @lru_cache(maxsize=2)
@@ -22,7 +21,9 @@ def _compressor(settings: Settings) -> ContextCompressor:
     async def score(query: str, units: Sequence[str]) -> list[float]:
         return await asyncio.to_thread(scorer.score, query, list(units))
 
-    return ContextCompressor(score, default_counter(), settings)
+    # The scorer already holds the scoring model's tokenizer: count with it rather than load
+    # the embedded one a second time.
+    return ContextCompressor(score, TokenizerCounter(scorer.tokenizer), settings)
 
 
 async def acompress(
@@ -33,8 +34,7 @@ async def acompress(
     settings: Settings | None = None,
 ) -> Compression:
     compressor = _compressor(settings or get_settings())
-    plan = compressor.plan(CompressionControl(enabled=True, ratio=ratio, budget_tokens=budget))
-    return await compressor.compress(messages, plan)
+    return await compressor.compress_as_asked(messages, ratio=ratio, budget_tokens=budget)
 
 
 def compress(
