@@ -7,18 +7,25 @@ upstream URL is configured, EmbeddedLLM, which answers with SmolLM2 via llama.cp
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import bentoml
 
 from ccproxy.app import create_app
+from ccproxy.auth import OPEN_ACCOUNT, Authenticator, KeyAuthenticator, KeyVerifier, OpenAccess, Principal
+from ccproxy.chat import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.embedded import EmbeddedEngine
 from ccproxy.settings import get_settings
-from ccproxy.tokens import default_counter
+from ccproxy.tokens import counter_for
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
+from ccproxy.usage.flusher import UsageFlusher
+from ccproxy.usage.outbox import Outbox
+from ccproxy.usage.recorder import UsageRecorder
+from ccproxy.usage.store import UsageStore, open_store
 
 settings = get_settings()
 traffic = {"timeout": settings.request_timeout_s}
@@ -74,8 +81,32 @@ class Gateway:
         self.upstream: Upstream = (
             HttpUpstream(settings) if settings.upstream_url else EmbeddedUpstream(self.embedded_llm)
         )
-        app.state.upstream = self.upstream
-        app.state.compressor = ContextCompressor(self._score, default_counter(), settings)
+        # Two connections: the flusher's writes may wait on an unreachable database, which
+        # must not hold up key checks and /usage reads on the request path.
+        self.store: UsageStore = open_store(settings)
+        self.store.migrate()
+        self.flusher_store: UsageStore = open_store(settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        outbox = Outbox(settings.data_dir / "usage-outbox.sqlite")
+        self.flusher = UsageFlusher(
+            outbox, self.flusher_store, settings.usage_flush_interval_s, settings.usage_flush_batch_size
+        )
+        self.flusher.start()
+        counter_for(None, settings)  # load the default tokenizer now, not on the first request
+        app.state.parts = ChatParts(
+            upstream=self.upstream,
+            compressor=ContextCompressor(self._score, settings),
+            counter_for=lambda model: counter_for(model, settings),
+            recorder=UsageRecorder(outbox),
+        )
+        app.state.gate = self._gate()
+        app.state.store = self.store
+
+    def _gate(self) -> Authenticator:
+        if settings.auth_mode == "open":
+            return OpenAccess(Principal(self.store.ensure_account(OPEN_ACCOUNT), OPEN_ACCOUNT, None))
+        verifier = KeyVerifier(self.store.find_key, settings.key_cache_ttl_s)
+        return KeyAuthenticator(verifier, server_holds_upstream_key=settings.upstream_api_key is not None)
 
     async def _score(self, query: str, units: Sequence[str]) -> list[float]:
         [scores] = await self.compressor.to_async.score([ScoreRequest(query=query, units=list(units))])
@@ -85,4 +116,8 @@ class Gateway:
         return await self.upstream.ready()
 
     async def __shutdown__(self) -> None:
+        # Graceful stop: whatever usage is still buffered goes to the database now.
+        await asyncio.to_thread(self.flusher.stop, 10)
+        self.flusher_store.close()
+        self.store.close()
         await self.upstream.aclose()

@@ -1,32 +1,32 @@
 """The OpenAI-compatible HTTP API. Routes stay thin: parse, forward, relay.
 
-The upstream is attached after construction (``app.state.upstream``) because BentoML builds
-the app at import time and the upstream per worker, when the Gateway service starts.
+What the routes use is attached after construction (``app.state.parts``, ``.gate``,
+``.store``) because BentoML builds the app at import time and those per worker, when the
+Gateway service starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ccproxy.compression.gateway import ContextCompressor, compress_response, compression_headers
-from ccproxy.protocol import (
-    ProxyError,
-    compression_control,
-    error_body,
-    parse_chat_request,
-    parse_compress_request,
-    sse_event,
-)
+from ccproxy.auth import Authenticator, Principal
+from ccproxy.chat import ChatParts, complete_chat
+from ccproxy.compression.gateway import compress_response
+from ccproxy.protocol import ProxyError, error_body, parse_compress_request
 from ccproxy.settings import Settings
-from ccproxy.upstream import Upstream, UpstreamReply
+from ccproxy.upstream import UpstreamReply
+from ccproxy.usage.report import build_report, parse_range
+from ccproxy.usage.store import UsageStore
 
 logger = logging.getLogger("ccproxy")
 
@@ -103,26 +103,20 @@ def _reply_response(reply: UpstreamReply) -> Response:
     )
 
 
-async def _relay_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    # The status line is already sent: a failure now can only be told inside the stream,
-    # which the OpenAI SDKs surface as an APIError.
-    try:
-        async for event in events:
-            yield event
-    except ProxyError as exc:
-        logger.warning("upstream stream broke: %s", exc.code)
-        yield sse_event(exc.body())
+def _state(request: Request, name: str) -> Any:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise ProxyError(503, f"The {name} is not configured yet.", type="server_error")
+    return value
 
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="ccproxy", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
     app.add_middleware(RequestContextMiddleware)
 
-    def upstream_of(request: Request) -> Upstream:
-        upstream: Upstream | None = getattr(request.app.state, "upstream", None)
-        if upstream is None:
-            raise ProxyError(503, "The upstream is not configured yet.", type="server_error")
-        return upstream
+    async def principal_of(request: Request) -> Principal:
+        gate: Authenticator = _state(request, "gate")
+        return await gate.admit(request.headers)
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
@@ -135,47 +129,22 @@ def create_app(settings: Settings) -> FastAPI:
             error_body(str(exc.detail), code=code), status_code=exc.status_code
         )
 
-    def compressor_of(request: Request) -> ContextCompressor:
-        compressor: ContextCompressor | None = getattr(request.app.state, "compressor", None)
-        if compressor is None:
-            raise ProxyError(503, "The compressor is not configured yet.", type="server_error")
-        return compressor
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        principal = await principal_of(request)
         raw = await read_body(request, settings.max_body_bytes)
-        body, chat = parse_chat_request(raw)
-        control, body = compression_control(request.headers, body)
-        compressor = compressor_of(request)
-        compression = await compressor.compress_or_original(body["messages"], compressor.plan(control))
-        if compression.outcome == "compressed":
-            body = {**body, "messages": compression.messages}
-        extra_headers = compression_headers(compression)
-        reply = await upstream_of(request).chat_completions(body, request.headers, bool(chat.stream))
-        if reply.events is None:
-            response = _reply_response(reply)
-            response.headers.update(extra_headers)
-            return response
-        return StreamingResponse(
-            _relay_events(reply.events),
-            status_code=reply.status,
-            media_type="text/event-stream",
-            headers={
-                **reply.headers,
-                **extra_headers,
-                "cache-control": "no-cache",
-                "x-accel-buffering": "no",
-            },
-        )
+        return await complete_chat(_state(request, "parts"), principal, request.headers, raw)
 
     @app.post("/v1/compress")
     async def compress(request: Request) -> JSONResponse:
+        await principal_of(request)
         raw = await read_body(request, settings.max_body_bytes)
         body, asked = parse_compress_request(raw)
-        compressor = compressor_of(request)
+        parts: ChatParts = _state(request, "parts")
         try:
-            compression = await compressor.compress_as_asked(
-                body["messages"], ratio=asked.ratio, budget_tokens=asked.budget
+            counter = await asyncio.to_thread(parts.counter_for, asked.model)
+            compression = await parts.compressor.compress_as_asked(
+                body["messages"], counter, ratio=asked.ratio, budget_tokens=asked.budget
             )
         except Exception as exc:
             logger.warning("compress endpoint failed: %s", type(exc).__name__)
@@ -189,7 +158,35 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        return _reply_response(await upstream_of(request).models(request.headers))
+        await principal_of(request)
+        parts: ChatParts = _state(request, "parts")
+        return _reply_response(await parts.upstream.models(request.headers))
+
+    @app.get("/usage")
+    async def usage(
+        request: Request,
+        start: str | None = Query(default=None, alias="from"),
+        end: str | None = Query(default=None, alias="to"),
+        granularity: str = "hour",
+    ) -> JSONResponse:
+        principal = await principal_of(request)
+        if granularity not in ("hour", "day"):
+            raise ProxyError(400, "granularity must be 'hour' or 'day'.", param="granularity")
+        try:
+            window = parse_range(start, end, datetime.now(timezone.utc))
+        except ValueError as exc:
+            raise ProxyError(400, str(exc), param="from") from None
+        store: UsageStore = _state(request, "store")
+        try:
+            hours = await asyncio.to_thread(store.hourly, principal.account_id, *window)
+        except Exception as exc:
+            logger.warning("usage query failed: %s", type(exc).__name__)
+            raise ProxyError(
+                503, "Usage cannot be read right now; try again shortly.", type="server_error",
+                code="usage_store_unavailable",
+            ) from None
+        report = build_report(hours, *window, granularity, settings.price_per_million_input_tokens_usd)
+        return JSONResponse({**report, "account": principal.account_name})
 
     # BentoML hands a mounted app only the paths it has routes for; this one claims the rest
     # of /v1 so that unknown endpoints get an OpenAI-shaped 404 instead of plain text.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,6 +124,51 @@ class Settings(BaseSettings):
         description="Where converted models are cached (the GGUF dequantised once).",
     )
 
+    # --- accounts and usage ------------------------------------------------------------------
+    auth_mode: Literal["keys", "open"] = Field(
+        default="keys",
+        description="`keys`: every call needs a ccproxy API key. `open`: no keys, all usage is "
+        "booked to the account `open` (local development only).",
+    )
+    key_cache_ttl_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a verified key is trusted before the database is asked again "
+        "(also how long a revocation can take to bite). A cached key keeps working while the "
+        "database is down.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL URL for accounts, keys and usage (a Supabase pooled connection "
+        "string works). Unset: an SQLite file in the data directory.",
+    )
+    data_dir: Path = Field(
+        default=Path.home() / ".local" / "share" / "ccproxy",
+        description="Where the SQLite database and the durable usage buffer live.",
+    )
+    usage_flush_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between flushes of buffered usage events to the database."
+    )
+    usage_flush_batch_size: int = Field(
+        default=500, ge=1, description="Most usage events written to the database in one transaction."
+    )
+    price_per_million_input_tokens_usd: float = Field(
+        default=2.50,
+        ge=0,
+        description="Input-token price used by /usage to turn saved tokens into money saved.",
+    )
+    model_tokenizers: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON map from model name (or name prefix ending in `*`) to tokenizer: "
+        "`tiktoken:<encoding>`, `hf:<hub id or local dir>` or `embedded`. Models not listed: "
+        "tiktoken's own table for OpenAI names, else CCPROXY_DEFAULT_TOKENIZER.",
+    )
+    default_tokenizer: str = Field(
+        default="embedded",
+        description="Tokenizer for models that neither CCPROXY_MODEL_TOKENIZERS nor tiktoken "
+        "knows (same forms as there).",
+    )
+
     # --- serving ----------------------------------------------------------------------------
     gateway_workers: int = Field(default=1, ge=1, description="Gateway worker processes.")
     request_timeout_s: int = Field(
@@ -148,7 +194,8 @@ def markdown_table() -> str:
     """The configuration table of the README."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
-        default = "unset" if field.default is None else f"`{field.default}`"
+        default = field.get_default(call_default_factory=True)
+        default = "unset" if default is None else f"`{default}`"
         rows.append(f"| `CCPROXY_{name.upper()}` | {default} | {field.description} |")
     return "\n".join(rows)
 

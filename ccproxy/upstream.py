@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from ccproxy.auth import KEY_PREFIX
 from ccproxy.protocol import ProxyError, split_sse, sse_fields
 from ccproxy.settings import Settings
 
@@ -64,7 +65,11 @@ def upstream_request_headers(
     if server_api_key is not None:
         return {"authorization": f"Bearer {server_api_key}"}
     lowered = {name.lower(): value for name, value in caller_headers.items()}
-    return {name: lowered[name] for name in _CALLER_ACCOUNT_HEADERS if name in lowered}
+    forwarded = {name: lowered[name] for name in _CALLER_ACCOUNT_HEADERS if name in lowered}
+    # A ccproxy key sent as the Bearer token is ours: it must never reach a third party.
+    if forwarded.get("authorization", "").partition(" ")[2].strip().startswith(KEY_PREFIX):
+        del forwarded["authorization"]
+    return forwarded
 
 
 def transport_error(exc: httpx.HTTPError) -> ProxyError:

@@ -25,9 +25,11 @@ logger = logging.getLogger("ccproxy.compression")
 
 
 class ContextCompressor:
-    def __init__(self, score: Scorer, count_tokens: TokenCounter, settings: Settings) -> None:
+    """Compression with the server's settings. The token counter comes with each call: budgets
+    are in the tokens of the model the request is for."""
+
+    def __init__(self, score: Scorer, settings: Settings) -> None:
         self._score = score
-        self._count_tokens = count_tokens
         self._settings = settings
 
     def plan(self, control: CompressionControl) -> CompressionPlan:
@@ -41,46 +43,36 @@ class ContextCompressor:
             protect_system=self._settings.compression_protect_system,
         )
 
-    async def compress(self, messages: list[dict[str, Any]], plan: CompressionPlan) -> Compression:
+    async def compress(
+        self, messages: list[dict[str, Any]], plan: CompressionPlan, count_tokens: TokenCounter
+    ) -> Compression:
         """Compress or raise; bounded by the compressor timeout."""
         return await asyncio.wait_for(
-            compress_messages(messages, plan, count_tokens=self._count_tokens, score=self._score),
+            compress_messages(messages, plan, count_tokens=count_tokens, score=self._score),
             timeout=self._settings.compressor_timeout_s,
         )
 
     async def compress_as_asked(
-        self, messages: list[dict[str, Any]], *, ratio: float | None, budget_tokens: int | None
+        self,
+        messages: list[dict[str, Any]],
+        count_tokens: TokenCounter,
+        *,
+        ratio: float | None,
+        budget_tokens: int | None,
     ) -> Compression:
         """Compression the caller asked for by name (``/v1/compress``, ``ccproxy.compress``):
         always on, and a failure raises instead of failing open."""
         plan = self.plan(CompressionControl(enabled=True, ratio=ratio, budget_tokens=budget_tokens))
-        return await self.compress(messages, plan)
+        return await self.compress(messages, plan, count_tokens)
 
     async def compress_or_original(
-        self, messages: list[dict[str, Any]], plan: CompressionPlan
+        self, messages: list[dict[str, Any]], plan: CompressionPlan, count_tokens: TokenCounter
     ) -> Compression:
         try:
-            return await self.compress(messages, plan)
+            return await self.compress(messages, plan, count_tokens)
         except Exception as exc:  # fail-open: any failure forwards the original request
             logger.warning("compression failed open: %s", type(exc).__name__)
             return Compression(messages, "failed", 0, 0, ())
-
-
-def compression_headers(compression: Compression) -> dict[str, str]:
-    """What the caller learns about its request's compression, as response headers."""
-    headers = {"x-compression": compression.outcome}
-    if compression.outcome == "failed":
-        return headers
-    kept = compression.tokens_after / compression.tokens_before if compression.tokens_before else 1.0
-    headers.update(
-        {
-            "x-tokens-before": str(compression.tokens_before),
-            "x-tokens-after": str(compression.tokens_after),
-            "x-tokens-saved": str(compression.tokens_saved),
-            "x-compression-ratio": f"{kept:.4f}",
-        }
-    )
-    return headers
 
 
 def compress_response(compression: Compression) -> dict[str, Any]:

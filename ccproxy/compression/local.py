@@ -15,7 +15,7 @@ from ccproxy.tokens import TokenizerCounter
 
 
 @lru_cache(maxsize=2)
-def _compressor(settings: Settings) -> ContextCompressor:
+def _compressor(settings: Settings) -> tuple[ContextCompressor, TokenizerCounter]:
     scorer = load_scorer(settings)
 
     async def score(query: str, units: Sequence[str]) -> list[float]:
@@ -23,7 +23,7 @@ def _compressor(settings: Settings) -> ContextCompressor:
 
     # The scorer already holds the scoring model's tokenizer: count with it rather than load
     # the embedded one a second time.
-    return ContextCompressor(score, TokenizerCounter(scorer.tokenizer), settings)
+    return ContextCompressor(score, settings), TokenizerCounter(scorer.tokenizer)
 
 
 async def acompress(
@@ -33,8 +33,8 @@ async def acompress(
     budget: int | None = None,
     settings: Settings | None = None,
 ) -> Compression:
-    compressor = _compressor(settings or get_settings())
-    return await compressor.compress_as_asked(messages, ratio=ratio, budget_tokens=budget)
+    compressor, count_tokens = _compressor(settings or get_settings())
+    return await compressor.compress_as_asked(messages, count_tokens, ratio=ratio, budget_tokens=budget)
 
 
 def compress(

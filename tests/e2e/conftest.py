@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.nq import Item, load_records, random_distractor_items
 from ccproxy.embedded import embedded_gguf_path
-from tests.e2e.servers import bentoml_serve, free_port, llama_cpp_server, running
+from tests.e2e.servers import bentoml_serve, create_key, free_port, llama_cpp_server, running
+from tests.postgres import fresh_database
 
 UPSTREAM_KEY = "sk-upstream-test-key"
 
@@ -17,12 +19,35 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_gateway(logs_dir: Path) -> Iterator[str]:
+def embedded_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The embedded gateway keeps accounts and usage in the default SQLite file of its data dir."""
+    return {"CCPROXY_DATA_DIR": str(tmp_path_factory.mktemp("embedded-data"))}
+
+
+@pytest.fixture(scope="session")
+def embedded_key(embedded_env: dict[str, str]) -> str:
+    return create_key(embedded_env, "embedded-tests")
+
+
+@pytest.fixture(scope="session")
+def embedded_gateway(logs_dir: Path, embedded_env: dict[str, str]) -> Iterator[str]:
     """``bentoml serve`` with no upstream configured: the embedded SmolLM2 answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with running(bentoml_serve(port), probe_url=f"{base}/readyz", log=logs_dir / "embedded.log"):
+    with running(bentoml_serve(port), probe_url=f"{base}/readyz", log=logs_dir / "embedded.log", env=embedded_env):
         yield base
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL, shared by the gateways in front of llama.cpp."""
+    with fresh_database("ccproxy_e2e") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def api_key(database_url: str) -> str:
+    return create_key({"CCPROXY_DATABASE_URL": database_url}, "e2e")
 
 
 @pytest.fixture(scope="session")
@@ -48,31 +73,57 @@ def remote_compressor(logs_dir: Path) -> Iterator[str]:
         yield base
 
 
+def gateway_env(upstream_url: str, compressor_url: str, database_url: str, data_dir: Path) -> dict[str, str]:
+    return {
+        "CCPROXY_UPSTREAM_URL": upstream_url,
+        "CCPROXY_COMPRESSOR_URL": compressor_url,
+        "CCPROXY_DATABASE_URL": database_url,
+        "CCPROXY_DATA_DIR": str(data_dir),
+        "CCPROXY_USAGE_FLUSH_INTERVAL_S": "0.2",
+        "CCPROXY_KEY_CACHE_TTL_S": "0",  # revocations bite at once in tests
+    }
+
+
 def _gateway_to(
-    upstream_url: str, compressor_url: str, logs_dir: Path, name: str, **extra_env: str
+    upstream_url: str, compressor_url: str, database_url: str, logs_dir: Path, name: str, **extra_env: str
 ) -> Iterator[str]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"CCPROXY_UPSTREAM_URL": upstream_url, "CCPROXY_COMPRESSOR_URL": compressor_url, **extra_env}
+    env = {**gateway_env(upstream_url, compressor_url, database_url, logs_dir / f"{name}-data"), **extra_env}
     with running(bentoml_serve(port), probe_url=f"{base}/livez", log=logs_dir / f"{name}.log", env=env):
         yield base
 
 
 @pytest.fixture(scope="session")
-def passthrough_gateway(llama_upstream: str, remote_compressor: str, logs_dir: Path) -> Iterator[str]:
+def passthrough_gateway(
+    llama_upstream: str, remote_compressor: str, database_url: str, logs_dir: Path
+) -> Iterator[str]:
     """Points at the llama.cpp server and holds no key: callers bring their own."""
-    yield from _gateway_to(llama_upstream, remote_compressor, logs_dir, "passthrough")
+    yield from _gateway_to(llama_upstream, remote_compressor, database_url, logs_dir, "passthrough")
 
 
 @pytest.fixture(scope="session")
-def keyed_gateway(llama_upstream: str, remote_compressor: str, logs_dir: Path) -> Iterator[str]:
+def keyed_gateway(
+    llama_upstream: str, remote_compressor: str, database_url: str, logs_dir: Path
+) -> Iterator[str]:
     """Points at the llama.cpp server and holds its key."""
     yield from _gateway_to(
-        llama_upstream, remote_compressor, logs_dir, "keyed", CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY
+        llama_upstream, remote_compressor, database_url, logs_dir, "keyed", CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY
     )
 
 
 @pytest.fixture(scope="session")
-def dead_upstream_gateway(remote_compressor: str, logs_dir: Path) -> Iterator[str]:
+def dead_upstream_gateway(remote_compressor: str, database_url: str, logs_dir: Path) -> Iterator[str]:
     """Points at a loopback port where nothing listens."""
-    yield from _gateway_to(f"http://127.0.0.1:{free_port()}/v1", remote_compressor, logs_dir, "dead")
+    yield from _gateway_to(f"http://127.0.0.1:{free_port()}/v1", remote_compressor, database_url, logs_dir, "dead")
+
+
+@pytest.fixture(scope="session")
+def rag_item() -> Item:
+    # A fixed evaluation item: 20 documents (~3k tokens), the gold one somewhere inside.
+    return random_distractor_items(load_records("eval"), 20, n_items=1, seed=11)[0]
+
+
+@pytest.fixture(scope="session")
+def rag_messages(rag_item: Item) -> list[dict]:
+    return rag_item.messages()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,6 +67,23 @@ def running(
                 process.wait(wait_s)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
+
+
+def ccproxy_cli(args: list[str], env: Mapping[str, str]) -> str:
+    """``python -m ccproxy ...`` against the database ``env`` names; its stdout."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ccproxy", *args], cwd=REPO, env={**child_env, **env},
+        capture_output=True, text=True, timeout=60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ccproxy {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def create_key(env: Mapping[str, str], account: str) -> str:
+    created = json.loads(ccproxy_cli(["--json", "keys", "create", "--account", account], env))
+    return str(created["key"])
 
 
 def bentoml_serve(port: int, service: str = "service:Gateway") -> list[str]:

@@ -6,19 +6,11 @@ import httpx
 import openai
 import pytest
 
-from bench.nq import load_records, random_distractor_items
-
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def rag_item():
-    # A fixed evaluation item: 20 documents (~3k tokens), the gold one somewhere inside.
-    return random_distractor_items(load_records("eval"), 20, n_items=1, seed=11)[0]
-
-
-def test_compression_sends_fewer_prompt_tokens_upstream(embedded_gateway: str, rag_item) -> None:
-    client = openai.OpenAI(base_url=f"{embedded_gateway}/v1", api_key="unused", max_retries=0)
+def test_compression_sends_fewer_prompt_tokens_upstream(embedded_gateway: str, embedded_key: str, rag_item) -> None:
+    client = openai.OpenAI(base_url=f"{embedded_gateway}/v1", api_key=embedded_key, max_retries=0)
     request = {"model": "m", "messages": rag_item.messages(), "max_tokens": 8, "temperature": 0}
     full = client.chat.completions.with_raw_response.create(
         **request, extra_headers={"X-Compression": "off"}
@@ -35,10 +27,12 @@ def test_compression_sends_fewer_prompt_tokens_upstream(embedded_gateway: str, r
     assert before - after == saved > 0
 
 
-def test_stream_is_compressed_too(embedded_gateway: str, rag_item) -> None:
+def test_stream_is_compressed_too(embedded_gateway: str, embedded_key: str, rag_item) -> None:
     body = {"model": "m", "messages": rag_item.messages(), "max_tokens": 4, "stream": True,
             "ccproxy": {"ratio": 0.3}}
-    with httpx.stream("POST", f"{embedded_gateway}/v1/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{embedded_gateway}/v1/chat/completions", json=body, headers={"x-api-key": embedded_key}, timeout=120
+    ) as response:
         assert response.status_code == 200
         assert response.headers["x-compression"] == "compressed"
         assert int(response.headers["x-tokens-saved"]) > 0
@@ -46,10 +40,11 @@ def test_stream_is_compressed_too(embedded_gateway: str, rag_item) -> None:
     assert lines[-1] == "data: [DONE]"
 
 
-def test_compress_endpoint_keeps_the_gold_passage(embedded_gateway: str, rag_item) -> None:
+def test_compress_endpoint_keeps_the_gold_passage(embedded_gateway: str, embedded_key: str, rag_item) -> None:
     response = httpx.post(
         f"{embedded_gateway}/v1/compress",
         json={"messages": rag_item.messages(), "ratio": 0.2},
+        headers={"x-api-key": embedded_key},
         timeout=120,
     )
     assert response.status_code == 200
@@ -61,7 +56,9 @@ def test_compress_endpoint_keeps_the_gold_passage(embedded_gateway: str, rag_ite
     assert sum(u["tokens"] for u in kept_units) <= 0.2 * sum(u["tokens"] for u in body["units"] if not u["protected"])
 
 
-def test_compress_endpoint_validates_its_body(embedded_gateway: str) -> None:
-    response = httpx.post(f"{embedded_gateway}/v1/compress", json={"messages": [], "ratio": 2})
+def test_compress_endpoint_validates_its_body(embedded_gateway: str, embedded_key: str) -> None:
+    response = httpx.post(
+        f"{embedded_gateway}/v1/compress", json={"messages": [], "ratio": 2}, headers={"x-api-key": embedded_key}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages"

@@ -14,9 +14,14 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 @pytest.fixture()
-def client(embedded_gateway: str) -> openai.OpenAI:
-    # No key exists anywhere: the embedded model needs none, the SDK insists on a string.
-    return openai.OpenAI(base_url=f"{embedded_gateway}/v1", api_key="unused", max_retries=0)
+def client(embedded_gateway: str, embedded_key: str) -> openai.OpenAI:
+    # The embedded model needs no provider key: the SDK's api_key is the ccproxy key.
+    return openai.OpenAI(base_url=f"{embedded_gateway}/v1", api_key=embedded_key, max_retries=0)
+
+
+@pytest.fixture()
+def auth(embedded_key: str) -> dict[str, str]:
+    return {"x-api-key": embedded_key}
 
 
 def test_readyz_and_models(embedded_gateway: str, client: openai.OpenAI) -> None:
@@ -49,7 +54,7 @@ def test_stream_arrives_in_several_chunks_then_ends(client: openai.OpenAI) -> No
     assert all(chunk.usage is None for chunk in chunks)
 
 
-def test_stream_is_relayed_as_sse_with_done_and_usage_when_asked(embedded_gateway: str) -> None:
+def test_stream_is_relayed_as_sse_with_done_and_usage_when_asked(embedded_gateway: str, auth: dict) -> None:
     body = {
         "model": "m",
         "messages": QUESTION,
@@ -58,7 +63,9 @@ def test_stream_is_relayed_as_sse_with_done_and_usage_when_asked(embedded_gatewa
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    with httpx.stream("POST", f"{embedded_gateway}/v1/chat/completions", json=body, timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{embedded_gateway}/v1/chat/completions", json=body, headers=auth, timeout=60
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-request-id"]
@@ -108,11 +115,11 @@ def test_wrong_types_get_an_openai_shaped_400(client: openai.OpenAI) -> None:
     assert caught.value.body["type"] == "invalid_request_error"
 
 
-def test_malformed_json_gets_an_openai_shaped_400(embedded_gateway: str) -> None:
+def test_malformed_json_gets_an_openai_shaped_400(embedded_gateway: str, auth: dict) -> None:
     response = httpx.post(
         f"{embedded_gateway}/v1/chat/completions",
         content=b'{"model": "m", "messages": [',
-        headers={"content-type": "application/json", "x-request-id": "client-chosen-id"},
+        headers={**auth, "content-type": "application/json", "x-request-id": "client-chosen-id"},
     )
     assert response.status_code == 400
     assert response.headers["x-request-id"] == "client-chosen-id"
@@ -121,9 +128,9 @@ def test_malformed_json_gets_an_openai_shaped_400(embedded_gateway: str) -> None
     assert "could not parse the JSON" in error["message"]
 
 
-def test_oversized_body_gets_413(embedded_gateway: str) -> None:
+def test_oversized_body_gets_413(embedded_gateway: str, auth: dict) -> None:
     huge = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * (11 * 1024 * 1024)}]})
-    response = httpx.post(f"{embedded_gateway}/v1/chat/completions", content=huge, timeout=60)
+    response = httpx.post(f"{embedded_gateway}/v1/chat/completions", content=huge, headers=auth, timeout=60)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 

@@ -1,0 +1,205 @@
+"""One chat completion through ccproxy: compress, forward, count the tokens, record the usage.
+
+Token accounting: ``saved`` is measured with one tokenizer (the target model's) on the
+original and on the compressed prompt. ``after`` is the upstream's own ``prompt_tokens``
+whenever it reports one (that is what the provider bills), else our count; ``before`` is
+``after + saved``. A streamed answer's headers leave before the upstream's usage exists, so
+they carry our counts; the usage event carries the upstream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi.responses import Response, StreamingResponse
+
+from ccproxy.auth import Principal
+from ccproxy.compression.gateway import ContextCompressor
+from ccproxy.compression.pipeline import Compression
+from ccproxy.protocol import ProxyError, compression_control, parse_chat_request, sse_event, sse_fields
+from ccproxy.tokens import PromptCounter
+from ccproxy.upstream import Upstream, UpstreamReply
+from ccproxy.usage.events import UsageEvent, new_event_id
+from ccproxy.usage.recorder import UsageRecorder
+from ccproxy.usage_tap import UpstreamUsage, caller_asked_for_usage, tap_usage, usage_of_body, with_usage_requested
+
+logger = logging.getLogger("ccproxy")
+
+CLIENT_CLOSED = 499  # nginx's convention for "the caller went away before the answer ended"
+
+
+@dataclass(frozen=True)
+class TokenFigures:
+    before: int
+    after: int
+    saved: int
+
+    def headers(self) -> dict[str, str]:
+        kept = self.after / self.before if self.before else 1.0
+        return {
+            "x-tokens-before": str(self.before),
+            "x-tokens-after": str(self.after),
+            "x-tokens-saved": str(self.saved),
+            "x-compression-ratio": f"{kept:.4f}",
+        }
+
+
+def token_figures(counted_before: int, counted_after: int, upstream_prompt_tokens: int | None) -> TokenFigures:
+    saved = counted_before - counted_after
+    after = counted_after if upstream_prompt_tokens is None else upstream_prompt_tokens
+    return TokenFigures(before=after + saved, after=after, saved=saved)
+
+
+@dataclass
+class ChatParts:
+    """What a chat completion needs; the service wires the real ones in."""
+
+    upstream: Upstream
+    compressor: ContextCompressor
+    counter_for: Callable[[str], PromptCounter]
+    recorder: UsageRecorder
+
+
+@dataclass
+class _Ledger:
+    """The facts about one request that end up in its usage event."""
+
+    principal: Principal
+    model: str
+    stream: bool
+    compression: str
+    compression_ms: float
+    counted_before: int
+    counted_after: int
+    started: float = field(default_factory=time.perf_counter)
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    usage: UpstreamUsage | None = None
+
+    def figures(self) -> TokenFigures:
+        prompt_tokens = self.usage.prompt_tokens if self.usage else None
+        return token_figures(self.counted_before, self.counted_after, prompt_tokens)
+
+    def event(self, status: int) -> UsageEvent:
+        # A refused request is not billed by the upstream, so it carries no tokens either.
+        figures = self.figures() if status < 400 else TokenFigures(0, 0, 0)
+        return UsageEvent(
+            event_id=new_event_id(),
+            account_id=self.principal.account_id,
+            key_id=self.principal.key_id,
+            model=self.model,
+            tokens_before=figures.before,
+            tokens_after=figures.after,
+            tokens_saved=figures.saved,
+            prompt_tokens=self.usage.prompt_tokens if self.usage else None,
+            completion_tokens=self.usage.completion_tokens if self.usage else None,
+            compression=self.compression,
+            compression_ms=round(self.compression_ms, 3),
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            status=status,
+            stream=self.stream,
+            created_at=self.created_at,
+        )
+
+
+async def _compressed(
+    parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], counter: PromptCounter
+) -> tuple[dict[str, Any], Compression, float]:
+    control, body = compression_control(headers, body)
+    started = time.perf_counter()
+    compressor = parts.compressor
+    compression = await compressor.compress_or_original(body["messages"], compressor.plan(control), counter)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if compression.outcome == "compressed":
+        return {**body, "messages": compression.messages}, compression, elapsed_ms
+    return body, compression, elapsed_ms
+
+
+async def complete_chat(
+    parts: ChatParts, principal: Principal, headers: Mapping[str, str], raw: bytes
+) -> Response:
+    started = time.perf_counter()
+    original, chat = parse_chat_request(raw)
+    counter = await asyncio.to_thread(parts.counter_for, chat.model)
+    forwarded, compression, compression_ms = await _compressed(parts, original, headers, counter)
+    counted_before = await asyncio.to_thread(counter.count_prompt, original)
+    counted_after = (
+        await asyncio.to_thread(counter.count_prompt, forwarded)
+        if compression.outcome == "compressed"
+        else counted_before
+    )
+    stream = bool(chat.stream)
+    ledger = _Ledger(
+        principal, chat.model, stream, compression.outcome, compression_ms, counted_before, counted_after, started
+    )
+    caller_asked = caller_asked_for_usage(forwarded)
+    if stream:
+        forwarded = with_usage_requested(forwarded)
+    try:
+        reply = await parts.upstream.chat_completions(forwarded, headers, stream)
+    except ProxyError as exc:
+        await parts.recorder.record(ledger.event(exc.status))
+        raise
+    compression_header = {"x-compression": compression.outcome}
+    if reply.events is None:
+        if reply.status == 200:
+            ledger.usage = usage_of_body(reply.body)
+        await parts.recorder.record(ledger.event(reply.status))
+        response = Response(
+            content=reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers
+        )
+        response.headers.update({**compression_header, **ledger.figures().headers()})
+        return response
+    return StreamingResponse(
+        _relay(reply, ledger, parts.recorder, caller_asked),
+        status_code=reply.status,
+        media_type="text/event-stream",
+        headers={
+            **reply.headers,
+            **compression_header,
+            **ledger.figures().headers(),
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+        },
+    )
+
+
+def _is_done(event: bytes) -> bool:
+    return sse_fields(event).get("data") == "[DONE]"
+
+
+async def _relay(
+    reply: UpstreamReply, ledger: _Ledger, recorder: UsageRecorder, caller_asked: bool
+) -> AsyncIterator[bytes]:
+    """Relays the upstream's events; the usage event is stored before the caller sees [DONE],
+    so a caller that saw the end of its answer has its usage recorded."""
+    assert reply.events is not None
+
+    def learn(usage: UpstreamUsage) -> None:
+        ledger.usage = usage
+
+    status = CLIENT_CLOSED
+    try:
+        async for event in tap_usage(reply.events, caller_asked, learn):
+            if _is_done(event):
+                status = 200
+                await recorder.record(ledger.event(status))
+            yield event
+        if status != 200:  # the upstream ended without [DONE]; the answer is still whole
+            status = 200
+            await recorder.record(ledger.event(status))
+    except ProxyError as exc:
+        # The status line is already sent: a failure now can only be told inside the stream,
+        # which the OpenAI SDKs surface as an APIError.
+        logger.warning("upstream stream broke: %s", exc.code)
+        status = exc.status
+        recorder.record_now(ledger.event(status))
+        yield sse_event(exc.body())
+    finally:
+        if status == CLIENT_CLOSED:
+            recorder.record_now(ledger.event(status))

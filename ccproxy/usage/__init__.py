@@ -1,0 +1,1 @@
+"""Usage accounting: events, the durable outbox, the database store, and /usage reports."""

@@ -1,0 +1,132 @@
+"""The body of GET /usage, from hourly totals: pure functions, no database.
+
+Ranges are hour-aligned (the totals' resolution): `from` is floored and `to` ceiled to the
+hour, and the response reports the range it covers. The series has every bucket of the range,
+zeros included, so a chart needs no gap filling; at most MAX_BUCKETS buckets (about 200 days
+hourly), beyond which the request is refused with a hint to use days. Day buckets are UTC days;
+the first and last may be partial.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Literal
+
+from ccproxy.usage.events import TOTAL_FIELDS, HourlyTotals, as_utc
+
+Granularity = Literal["hour", "day"]
+DEFAULT_DAYS = 30
+MAX_BUCKETS = 5000
+_STEP: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+_DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _floor(value: datetime, granularity: str) -> datetime:
+    value = as_utc(value).replace(minute=0, second=0, microsecond=0)
+    return value.replace(hour=0) if granularity == "day" else value
+
+
+def _ceil_hour(value: datetime) -> datetime:
+    floored = _floor(value, "hour")
+    return floored if floored == value else floored + timedelta(hours=1)
+
+
+def _iso(value: datetime) -> str:
+    return as_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def _parse(text: str, name: str, *, date_is_inclusive_end: bool) -> datetime:
+    text = text.strip()
+    hint = "an ISO 8601 date or datetime, e.g. 2024-05-01 or 2024-05-01T13:00:00Z"
+    try:
+        if _DATE_ONLY.fullmatch(text):
+            day = date.fromisoformat(text)
+            # `to=2024-05-31` means up to the end of that day, as people read it.
+            if date_is_inclusive_end:
+                day += timedelta(days=1)
+            return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat does not take Z
+            text = text[:-1] + "+00:00"
+        value = datetime.fromisoformat(text)
+    except (ValueError, OverflowError):
+        raise ValueError(f"invalid '{name}' {text!r}: expected {hint}") from None
+    # Naive means UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else as_utc(value)
+
+
+def parse_range(
+    from_str: str | None, to_str: str | None, now: datetime
+) -> tuple[datetime, datetime]:
+    """The hour-aligned UTC range [start, end) of a /usage query; default the last 30 days.
+
+    Naive datetimes are UTC; a bare date as `to` includes that whole day.
+    """
+    try:
+        if to_str:
+            end = _ceil_hour(_parse(to_str, "to", date_is_inclusive_end=True))
+        else:
+            end = _ceil_hour(as_utc(now))
+        if from_str:
+            start = _floor(_parse(from_str, "from", date_is_inclusive_end=False), "hour")
+        else:
+            start = end - timedelta(days=DEFAULT_DAYS)
+    except OverflowError:
+        raise ValueError("'from'/'to' out of range") from None
+    if start >= end:
+        raise ValueError(f"'from' ({_iso(start)}) must be before 'to' ({_iso(end)})")
+    return start, end
+
+
+def _fields(counts: Sequence[int], price_per_million_input_tokens_usd: float) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(zip(TOTAL_FIELDS, counts, strict=True))
+    before, saved = fields["tokens_before"], fields["tokens_saved"]
+    fields["savings_percent"] = round(100.0 * saved / before, 2) if before else 0.0
+    fields["money_saved_usd"] = round(saved * price_per_million_input_tokens_usd / 1e6, 6)
+    return fields
+
+
+def build_report(
+    rows: Iterable[HourlyTotals],
+    start: datetime,
+    end: datetime,
+    granularity: Granularity,
+    price_per_million_input_tokens_usd: float,
+) -> dict[str, Any]:
+    """The /usage body for one account's hourly rows; rows outside [start, end) are ignored."""
+    if granularity not in _STEP:
+        raise ValueError(f"invalid granularity {granularity!r}: expected 'hour' or 'day'")
+    start, end = as_utc(start), as_utc(end)
+    if start >= end:
+        raise ValueError(f"start ({_iso(start)}) must be before end ({_iso(end)})")
+    step = _STEP[granularity]
+    first = _floor(start, granularity)
+    n_buckets = math.ceil((end - first) / step)
+    if n_buckets > MAX_BUCKETS:
+        raise ValueError(
+            f"the range holds {n_buckets} {granularity} buckets, more than {MAX_BUCKETS}: "
+            "narrow it or use granularity=day"
+        )
+    buckets = [[0] * len(TOTAL_FIELDS) for _ in range(n_buckets)]
+    for row in rows:
+        hour = as_utc(row.hour)
+        if not start <= hour < end:
+            continue
+        bucket = buckets[(_floor(hour, granularity) - first) // step]
+        for i, value in enumerate(row.counts()):
+            bucket[i] += value
+    totals = [sum(b[i] for b in buckets) for i in range(len(TOTAL_FIELDS))]
+    price = price_per_million_input_tokens_usd
+    return {
+        "object": "usage",
+        "from": _iso(start),
+        "to": _iso(end),
+        "granularity": granularity,
+        "totals": _fields(totals, price),
+        "series": [
+            {"start": _iso(first + i * step), **_fields(counts, price)}
+            for i, counts in enumerate(buckets)
+        ],
+    }

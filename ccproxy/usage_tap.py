@@ -1,0 +1,80 @@
+"""Learning the upstream's usage of a request without changing what the caller asked for.
+
+A streamed answer reports usage only when ``stream_options.include_usage`` is set, so
+ccproxy always sets it and, when the caller did not ask, removes what it added: the
+usage-only last chunk, or a ``usage`` field that rides on a chunk with choices.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ccproxy.protocol import sse_event, sse_fields
+
+
+@dataclass(frozen=True)
+class UpstreamUsage:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def usage_of(payload: Any) -> UpstreamUsage | None:
+    """The ``usage`` of a chat completion (or chunk), when it has a sane one."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return None
+
+    def count(name: str) -> int | None:
+        value = usage.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    return UpstreamUsage(count("prompt_tokens"), count("completion_tokens"))
+
+
+def usage_of_body(body: bytes) -> UpstreamUsage | None:
+    try:
+        return usage_of(json.loads(body))
+    except ValueError:
+        return None
+
+
+def caller_asked_for_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def with_usage_requested(body: dict[str, Any]) -> dict[str, Any]:
+    options = body.get("stream_options")
+    options = dict(options) if isinstance(options, dict) else {}
+    return {**body, "stream_options": {**options, "include_usage": True}}
+
+
+def tap_event(event: bytes, caller_asked: bool) -> tuple[bytes | None, UpstreamUsage | None]:
+    """One SSE event -> (what the caller gets, or None to drop it; the usage it carried)."""
+    data = sse_fields(event).get("data")
+    if data is None or data == "[DONE]":
+        return event, None
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return event, None
+    usage = usage_of(chunk)
+    if usage is None or caller_asked:
+        return event, usage
+    if not chunk.get("choices"):
+        return None, usage
+    return sse_event({k: v for k, v in chunk.items() if k != "usage"}), usage
+
+
+async def tap_usage(
+    events: AsyncIterator[bytes], caller_asked: bool, on_usage: Callable[[UpstreamUsage], None]
+) -> AsyncIterator[bytes]:
+    async for event in events:
+        relayed, usage = tap_event(event, caller_asked)
+        if usage is not None:
+            on_usage(usage)
+        if relayed is not None:
+            yield relayed
