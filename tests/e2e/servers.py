@@ -38,6 +38,34 @@ def _wait_until(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s
     raise TimeoutError(f"{url} not up after {timeout_s}s:\n{log.read_text()[-4000:]}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``. BentoML's workers start their own sessions, so killing the
+    server's process group does not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL for a server and everything it started, as a crash or an OOM kill would do."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(10)
+
+
 @contextmanager
 def running(
     command: list[str],
@@ -59,6 +87,7 @@ def running(
         _wait_until(probe_url, process, log, timeout_s, set(ok_statuses))
         yield process
     finally:
+        left_behind = descendants(process.pid)
         for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
             if process.poll() is not None:
                 break
@@ -67,6 +96,11 @@ def running(
                 process.wait(wait_s)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
+        for pid in left_behind:  # workers in sessions of their own, if they outlived the server
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def ccproxy_cli(args: list[str], env: Mapping[str, str]) -> str:

@@ -7,7 +7,6 @@ gateway's whole process group really gets SIGKILL.
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -21,7 +20,7 @@ import psycopg
 import pytest
 
 from tests.e2e.conftest import UPSTREAM_KEY, gateway_env
-from tests.e2e.servers import bentoml_serve, create_key, free_port, running
+from tests.e2e.servers import bentoml_serve, create_key, free_port, kill_tree, running
 from tests.postgres import fresh_database
 
 pytestmark = pytest.mark.e2e
@@ -155,8 +154,7 @@ def test_gateway_killed_mid_burst_loses_no_acknowledged_event(
     with running(bentoml_serve(port), probe_url=f"{base}/livez", log=logs_dir / "killed.log", env=env) as first:
         burst = Burst(base, headers, total=60, concurrency=concurrency)
         burst.wait_for(20)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(10)
+        kill_tree(first)
         burst.finish()
     acknowledged = len(burst.answered)
     assert 20 <= acknowledged < 60 and burst.failed == 60 - acknowledged
