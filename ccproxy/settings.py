@@ -6,6 +6,7 @@ The README's configuration table is printed from these descriptions
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -167,6 +168,66 @@ class Settings(BaseSettings):
         default="embedded",
         description="Tokenizer for models that neither CCPROXY_MODEL_TOKENIZERS nor tiktoken "
         "knows (same forms as there).",
+    )
+
+    # --- billing ----------------------------------------------------------------------------
+    billing_mode: Literal["meters", "invoice-items"] = Field(
+        default="meters",
+        description="How `python -m billing run` reports usage to Stripe. `meters`: one meter "
+        "event per account-hour (Stripe's metered price does the money). `invoice-items`: "
+        "one invoice item per account and run, on an invoice that is finalized at once.",
+    )
+    billing_price_per_million_tokens: Decimal = Field(
+        default=Decimal("2.50"),
+        ge=0,
+        description="Price of one million billed tokens (tokens after compression) in "
+        "CCPROXY_BILLING_CURRENCY's main unit; a currency with cents is assumed.",
+    )
+    billing_currency: str = Field(
+        default="usd",
+        min_length=3,
+        max_length=3,
+        description="Three-letter ISO currency code of the Stripe price and invoice items.",
+    )
+    billing_meter_event_name: str = Field(
+        default="ccproxy_tokens_after",
+        description="Event name of the Stripe billing meter (created by `python -m billing "
+        "setup`) that meter events are sent to.",
+    )
+    billing_price_lookup_key: str = Field(
+        default="ccproxy_tokens_after",
+        description="Lookup key of the metered Stripe price that `setup` creates and "
+        "`customers subscribe` subscribes customers to.",
+    )
+    billing_close_delay_s: int = Field(
+        default=600,
+        ge=0,
+        description="Seconds after an hour ends before it is billed. Usage recorded after that "
+        "(e.g. replayed from the outbox after a database outage) is billed by a later run.",
+    )
+    billing_lookback_hours: int = Field(
+        default=816,
+        ge=1,
+        description="How far back a run looks for unbilled hours. The default, 34 days, stays "
+        "inside Stripe's 35-day limit on meter event timestamps.",
+    )
+    billing_max_retries: int = Field(
+        default=5,
+        ge=0,
+        description="Retries of a Stripe call that failed with 409, 429, a 5xx or a network "
+        "error (exponential backoff, Retry-After honoured).",
+    )
+    billing_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds to wait for one Stripe API response."
+    )
+    stripe_api_key: SecretStr | None = Field(
+        default=None,
+        description="Stripe secret key (sk_test_… or sk_live_…, or a restricted key) used by "
+        "the billing job.",
+    )
+    stripe_api_base: str = Field(
+        default="https://api.stripe.com",
+        description="Base URL of Stripe's API; point it at localstripe or a fake for tests.",
     )
 
     # --- serving ----------------------------------------------------------------------------

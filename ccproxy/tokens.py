@@ -45,9 +45,8 @@ def content_text(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(
-        str(part.get("text", "")) for part in content if isinstance(part, Mapping) and part.get("type") == "text"
-    )
+    texts = (part.get("text", "") for part in content if isinstance(part, Mapping) and part.get("type") == "text")
+    return "".join(map(str, texts))
 
 
 class TokenizerCounter:
@@ -56,7 +55,7 @@ class TokenizerCounter:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         # A fast tokenizer raises "Already borrowed" when threads use it at once.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
         if not texts:
@@ -69,8 +68,8 @@ class TokenizerCounter:
 class ChatTemplateCounter(TokenizerCounter):
     """A Hugging Face tokenizer with its chat template: prompts as llama.cpp or vLLM build them.
 
-    Both servers render the template to text (generation prompt included) and tokenize that
-    text with special tokens parsed and no BOS added on top, so a template that wants a BOS
+    llama.cpp's server (and vLLM by default) renders the template to text, generation prompt
+    included, and tokenizes that text with special tokens parsed and no BOS added on top, so a template that wants a BOS
     writes ``{{ bos_token }}`` itself. Counting the same way matches llama.cpp's
     ``usage.prompt_tokens`` exactly on the embedded SmolLM2.
     """
@@ -84,17 +83,11 @@ class ChatTemplateCounter(TokenizerCounter):
         with self._lock:
             if getattr(self._tokenizer, "chat_template", None) is None:
                 # No template to follow: content plus the OpenAI-style framing is the best guess.
-                texts = [m["content"] for m in messages]
-                return sum(self._count(texts)) + 3 * len(messages) + 3
+                return sum(self([m["content"] for m in messages])) + 3 * len(messages) + 3
             text = self._tokenizer.apply_chat_template(
                 messages, tools=body.get("tools") or None, add_generation_prompt=True, tokenize=False
             )
             return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _count(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 # --- tiktoken --------------------------------------------------------------------------------
@@ -266,6 +259,7 @@ def _gguf_counter(gguf: Path) -> ChatTemplateCounter:
     return ChatTemplateCounter(tokenizer, "embedded")
 
 
+@lru_cache(maxsize=1)
 def default_counter() -> ChatTemplateCounter:
     """The embedded SmolLM2's tokenizer (~6 s to load the first time)."""
     from ccproxy.embedded import embedded_gguf_path

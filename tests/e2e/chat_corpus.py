@@ -3,7 +3,7 @@
 Each chat is a list of OpenAI messages: an optional system message, then 1–8 turns that
 alternate user/assistant and end on a user turn. Contents mix plain prose with the text that
 tokenizers disagree on: accents, CJK, emoji (ZWJ sequences, flags, skin tones), right-to-left
-scripts, code fences, JSON and odd whitespace. Every chat stays within ~5,600 bytes of
+scripts, code fences, JSON and odd whitespace. Every chat stays within ~3,600 bytes of
 content so that it fits a 4k context even where a tokenizer spends a token per 1.7 bytes (CJK
 on SmolLM2).
 """
@@ -52,7 +52,7 @@ _CODE = (
     "SELECT id, name FROM users WHERE created_at > NOW() - INTERVAL '7 days' ORDER BY id;\n",
     "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", 42); return 0; }\n",
 )
-_CHAT_BYTES = 5600
+_CHAT_BYTES = 3600
 _WHITESPACE = ("  ", "\t", "\n\n\n", "\r\n", "\u00a0", "\u200b", " \n ", "    ")
 
 
@@ -114,10 +114,12 @@ _KINDS: tuple[Callable[[random.Random, int], str], ...] = (
 
 
 def _content(rng: random.Random, budget_bytes: int) -> str:
-    """1 to ~600 words, log-uniform so short and long messages both occur, halved until the
-    text fits the chat's remaining byte budget (a minimal JSON or code text may overshoot)."""
+    """1 to ~600 words, skewed short (600 ** u**3) so that long messages occur but the whole
+    corpus stays ~40k tokens: llama.cpp evaluates every prompt token, slowly on a small CPU.
+    Halved until the text fits the chat's remaining byte budget (a minimal JSON or code text
+    may overshoot it)."""
     kind = rng.choice(_KINDS)
-    n_words = max(1, int(round(600 ** rng.random())))
+    n_words = max(1, int(round(600 ** (rng.random() ** 3))))
     text = kind(rng, n_words)
     while len(text.encode()) > budget_bytes and n_words > 1:
         n_words //= 2

@@ -218,3 +218,12 @@ def test_content_text() -> None:
     assert content_text(None) == ""
     assert content_text("x") == "x"
     assert content_text([{"type": "text", "text": "a"}, {"type": "input_audio"}, {"type": "text", "text": "b"}]) == "ab"
+
+
+def test_tokenizer_without_template_falls_back_to_openai_framing() -> None:
+    tokenizer = _WordTokenizer()
+    tokenizer.chat_template = None  # type: ignore[assignment]
+    counter = ChatTemplateCounter(tokenizer, "hf:no-template")
+    body = {"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"}]}
+    assert counter.count_prompt(body) == 3 + 3 * 2 + 3
+    assert tokenizer.seen == []
