@@ -115,7 +115,8 @@ class Gateway:
     async def __is_ready__(self) -> bool:
         return await self.upstream.ready()
 
-    async def __shutdown__(self) -> None:
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
         # Graceful stop: whatever usage is still buffered goes to the database now.
         await asyncio.to_thread(self.flusher.stop, 10)
         self.flusher_store.close()

@@ -172,11 +172,10 @@ class StripeClient:
         while True:
             try:
                 if method == "POST":
-                    response = self._http.post(path, data=dict(pairs) if False else None,
-                                               content=_form(pairs), headers={
-                                                   **headers,
-                                                   "Content-Type": "application/x-www-form-urlencoded",
-                                               })
+                    # Encoded by hand: httpx's `data=` takes a dict, which cannot hold the
+                    # repeated and bracketed keys in order.
+                    form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+                    response = self._http.post(path, content=_form(pairs), headers=form)
                 else:
                     response = self._http.get(path, params=pairs, headers=headers)
             except httpx.TransportError as exc:

@@ -175,3 +175,27 @@ def test_gateway_killed_mid_burst_loses_no_acknowledged_event(
     # Requests in flight at the kill may have been recorded without being answered.
     assert acknowledged <= delivered <= acknowledged + concurrency
     assert usage["totals"]["requests"] == delivered
+
+
+def test_a_graceful_stop_flushes_what_is_buffered(
+    llama_upstream: str, remote_compressor: str, logs_dir: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    key = create_key({"CCPROXY_DATA_DIR": str(data_dir)}, "graceful")
+    env = {
+        "CCPROXY_UPSTREAM_URL": llama_upstream,
+        "CCPROXY_COMPRESSOR_URL": remote_compressor,
+        "CCPROXY_DATA_DIR": str(data_dir),
+        "CCPROXY_USAGE_FLUSH_INTERVAL_S": "3600",  # only the shutdown flush can deliver them
+    }
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running(bentoml_serve(port), probe_url=f"{base}/livez", log=logs_dir / "graceful.log", env=env):
+        burst = Burst(base, {"x-api-key": key, "authorization": f"Bearer {UPSTREAM_KEY}"}, total=6)
+        burst.finish()
+    # running() ends with SIGTERM, BentoML's graceful stop.
+    assert len(burst.answered) == 6
+    with sqlite3.connect(data_dir / "ccproxy.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM ccproxy_usage_events").fetchone()[0] == 6
+    with sqlite3.connect(data_dir / "usage-outbox.sqlite") as outbox:
+        assert outbox.execute("SELECT count(*) FROM usage_outbox").fetchone()[0] == 0
