@@ -19,6 +19,8 @@ from ccproxy.chat import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.embedded import EmbeddedEngine
+from ccproxy.logs import configure_access_log
+from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_memory
 from ccproxy.settings import get_settings
 from ccproxy.tokens import counter_for
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
@@ -38,6 +40,7 @@ compressor_resources = (
 class Compressor:
     def __init__(self) -> None:
         self.scorer = load_scorer(settings)
+        report_gpu_memory()
 
     @bentoml.api(
         batchable=True,
@@ -45,7 +48,9 @@ class Compressor:
         max_latency_ms=settings.compressor_max_latency_ms,
     )
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        return score_requests(self.scorer, requests)
+        scores = score_requests(self.scorer, requests)
+        report_gpu_memory()
+        return scores
 
 
 @bentoml.service(name="ccproxy-embedded-llm", traffic=traffic, resources={"cpu": "1"})
@@ -98,7 +103,9 @@ class Gateway:
             compressor=ContextCompressor(self._score, settings),
             counter_for=lambda model: counter_for(model, settings),
             recorder=UsageRecorder(outbox),
+            metrics=gateway_metrics(),
         )
+        configure_access_log()
         app.state.gate = self._gate()
         app.state.store = self.store
 
@@ -122,3 +129,8 @@ class Gateway:
         self.flusher_store.close()
         self.store.close()
         await self.upstream.aclose()
+
+
+metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+for protected in (Gateway, Compressor, EmbeddedLLM):
+    protected.add_asgi_middleware(MetricsTokenMiddleware, token=metrics_token)

@@ -1,1 +1,10 @@
-"""Stripe billing from usage rows (issue: billing job). Not built yet."""
+"""The billing job: usage rows (ccproxy_usage_hourly) -> Stripe, via Billing Meters (one meter
+event per account-hour) or invoice items (one per account and run, on a finalized invoice).
+
+    job.py            what to bill and the Stripe requests for it (pure)
+    ledger.py         which account-hours were reported, when, with which Stripe ids (SQL)
+    stripe_client.py  httpx client: idempotency keys, retries with backoff
+    runner.py         one run: resume pending batches, plan, send, report
+    catalog.py        the meter, product, price, customers and subscriptions in Stripe
+    __main__.py       the CLI, `python -m billing`
+"""

@@ -251,7 +251,7 @@ class StripeRequest:
     idempotency_key: str | None = None
 
 
-def _post(path: str, params: dict[str, Any], key_prefix: str) -> StripeRequest:
+def post_request(path: str, params: dict[str, Any], key_prefix: str) -> StripeRequest:
     # The key names the parameters too: Stripe refuses a key reused with other parameters,
     # and a changed request (a corrected customer id) must be a new request, not a replay.
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
@@ -272,7 +272,7 @@ def meter_event_request(batch: Batch) -> StripeRequest:
         "timestamp": _ts(batch.period_start),
         "payload": {"stripe_customer_id": batch.stripe_customer_id, "value": str(batch.quantity)},
     }
-    return _post("/v1/billing/meter_events", params, batch.batch_id)
+    return post_request("/v1/billing/meter_events", params, batch.batch_id)
 
 
 def _metadata(batch: Batch) -> dict[str, str]:
@@ -298,7 +298,7 @@ def invoice_item_request(batch: Batch) -> StripeRequest:
         "period": {"start": _ts(batch.period_start), "end": _ts(batch.period_end)},
         "metadata": _metadata(batch),
     }
-    return _post("/v1/invoiceitems", params, f"{batch.batch_id}-item")
+    return post_request("/v1/invoiceitems", params, f"{batch.batch_id}-item")
 
 
 def invoice_request(batch: Batch) -> StripeRequest:
@@ -311,13 +311,13 @@ def invoice_request(batch: Batch) -> StripeRequest:
         "auto_advance": False,
         "metadata": _metadata(batch),
     }
-    return _post("/v1/invoices", params, f"{batch.batch_id}-invoice")
+    return post_request("/v1/invoices", params, f"{batch.batch_id}-invoice")
 
 
 def finalize_request(batch: Batch, invoice_id: str) -> StripeRequest:
     # auto_advance after finalizing: Stripe then collects it (charges or emails the invoice).
     params = {"auto_advance": True}
-    return _post(f"/v1/invoices/{invoice_id}/finalize", params, f"{batch.batch_id}-finalize")
+    return post_request(f"/v1/invoices/{invoice_id}/finalize", params, f"{batch.batch_id}-finalize")
 
 
 def as_dict(batch: Batch) -> dict[str, Any]:

@@ -14,7 +14,7 @@ an hour is never picked up twice, by a rerun or by two overlapping runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -145,11 +145,12 @@ class BillingLedger:
             (stripe_object_id, stripe_invoice_id, batch_id),
         )
 
-    def mark_sent(self, batch_id: str) -> None:
+    def mark_sent(self, batch_id: str, stripe_object_id: str | None = None) -> None:
         self._execute(
-            "UPDATE ccproxy_billing_batches SET state = 'sent', sent_at = ?, last_error = NULL "
+            "UPDATE ccproxy_billing_batches SET state = 'sent', sent_at = ?, last_error = NULL, "
+            "stripe_object_id = COALESCE(?, stripe_object_id) "
             "WHERE batch_id = ? AND state = 'pending'",
-            (self._now(), batch_id),
+            (self._now(), stripe_object_id, batch_id),
         )
 
     def note_error(self, batch_id: str, error: str) -> None:
@@ -219,7 +220,7 @@ class BillingLedger:
         # Chunked: both drivers cap the parameters of one statement.
         for i in range(0, len(batch_ids), 500):
             chunk = list(batch_ids[i : i + 500])
-            marks = ", ".join("?" * len(chunk))
+            marks = ", ".join(["?"] * len(chunk))
             rows = self._read(
                 "SELECT batch_id, hour, seq, tokens_after FROM ccproxy_billing_ledger "
                 f"WHERE batch_id IN ({marks}) ORDER BY hour, seq",
@@ -229,6 +230,3 @@ class BillingLedger:
                 found.setdefault(r[0], []).append(Line(self._store._dt(r[1]), int(r[2]), int(r[3])))
         return {k: tuple(v) for k, v in found.items()}
 
-
-def with_progress(batch: Batch, **ids: str | None) -> Batch:
-    return replace(batch, **ids)

@@ -133,7 +133,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         principal = await principal_of(request)
         raw = await read_body(request, settings.max_body_bytes)
-        return await complete_chat(_state(request, "parts"), principal, request.headers, raw)
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return await complete_chat(_state(request, "parts"), principal, request.headers, raw, request_id)
 
     @app.post("/v1/compress")
     async def compress(request: Request) -> JSONResponse:

@@ -22,6 +22,8 @@ from fastapi.responses import Response, StreamingResponse
 from ccproxy.auth import Principal
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.pipeline import Compression
+from ccproxy.logs import log_request
+from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.protocol import ProxyError, compression_control, parse_chat_request, sse_event, sse_fields
 from ccproxy.tokens import PromptCounter
 from ccproxy.upstream import Upstream, UpstreamReply
@@ -64,14 +66,18 @@ class ChatParts:
     compressor: ContextCompressor
     counter_for: Callable[[str], PromptCounter]
     recorder: UsageRecorder
+    metrics: ChatObserver = field(default_factory=NoMetrics)
 
 
 @dataclass
 class _Ledger:
-    """The facts about one request that end up in its usage event."""
+    """The facts about one request: its usage event, its metrics and its access-log line."""
 
+    parts: ChatParts
+    request_id: str
     principal: Principal
     model: str
+    family: str
     stream: bool
     compression: str
     compression_ms: float
@@ -80,6 +86,7 @@ class _Ledger:
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     usage: UpstreamUsage | None = None
+    finished: bool = False
 
     def figures(self) -> TokenFigures:
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
@@ -106,6 +113,29 @@ class _Ledger:
             created_at=self.created_at,
         )
 
+    def _close(self, status: int) -> UsageEvent | None:
+        if self.finished:
+            return None
+        self.finished = True
+        event = self.event(status)
+        self.parts.metrics.finished(
+            self.family, status, self.stream, event.latency_ms / 1000,
+            event.tokens_before, event.tokens_saved, event.tokens_after,
+        )
+        log_request(self.request_id, event)
+        return event
+
+    async def finish(self, status: int) -> None:
+        event = self._close(status)
+        if event is not None:
+            await self.parts.recorder.record(event)
+
+    def finish_now(self, status: int) -> None:
+        """For places that cannot await (a stream being torn down)."""
+        event = self._close(status)
+        if event is not None:
+            self.parts.recorder.record_now(event)
+
 
 async def _compressed(
     parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], counter: PromptCounter
@@ -114,14 +144,26 @@ async def _compressed(
     started = time.perf_counter()
     compressor = parts.compressor
     compression = await compressor.compress_or_original(body["messages"], compressor.plan(control), counter)
-    elapsed_ms = (time.perf_counter() - started) * 1000
+    elapsed = time.perf_counter() - started
+    parts.metrics.compressed(compression.outcome, elapsed)
     if compression.outcome == "compressed":
-        return {**body, "messages": compression.messages}, compression, elapsed_ms
-    return body, compression, elapsed_ms
+        return {**body, "messages": compression.messages}, compression, elapsed * 1000
+    return body, compression, elapsed * 1000
+
+
+async def _forward(parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], stream: bool) -> UpstreamReply:
+    started = time.perf_counter()
+    try:
+        reply = await parts.upstream.chat_completions(body, headers, stream)
+    except ProxyError:
+        parts.metrics.upstream_answered(time.perf_counter() - started, None)
+        raise
+    parts.metrics.upstream_answered(time.perf_counter() - started, reply.status)
+    return reply
 
 
 async def complete_chat(
-    parts: ChatParts, principal: Principal, headers: Mapping[str, str], raw: bytes
+    parts: ChatParts, principal: Principal, headers: Mapping[str, str], raw: bytes, request_id: str
 ) -> Response:
     started = time.perf_counter()
     original, chat = parse_chat_request(raw)
@@ -135,28 +177,29 @@ async def complete_chat(
     )
     stream = bool(chat.stream)
     ledger = _Ledger(
-        principal, chat.model, stream, compression.outcome, compression_ms, counted_before, counted_after, started
+        parts, request_id, principal, chat.model, counter.name, stream, compression.outcome, compression_ms,
+        counted_before, counted_after, started,
     )
     caller_asked = caller_asked_for_usage(forwarded)
     if stream:
         forwarded = with_usage_requested(forwarded)
     try:
-        reply = await parts.upstream.chat_completions(forwarded, headers, stream)
+        reply = await _forward(parts, forwarded, headers, stream)
     except ProxyError as exc:
-        await parts.recorder.record(ledger.event(exc.status))
+        await ledger.finish(exc.status)
         raise
     compression_header = {"x-compression": compression.outcome}
     if reply.events is None:
         if reply.status == 200:
             ledger.usage = usage_of_body(reply.body)
-        await parts.recorder.record(ledger.event(reply.status))
+        await ledger.finish(reply.status)
         response = Response(
             content=reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers
         )
         response.headers.update({**compression_header, **ledger.figures().headers()})
         return response
     return StreamingResponse(
-        _relay(reply, ledger, parts.recorder, caller_asked),
+        _relay(reply.events, ledger, caller_asked),
         status_code=reply.status,
         media_type="text/event-stream",
         headers={
@@ -173,33 +216,24 @@ def _is_done(event: bytes) -> bool:
     return sse_fields(event).get("data") == "[DONE]"
 
 
-async def _relay(
-    reply: UpstreamReply, ledger: _Ledger, recorder: UsageRecorder, caller_asked: bool
-) -> AsyncIterator[bytes]:
+async def _relay(events: AsyncIterator[bytes], ledger: _Ledger, caller_asked: bool) -> AsyncIterator[bytes]:
     """Relays the upstream's events; the usage event is stored before the caller sees [DONE],
     so a caller that saw the end of its answer has its usage recorded."""
-    assert reply.events is not None
 
     def learn(usage: UpstreamUsage) -> None:
         ledger.usage = usage
 
-    status = CLIENT_CLOSED
     try:
-        async for event in tap_usage(reply.events, caller_asked, learn):
+        async for event in tap_usage(events, caller_asked, learn):
             if _is_done(event):
-                status = 200
-                await recorder.record(ledger.event(status))
+                await ledger.finish(200)
             yield event
-        if status != 200:  # the upstream ended without [DONE]; the answer is still whole
-            status = 200
-            await recorder.record(ledger.event(status))
+        await ledger.finish(200)  # no-op after [DONE]; an upstream that omits it still answered
     except ProxyError as exc:
         # The status line is already sent: a failure now can only be told inside the stream,
         # which the OpenAI SDKs surface as an APIError.
         logger.warning("upstream stream broke: %s", exc.code)
-        status = exc.status
-        recorder.record_now(ledger.event(status))
+        ledger.finish_now(exc.status)
         yield sse_event(exc.body())
     finally:
-        if status == CLIENT_CLOSED:
-            recorder.record_now(ledger.event(status))
+        ledger.finish_now(CLIENT_CLOSED)  # no-op unless the caller went away mid-stream

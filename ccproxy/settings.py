@@ -230,6 +230,12 @@ class Settings(BaseSettings):
         description="Base URL of Stripe's API; point it at localstripe or a fake for tests.",
     )
 
+    # --- operations --------------------------------------------------------------------------
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, /metrics answers only requests with 'Authorization: Bearer <token>'.",
+    )
+
     # --- serving ----------------------------------------------------------------------------
     gateway_workers: int = Field(default=1, ge=1, description="Gateway worker processes.")
     request_timeout_s: int = Field(
