@@ -26,7 +26,15 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 from billing import catalog
-from billing.job import MODES, BillingAccount, amount_minor, as_dict, format_minor, hour_label
+from billing.job import (
+    MODES,
+    Batch,
+    BillingAccount,
+    amount_minor,
+    as_dict,
+    format_minor,
+    hour_label,
+)
 from billing.ledger import BillingLedger
 from billing.runner import RunConfig, RunReport, run
 from billing.stripe_client import StripeClient, StripeError
@@ -47,12 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_ = commands.add_parser("run", help="bill the closed hours not billed yet")
-    run_.add_argument("--dry-run", action="store_true", help="print what would be billed; send nothing")
+    run_.add_argument(
+        "--dry-run", action="store_true", help="print what would be billed; send nothing"
+    )
     run_.add_argument("--mode", choices=MODES, default=None, help="override CCPROXY_BILLING_MODE")
-    run_.add_argument("--since", default=None, help="first hour to consider (ISO date or time, UTC)")
-    run_.add_argument("--until", default=None, help="bill hours before this (ISO date or time, UTC)")
+    run_.add_argument(
+        "--since", default=None, help="first hour to consider (ISO date or time, UTC)"
+    )
+    run_.add_argument(
+        "--until", default=None, help="bill hours before this (ISO date or time, UTC)"
+    )
 
-    commands.add_parser("setup", help="create the Stripe meter, product and metered price (idempotent)")
+    commands.add_parser(
+        "setup", help="create the Stripe meter, product and metered price (idempotent)"
+    )
     commands.add_parser("status", help="list batches that are pending or were rejected")
 
     customers = commands.add_parser("customers", help="Stripe customers of accounts")
@@ -64,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--customer", help="an existing Stripe customer id (cus_...)")
     how.add_argument("--create", action="store_true", help="create the customer in Stripe")
     set_.add_argument("--email", default=None, help="with --create: the customer's billing email")
-    subscribe = sub.add_parser("subscribe", help="subscribe the account's customer to the metered price")
+    subscribe = sub.add_parser(
+        "subscribe", help="subscribe the account's customer to the metered price"
+    )
     subscribe.add_argument("--account", required=True, help="account name")
     return parser
 
@@ -175,8 +193,12 @@ def _dispatch(
     if args.command == "status":
         records = [*ledger.batches(state="pending"), *ledger.batches(state="rejected")]
         rows = [
-            {**as_dict(r.batch), "state": r.state, "last_error": r.last_error,
-             "created_at": r.created_at.isoformat()}
+            {
+                **as_dict(r.batch),
+                "state": r.state,
+                "last_error": r.last_error,
+                "created_at": r.created_at.isoformat(),
+            }
             for r in records
         ]
         text = "\n".join(
@@ -197,7 +219,10 @@ def _customers(
 ) -> int:
     if args.action == "list":
         accounts = sorted(ledger.accounts().values(), key=lambda a: a.name)
-        rows = [{"account": a.name, "account_id": a.id, "stripe_customer_id": a.stripe_customer_id} for a in accounts]
+        rows = [
+            {"account": a.name, "account_id": a.id, "stripe_customer_id": a.stripe_customer_id}
+            for a in accounts
+        ]
         text = "\n".join(f"{a.name:24} {a.stripe_customer_id or '-'}" for a in accounts)
         _emit(args.json, rows, text or "no accounts")
         return 0
@@ -208,26 +233,30 @@ def _customers(
         else:
             customer_id = args.customer.strip()
             if not customer_id.startswith("cus_"):
-                raise UsageError(f"--customer: a Stripe customer id starts with cus_, got {customer_id!r}")
+                raise UsageError(
+                    f"--customer: a Stripe customer id starts with cus_, got {customer_id!r}"
+                )
             ledger.set_customer(account.name, customer_id)
-        data = {"account": account.name, "stripe_customer_id": customer_id}
-        _emit(args.json, data, f"account {account.name!r} -> Stripe customer {customer_id}")
+        attached = {"account": account.name, "stripe_customer_id": customer_id}
+        _emit(args.json, attached, f"account {account.name!r} -> Stripe customer {customer_id}")
         return 0
     if not account.stripe_customer_id:
         raise UsageError(f"account {account.name!r} has no Stripe customer: customers set first")
     subscription_id, created = catalog.subscribe(
         stripe(), account.stripe_customer_id, settings.billing_price_lookup_key
     )
-    data = {"account": account.name, "subscription_id": subscription_id, "created": created}
+    subscribed = {"account": account.name, "subscription_id": subscription_id, "created": created}
     verb = "subscribed" if created else "already subscribed"
-    _emit(args.json, data, f"account {account.name!r} {verb}: {subscription_id}")
+    _emit(args.json, subscribed, f"account {account.name!r} {verb}: {subscription_id}")
     return 0
 
 
 def _account(ledger: BillingLedger, name: str) -> BillingAccount:
     account = ledger.account(name)
     if account is None:
-        raise UsageError(f"no account {name!r} (python -m ccproxy keys create --account creates one)")
+        raise UsageError(
+            f"no account {name!r} (python -m ccproxy keys create --account creates one)"
+        )
     return account
 
 
@@ -254,8 +283,13 @@ def _report_json(report: RunReport) -> dict[str, Any]:
         "pending_at_start": [as_dict(b) for b in report.pending],
         "planned": [as_dict(b) for b in report.plan.batches],
         "skipped": [
-            {"account_id": s.account_id, "account": s.account_name, "reason": s.reason,
-             "hours": s.hours, "tokens_after": s.tokens_after}
+            {
+                "account_id": s.account_id,
+                "account": s.account_name,
+                "reason": s.reason,
+                "hours": s.hours,
+                "tokens_after": s.tokens_after,
+            }
             for s in report.plan.skipped
         ],
         "outcomes": [
@@ -269,10 +303,17 @@ def _report_json(report: RunReport) -> dict[str, Any]:
 
 _REASONS = {
     "no-customer": "no Stripe customer (python -m billing customers set)",
-    "unknown-account": "usage for an account id that is not in ccproxy_accounts",
+    "unknown-account": "the account id is not in ccproxy_accounts",
     "under-one-cent": "less than one cent so far; billed when it adds up",
     "pending-batch": "an earlier batch is still pending; billed after it goes through",
 }
+
+
+def _period(batch: Batch) -> str:
+    hours = int((batch.period_end - batch.period_start).total_seconds() // 3600)
+    if hours == 1:
+        return f"hour {hour_label(batch.period_start)}"
+    return f"{hour_label(batch.period_start)} to {hour_label(batch.period_end)}"
 
 
 def _report_text(report: RunReport, config: RunConfig) -> str:
@@ -293,18 +334,16 @@ def _report_text(report: RunReport, config: RunConfig) -> str:
         else:
             estimate = amount_minor(b.quantity, config.price_per_million)
             money = f"~{format_minor(estimate, b.currency)} (Stripe prices it)"
+        name = report.account_names.get(b.account_id, b.account_id)
         out.append(
-            f"  {status:10} {b.account_id}  {b.stripe_customer_id}  "
-            f"{hour_label(b.period_start)}..{hour_label(b.period_end)}  "
+            f"  {status:10} {name} ({b.stripe_customer_id})  {_period(b)}  "
             f"{b.quantity:,} tokens  {money}"
             + (f"  error: {outcome.error}" if outcome and outcome.error else "")
         )
     for s in report.plan.skipped:
         who = s.account_name or s.account_id
-        out.append(
-            f"  skipped    {who} ({s.account_id}): {_REASONS[s.reason]}: "
-            f"{s.hours} hour(s), {s.tokens_after:,} tokens"
-        )
+        tokens = f"{s.hours} hour(s), {s.tokens_after:,} tokens"
+        out.append(f"  skipped    {who}: {tokens}: {_REASONS[s.reason]}")
     counts: dict[str, int] = {}
     for o in report.outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1

@@ -163,9 +163,7 @@ def create_customer(
     }
     if email:
         params["email"] = email
-    customer = client.send(
-        post_request("/v1/customers", params, f"ccproxy-customer-{account.id}")
-    )
+    customer = client.send(post_request("/v1/customers", params, f"ccproxy-customer-{account.id}"))
     customer_id = str(customer["id"])
     ledger.set_customer(account.name, customer_id)
     return customer_id

@@ -336,4 +336,3 @@ def as_dict(batch: Batch) -> dict[str, Any]:
         "stripe_object_id": batch.stripe_object_id,
         "stripe_invoice_id": batch.stripe_invoice_id,
     }
-

@@ -114,9 +114,19 @@ class BillingLedger:
         )
         b = batch
         batch_row = (
-            b.batch_id, b.mode, b.account_id, b.stripe_customer_id, ts(b.period_start),
-            ts(b.period_end), b.quantity, b.amount_minor, b.currency, b.meter_event_name,
-            b.stripe_object_id, b.stripe_invoice_id, self._now(),
+            b.batch_id,
+            b.mode,
+            b.account_id,
+            b.stripe_customer_id,
+            ts(b.period_start),
+            ts(b.period_end),
+            b.quantity,
+            b.amount_minor,
+            b.currency,
+            b.meter_event_name,
+            b.stripe_object_id,
+            b.stripe_invoice_id,
+            self._now(),
         )
 
         def transaction(conn: Any) -> None:
@@ -133,7 +143,10 @@ class BillingLedger:
         return True
 
     def record(
-        self, batch_id: str, *, stripe_object_id: str | None = None,
+        self,
+        batch_id: str,
+        *,
+        stripe_object_id: str | None = None,
         stripe_invoice_id: str | None = None,
     ) -> None:
         """Remember a Stripe object as soon as it exists, so a resumed run does not create it
@@ -199,11 +212,19 @@ class BillingLedger:
         return [
             BatchRecord(
                 Batch(
-                    batch_id=r[0], mode=r[1], account_id=r[2], stripe_customer_id=r[3],
-                    period_start=dt(r[4]), period_end=dt(r[5]), quantity=int(r[6]),
-                    amount_minor=None if r[7] is None else int(r[7]), currency=r[8],
-                    meter_event_name=r[9], lines=lines.get(r[0], ()),
-                    stripe_object_id=r[10], stripe_invoice_id=r[11],
+                    batch_id=r[0],
+                    mode=r[1],
+                    account_id=r[2],
+                    stripe_customer_id=r[3],
+                    period_start=dt(r[4]),
+                    period_end=dt(r[5]),
+                    quantity=int(r[6]),
+                    amount_minor=None if r[7] is None else int(r[7]),
+                    currency=r[8],
+                    meter_event_name=r[9],
+                    lines=lines.get(r[0], ()),
+                    stripe_object_id=r[10],
+                    stripe_invoice_id=r[11],
                 ),
                 state=r[12],
                 last_error=r[13],
@@ -229,4 +250,3 @@ class BillingLedger:
             for r in rows:
                 found.setdefault(r[0], []).append(Line(self._store._dt(r[1]), int(r[2]), int(r[3])))
         return {k: tuple(v) for k, v in found.items()}
-

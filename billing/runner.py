@@ -76,6 +76,7 @@ class RunReport:
     pending: tuple[Batch, ...]
     outcomes: list[Outcome] = field(default_factory=list)
     aborted: str | None = None
+    account_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -116,7 +117,9 @@ def run(
                 return report
         pending = tuple(ledger.pending())
     busy = frozenset(b.account_id for b in pending if b.mode == "invoice-items")
-    report.plan = plan(ledger.unbilled(start, end), ledger.accounts(), config.plan_config(), busy)
+    accounts = ledger.accounts()
+    report.account_names = {a.id: a.name for a in accounts.values()}
+    report.plan = plan(ledger.unbilled(start, end), accounts, config.plan_config(), busy)
     if dry_run:
         return report
     assert client is not None
@@ -134,17 +137,18 @@ def _deliver(
     client: StripeClient, ledger: BillingLedger, batch: Batch, report: RunReport, *, resumed: bool
 ) -> bool:
     """Send one batch and book the outcome. False: stop the run (Stripe refused the key)."""
-    created: list[str] = []
+    # Ids of Stripe objects this batch has, beyond those the ledger held when it started.
+    in_stripe: list[str] = []
     try:
         if batch.mode == "meters":
             _send_meter_event(client, ledger, batch)
         else:
-            _send_invoice(client, ledger, batch, created)
+            _send_invoice(client, ledger, batch, in_stripe, resumed)
     except StripeError as exc:
         error = str(exc)
         log.error("batch %s (account %s): %s", batch.batch_id, batch.account_id, error)
-        nothing_created = not created and batch.stripe_object_id is None
-        if exc.refused and nothing_created:
+        nothing_in_stripe = not in_stripe and batch.stripe_object_id is None
+        if exc.refused and nothing_in_stripe:
             ledger.reject(batch.batch_id, error)
             report.outcomes.append(Outcome(batch, "rejected", resumed, error))
         else:
@@ -170,19 +174,31 @@ def _send_meter_event(client: StripeClient, ledger: BillingLedger, batch: Batch)
 
 
 def _send_invoice(
-    client: StripeClient, ledger: BillingLedger, batch: Batch, created: list[str]
+    client: StripeClient,
+    ledger: BillingLedger,
+    batch: Batch,
+    in_stripe: list[str],
+    resumed: bool,
 ) -> None:
     """Invoice item, then an invoice that takes it in, then finalize; each Stripe id is written
-    to the ledger before the next call, so a resumed run picks up at the step that is missing."""
+    to the ledger before the next call, so a resumed run picks up at the step that is missing.
+    A resumed batch first looks for the object in Stripe (by the batch id in its metadata): a
+    crash may have come after Stripe created it and after the idempotency key expired."""
     item_id = batch.stripe_object_id
+    if item_id is None and resumed:
+        item_id = _find(client, "/v1/invoiceitems", batch)
     if item_id is None:
         item_id = str(client.send(invoice_item_request(batch))["id"])
-        created.append(item_id)
+    if batch.stripe_object_id is None:
+        in_stripe.append(item_id)
         ledger.record(batch.batch_id, stripe_object_id=item_id)
     invoice_id = batch.stripe_invoice_id
+    if invoice_id is None and resumed:
+        invoice_id = _find(client, "/v1/invoices", batch)
     if invoice_id is None:
         invoice_id = str(client.send(invoice_request(batch))["id"])
-        created.append(invoice_id)
+    if batch.stripe_invoice_id is None:
+        in_stripe.append(invoice_id)
         ledger.record(batch.batch_id, stripe_invoice_id=invoice_id)
     try:
         client.send(finalize_request(batch, invoice_id))
@@ -191,6 +207,15 @@ def _send_invoice(
         if not _finalized(client, invoice_id):
             raise
     ledger.mark_sent(batch.batch_id)
+
+
+def _find(client: StripeClient, path: str, batch: Batch) -> str | None:
+    """The id of the customer's most recent object (of 100) made for this batch, if any."""
+    page = client.get(path, {"customer": batch.stripe_customer_id, "limit": 100})
+    for obj in page.get("data") or []:
+        if (obj.get("metadata") or {}).get("ccproxy_batch_id") == batch.batch_id:
+            return str(obj["id"])
+    return None
 
 
 def _finalized(client: StripeClient, invoice_id: str) -> bool:

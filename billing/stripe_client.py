@@ -177,7 +177,7 @@ class StripeClient:
                     form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
                     response = self._http.post(path, content=_form(pairs), headers=form)
                 else:
-                    response = self._http.get(path, params=pairs, headers=headers)
+                    response = self._http.get(path, params=tuple(pairs), headers=headers)
             except httpx.TransportError as exc:
                 error = StripeError(f"{type(exc).__name__}: {exc}")
                 retry, delay = True, None
@@ -193,20 +193,25 @@ class StripeClient:
             attempt += 1
             log.warning(
                 "%s %s failed (%s); retry %d of %d in %.1fs",
-                method, path, error, attempt, self.max_retries, wait,
+                method,
+                path,
+                error,
+                attempt,
+                self.max_retries,
+                wait,
             )
             self._sleep(wait)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self._retry_after_cap_s)
-        backoff = min(self._backoff_cap_s, self._backoff_base_s * 2**attempt)
+        backoff = min(self._backoff_cap_s, self._backoff_base_s * 2.0**attempt)
         # Jitter spreads retries of parallel jobs; half the delay stays fixed.
         return backoff * (0.5 + random.random() / 2)
 
 
 def _form(pairs: list[tuple[str, str]]) -> bytes:
-    return str(httpx.QueryParams(pairs)).encode()
+    return str(httpx.QueryParams(tuple(pairs))).encode()
 
 
 def _retry_decision(response: httpx.Response) -> tuple[bool, float | None]:

@@ -244,6 +244,10 @@ class Settings(BaseSettings):
         description="BentoML's per-request timeout for every service, in seconds.",
     )
 
+    def __hash__(self) -> int:
+        # Frozen settings key caches (lru_cache); the default hash fails on the dict field.
+        return hash(self.model_dump_json())
+
     @field_validator("upstream_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:

@@ -134,6 +134,16 @@ def test_postgres_stopped_mid_burst_every_event_arrives_exactly_once(
         assert after == hourly_after == sum(int(h["x-tokens-after"]) for h in burst.answered)
 
 
+def _sqlite_gateway_env(upstream_url: str, compressor_url: str, data_dir: Path) -> dict[str, str]:
+    """The SQLite default store; the flusher waits an hour, so only the outbox holds events."""
+    return {
+        "CCPROXY_UPSTREAM_URL": upstream_url,
+        "CCPROXY_COMPRESSOR_URL": compressor_url,
+        "CCPROXY_DATA_DIR": str(data_dir),
+        "CCPROXY_USAGE_FLUSH_INTERVAL_S": "3600",
+    }
+
+
 def test_gateway_killed_mid_burst_loses_no_acknowledged_event(
     llama_upstream: str, remote_compressor: str, logs_dir: Path, tmp_path: Path
 ) -> None:
@@ -141,12 +151,7 @@ def test_gateway_killed_mid_burst_loses_no_acknowledged_event(
     so every event it acknowledged must come back from its outbox after the SIGKILL."""
     data_dir = tmp_path / "data"
     key = create_key({"CCPROXY_DATA_DIR": str(data_dir)}, "killed")
-    env = {
-        "CCPROXY_UPSTREAM_URL": llama_upstream,
-        "CCPROXY_COMPRESSOR_URL": remote_compressor,
-        "CCPROXY_DATA_DIR": str(data_dir),
-        "CCPROXY_USAGE_FLUSH_INTERVAL_S": "3600",
-    }
+    env = _sqlite_gateway_env(llama_upstream, remote_compressor, data_dir)
     headers = {"x-api-key": key, "authorization": f"Bearer {UPSTREAM_KEY}"}
     concurrency = 4
     port = free_port()
@@ -182,12 +187,7 @@ def test_a_graceful_stop_flushes_what_is_buffered(
 ) -> None:
     data_dir = tmp_path / "data"
     key = create_key({"CCPROXY_DATA_DIR": str(data_dir)}, "graceful")
-    env = {
-        "CCPROXY_UPSTREAM_URL": llama_upstream,
-        "CCPROXY_COMPRESSOR_URL": remote_compressor,
-        "CCPROXY_DATA_DIR": str(data_dir),
-        "CCPROXY_USAGE_FLUSH_INTERVAL_S": "3600",  # only the shutdown flush can deliver them
-    }
+    env = _sqlite_gateway_env(llama_upstream, remote_compressor, data_dir)  # only the shutdown flush delivers
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with running(bentoml_serve(port), probe_url=f"{base}/livez", log=logs_dir / "graceful.log", env=env):

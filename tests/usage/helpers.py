@@ -11,7 +11,14 @@ from typing import Any
 
 from ccproxy.usage.events import UsageEvent, new_event_id
 
-TABLES = ("ccproxy_usage_events", "ccproxy_usage_hourly", "ccproxy_api_keys", "ccproxy_accounts")
+TABLES = (
+    "ccproxy_usage_events",
+    "ccproxy_usage_hourly",
+    "ccproxy_api_keys",
+    "ccproxy_accounts",
+    "ccproxy_billing_batches",
+    "ccproxy_billing_ledger",
+)
 Query = Callable[[str], list[tuple[Any, ...]]]
 BASE = datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc)
 
