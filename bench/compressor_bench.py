@@ -6,8 +6,13 @@ document; the product's policy (``ccproxy.compression.policy``) then keeps the b
 fit the budget, so methods differ only in their scores. Budgets: 10/20/30 % of the document
 tokens, and at 200 documents an absolute 4,000-token budget for the whole prompt.
 
+Besides the baselines, the product's dense options (``ccproxy.compression.fused``): QR heads and
+the MiniLM encoder fused, the encoder as a pre-filter, or both. Every document's score goes into
+the per-item JSON, so ``--sweep`` can recompute fusions with other weights without rescoring.
+
     .venv/bin/python -m bench.compressor_bench                      # the full run
     .venv/bin/python -m bench.compressor_bench --sizes 20 --distractors hard --n-items 50
+    .venv/bin/python -m bench.compressor_bench --sweep bench/results/compressor_items.json
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.nq import Item, contains_answer, hard_distractor_items, load_records, random_distractor_items
+from ccproxy.compression.fusion import FUSION_METHODS
 from ccproxy.compression.policy import allowance, select
+from ccproxy.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("qrhead", "icr", "bm25", "minilm", "recent", "random")
+FUSION = "qrhead+minilm"  # the product's FusedScorer, mode "fusion"
+PREFILTER = "minilm>qrhead"  # mode "prefilter"
+BOTH = "minilm>qrhead+minilm"  # mode "both": pre-filter, then fusion on what it kept
+METHODS = ("qrhead", "icr", "bm25", "minilm", "dense", FUSION, PREFILTER, BOTH, "recent", "random")
 RATIOS = (0.1, 0.2, 0.3)
 ABSOLUTE_BUDGET = 4000
 SEPARATOR = "\n\n"
@@ -47,7 +57,53 @@ Scorer = Callable[[Item], list[float]]
 # --- methods: name -> one score per document --------------------------------------------------
 
 
-def _qr_scorer(heads_from_file: bool) -> Scorer:
+class Charged:
+    """Memoises a scorer per (query, units) and books the seconds each result took.
+
+    The combined methods run the product's ``FusedScorer`` on top of the same QR-head and encoder
+    passes as the ``qrhead`` and ``dense`` rows: a pass is computed once per item, and every method
+    that uses it is charged its full time, as if it had run it alone.
+    """
+
+    def __init__(self, scorer: Any, call: str) -> None:
+        self._call = getattr(scorer, call)
+        self.tokenizer = getattr(scorer, "tokenizer", None)
+        self._cache: dict[tuple[str, tuple[str, ...]], tuple[list[float], float]] = {}
+        self.charged = 0.0  # seconds booked to whoever asked
+        self.spent = 0.0  # seconds actually computed
+
+    def _get(self, query: str, units: Sequence[str]) -> list[float]:
+        key = (query, tuple(units))
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            scores = list(self._call(query, list(units)))
+            seconds = time.perf_counter() - t0
+            self._cache[key] = (scores, seconds)
+            self.spent += seconds
+        scores, seconds = self._cache[key]
+        self.charged += seconds
+        return list(scores)
+
+    score = scores = _get
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+
+@dataclass
+class Options:
+    seed: int
+    fusion_method: str
+    fusion_weight: float
+    prefilter_tokens: int
+    shared: dict[str, Charged] = field(default_factory=dict)
+
+    @property
+    def charged(self) -> list[Charged]:
+        return list(self.shared.values())
+
+
+def _qr_scorer(heads_from_file: bool) -> Any:
     from ccproxy.compression.heads import head_set_path, load_head_set
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
@@ -59,8 +115,40 @@ def _qr_scorer(heads_from_file: bool) -> Scorer:
         if heads is None:
             # Without the file the scorer would fall back to ICR's heads: that is not "qrhead".
             raise SystemExit(f"no shipped head set at {head_set_path(loaded.name)}; run training/detect_heads.py")
-    scorer = QRHeadScorer(loaded.model, loaded.tokenizer, heads)
-    return lambda item: scorer.score(item.question, item.document_texts())
+    return QRHeadScorer(loaded.model, loaded.tokenizer, heads)
+
+
+def dense_dtype() -> Any:
+    """The product's choice for the encoder (``scoring.fused_scorer``): the CPU's fast dtype."""
+    from ccproxy.compression.model import default_dtype
+
+    return default_dtype("cpu")
+
+
+def _shared(name: str, options: Options) -> Charged:
+    """The QR-head and encoder passes that several methods share."""
+    if name not in options.shared:
+        if name == "qrhead":
+            options.shared[name] = Charged(_qr_scorer(heads_from_file=True), "score")
+        else:
+            from ccproxy.compression.dense import load_dense_encoder
+
+            options.shared[name] = Charged(load_dense_encoder(dense_dtype()), "scores")
+    return options.shared[name]
+
+
+def _fused(mode: str, options: Options) -> Scorer:
+    from ccproxy.compression.fused import FusedScorer
+
+    fused = FusedScorer(
+        _shared("qrhead", options),
+        _shared("dense", options),
+        mode,  # type: ignore[arg-type]
+        method=options.fusion_method,  # type: ignore[arg-type]
+        weight=options.fusion_weight,
+        prefilter_tokens=options.prefilter_tokens,
+    )
+    return lambda item: fused.score(item.question, item.document_texts())
 
 
 def _bm25() -> Scorer:
@@ -70,10 +158,16 @@ def _bm25() -> Scorer:
 
 
 def _minilm() -> Scorer:
+    # The reference, as sentence-transformers runs it: float32, documents cut at 256 tokens.
     from bench.retrievers import minilm
 
     encoder = minilm()
-    return lambda item: encoder.scores(item.question, item.document_texts()).tolist()
+
+    def score(item: Item) -> list[float]:
+        vectors = encoder.encode([item.question, *item.document_texts()])
+        return (vectors[1:] @ vectors[0]).tolist()
+
+    return score
 
 
 def _recent() -> Scorer:
@@ -89,14 +183,29 @@ def _random(seed: int) -> Scorer:
     return score
 
 
-def make_scorer(name: str, seed: int) -> Scorer:
+def make_scorer(name: str, options: Options) -> Scorer:
+    def icr() -> Scorer:
+        scorer = _qr_scorer(heads_from_file=False)
+        return lambda item: scorer.score(item.question, item.document_texts())
+
+    def shared(key: str) -> Callable[[], Scorer]:
+        def make() -> Scorer:
+            charged = _shared(key, options)
+            return lambda item: charged.score(item.question, item.document_texts())
+
+        return make
+
     factories: dict[str, Callable[[], Scorer]] = {
-        "qrhead": lambda: _qr_scorer(heads_from_file=True),
-        "icr": lambda: _qr_scorer(heads_from_file=False),
+        "qrhead": shared("qrhead"),
+        "icr": icr,
         "bm25": _bm25,
         "minilm": _minilm,
+        "dense": shared("dense"),
+        FUSION: lambda: _fused("fusion", options),
+        PREFILTER: lambda: _fused("prefilter", options),
+        BOTH: lambda: _fused("both", options),
         "recent": _recent,
-        "random": lambda: _random(seed),
+        "random": lambda: _random(options.seed),
     }
     return factories[name]()
 
@@ -208,8 +317,8 @@ class Setting:
         return f"{self.n_documents} documents, {self.distractors} distractors"
 
 
-def build_items(setting: Setting, seed: int, counter: TokenCounter) -> list[Prepared]:
-    records = load_records("eval")
+def build_items(setting: Setting, seed: int, counter: TokenCounter, split: str = "eval") -> list[Prepared]:
+    records = load_records(split)  # type: ignore[arg-type]
     builder = hard_distractor_items if setting.distractors == "hard" else random_distractor_items
     return [prepare(item, counter) for item in builder(records, setting.n_documents, n_items=setting.n_items, seed=seed)]
 
@@ -218,7 +327,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_setting(scorers: dict[str, Scorer], setting: Setting, counter: TokenCounter) -> list[dict[str, Any]]:
+def _booked(charged: Sequence[Charged]) -> float:
+    return sum(c.charged - c.spent for c in charged)
+
+
+def run_setting(scorers: dict[str, Scorer], setting: Setting, counter: TokenCounter,
+                charged: Sequence[Charged] = ()) -> list[dict[str, Any]]:
     # The first call pays for lazy initialisation (kernels, caches); keep it out of the timings.
     first = setting.items[0].item
     for scorer in scorers.values():
@@ -226,11 +340,14 @@ def run_setting(scorers: dict[str, Scorer], setting: Setting, counter: TokenCoun
     rows = []
     started = time.perf_counter()
     for number, prepared in enumerate(setting.items, 1):
+        for shared in charged:
+            shared.forget()
         # Item-major: every method sees the machine in the same state, whatever else runs on it.
         for name, scorer in scorers.items():
-            t0 = time.perf_counter()
+            # Wall time, less what shared passes computed, plus what they booked to this method.
+            t0, booked = time.perf_counter(), _booked(charged)
             scores = scorer(prepared.item)
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0 + _booked(charged) - booked
             if len(scores) != len(prepared.documents):
                 raise RuntimeError(f"{name} gave {len(scores)} scores for {len(prepared.documents)} documents")
             rows.append(
@@ -244,6 +361,9 @@ def run_setting(scorers: dict[str, Scorer], setting: Setting, counter: TokenCoun
                     "prompt_tokens": prepared.prompt_tokens,
                     "seconds": seconds,
                     **evaluate(prepared, scores, counter),
+                    # Enough to recompute rankings, fusions and budgets without rescoring.
+                    "scores": [float(f"{x:.7g}") for x in scores],
+                    "document_tokens": prepared.unit_tokens[1:-1],
                 }
             )
         if number % 10 == 0 or number == len(setting.items):
@@ -321,7 +441,8 @@ def cpu_name() -> str:
 
 
 def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: Sequence[str],
-           wall_seconds: float, load: tuple[float, float], heads: Sequence[Sequence[int]]) -> str:
+           wall_seconds: float, load: tuple[float, float], heads: Sequence[Sequence[int]], options: Options,
+           split: str = "eval") -> str:
     import torch
 
     from ccproxy.compression.qrhead import middle_layers
@@ -341,7 +462,20 @@ def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, A
         "document with its separator. Kept rates are shares of items; budgets are shares of the document "
         "tokens, selected by `ccproxy.compression.policy`; \"@4k\" is an absolute budget of 4,000 tokens for "
         "the whole prompt, measured by tokenising the compressed prompt.",
+        "",
+        f"`minilm`: all-MiniLM-L6-v2 as sentence-transformers runs it (float32, documents cut at 256 "
+        f"tokens). `dense`: the same encoder as the product runs it (`ccproxy.compression.dense`: "
+        f"{str(dense_dtype()).removeprefix('torch.')} on this CPU, a longer document scores its best "
+        f"256-token piece). "
+        f"The combined methods are the product's `FusedScorer` over the `qrhead` and `dense` passes (each "
+        f"charged the time of both): `{FUSION}` fuses the two scores ({options.fusion_method}, QR-head "
+        f"weight {options.fusion_weight:g}); `{PREFILTER}`: on contexts over {options.prefilter_tokens:,} "
+        f"tokens the encoder keeps its best {options.prefilter_tokens:,} tokens for the QR heads to "
+        f"rescore (shorter contexts: `qrhead`, plus the encoder's time); `{BOTH}` pre-filters the same "
+        f"way, then fuses (shorter contexts: `{FUSION}`).",
     ]
+    if split != "eval":
+        parts += ["", f"**Items from the {split} part of the NQ file: for choosing settings, not for reporting.**"]
     for setting in settings:
         mine = [r for r in rows if r["setting"] == setting.key]
         if not mine:
@@ -376,7 +510,7 @@ def plot(settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: S
                 if mine:
                     y = [_mean([r["budgets"][f"{b}%"][metric] for r in mine]) for b in x]
                     # Fixed style per method, so a method looks the same in every panel.
-                    axis.plot(x, y, marker="os^Dvx"[number % 6], color=f"C{number}", label=method)
+                    axis.plot(x, y, marker="os^Dvx*P<>"[number % 10], color=f"C{number % 10}", label=method)
             axis.set_title(f"{setting.title}\n({len(setting.items)} items)" if row == 0 else "", fontsize=10)
             axis.set_xticks(x)
             axis.set_xlabel("budget (% of document tokens)")
@@ -391,6 +525,44 @@ def plot(settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: S
     plt.close(figure)
 
 
+# --- fusion sweep from stored scores ----------------------------------------------------------
+
+
+def sweep(path: Path, weights: Sequence[float]) -> str:
+    """Gold kept per fusion method and QR-head weight, recomputed from the ``qrhead`` and ``dense``
+    scores a run stored, under the same policy and ratio budgets (no rescoring)."""
+    from ccproxy.compression.fusion import fuse
+
+    document = json.loads(path.read_text(encoding="utf-8"))
+    by_item: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for row in document["items"]:
+        by_item.setdefault((row["setting"], row["line"]), {})[row["method"]] = row
+    labels = [f"{round(r * 100)}%" for r in RATIOS]
+    parts = [f"Fusion sweep over `{path.name}` (`{document['command']}`)"]
+    for setting in sorted({key[0] for key in by_item}):
+        pairs = [(m["qrhead"], m["dense"]) for (s, _), m in by_item.items() if s == setting and "qrhead" in m and "dense" in m]
+        if not pairs:
+            continue
+        header = ["method", "QR-head weight", *(f"gold kept {b}" for b in labels), "gold first"]
+        parts += ["", f"### {setting} ({len(pairs)} items)", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+        for method in FUSION_METHODS:
+            for weight in weights:
+                kept = {b: 0 for b in labels}
+                first = 0
+                for qr, dense in pairs:
+                    scores = fuse(qr["scores"], dense["scores"], method, weight)  # type: ignore[arg-type]
+                    tokens, gold = qr["document_tokens"], qr["gold_index"]
+                    free = [False] * len(tokens)
+                    for ratio, label in zip(RATIOS, labels):
+                        kept[label] += select(tokens, scores, free, allowance(tokens, free, ratio=ratio))[gold]
+                    first += all((scores[gold], gold) > (x, j) for j, x in enumerate(scores) if j != gold)
+                cells = [method, f"{weight:g}", *(f"{kept[b] / len(pairs):.3f}" for b in labels),
+                         f"{first / len(pairs):.3f}"]
+                parts.append("| " + " | ".join(cells) + " |")
+    return "\n".join(parts) + "\n"
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -402,10 +574,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--n-items", type=int, nargs="+", default=[200, 50, 10, 5],
         help="items per setting, in the order sizes x distractors (the last value repeats); "
         "default: 200 for 20 docs/hard, 50 for 20/random, 10 for 200/hard, 5 for 200/random "
-        "(about 20 min on 2 idle cores)",
+        "(about 40 min on 2 idle cores of an AMD EPYC; ICR and QR heads take most of it)",
     )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split", choices=["eval", "train"], default="eval",
+        help="NQ part the items come from; `train` only for choosing settings (never reported figures)",
+    )
+    defaults = Settings.model_fields
+    parser.add_argument("--fusion-method", choices=FUSION_METHODS, default=defaults["scoring_fusion_method"].default,
+                        help="for the combined methods (default: the product's, CCPROXY_SCORING_FUSION_METHOD)")
+    parser.add_argument("--fusion-weight", type=float, default=defaults["scoring_fusion_weight"].default,
+                        help="QR-head share in fusion (default: the product's)")
+    parser.add_argument("--prefilter-tokens", type=int, default=defaults["scoring_prefilter_tokens"].default,
+                        help="contexts over this size: tokens the pre-filter passes to the QR heads "
+                        "(default: the product's)")
+    parser.add_argument("--sweep", type=Path, metavar="JSON",
+                        help="score nothing: print gold kept per fusion method and weight, recomputed from "
+                        "the qrhead and dense scores stored in this results file")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compressor.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "compressor_items.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "compressor_kept_rate.png")
@@ -414,6 +601,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        print(sweep(args.sweep, [round(0.1 * k, 1) for k in range(11)]), end="")
+        return 0
     command = ".venv/bin/python -m bench.compressor_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     command = command.rstrip()
     pairs = [(n, kind) for n in args.sizes for kind in args.distractors]
@@ -425,17 +615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     counter = TokenCounter()
     for setting in settings:
         t0 = time.perf_counter()
-        setting.items = build_items(setting, args.seed, counter)
+        setting.items = build_items(setting, args.seed, counter, args.split)
         log(f"built {setting.key}: {len(setting.items)} items in {time.perf_counter() - t0:.0f} s")
     rows: list[dict[str, Any]] = []
     # Read with the scorers, so the report names the heads that were used even if the file changes.
     heads = shipped_heads()
-    scorers = {name: make_scorer(name, args.seed) for name in args.methods}
+    options = Options(args.seed, args.fusion_method, args.fusion_weight, args.prefilter_tokens)
+    scorers = {name: make_scorer(name, options) for name in args.methods}
     for setting in settings:
-        rows += run_setting(scorers, setting, counter)
-        _write_json(args.json, command, heads, rows)
+        rows += run_setting(scorers, setting, counter, options.charged)
+        _write_json(args.json, command, heads, rows, options)
     load = (load_at_start, os.getloadavg()[0])
-    text = report(command, settings, rows, args.methods, time.perf_counter() - started, load, heads)
+    text = report(command, settings, rows, args.methods, time.perf_counter() - started, load, heads, options,
+                  args.split)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
@@ -444,9 +636,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: Sequence[dict[str, Any]]) -> None:
+def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: Sequence[dict[str, Any]],
+                options: Options) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"command": command, "qrhead_heads": list(heads), "items": list(rows)}
+    document = {
+        "command": command,
+        "qrhead_heads": list(heads),
+        "dense_dtype": str(dense_dtype()).removeprefix("torch."),
+        "fusion": {"method": options.fusion_method, "weight": options.fusion_weight},
+        "prefilter_tokens": options.prefilter_tokens,
+        "items": list(rows),
+    }
     path.write_text(json.dumps(document, indent=1), encoding="utf-8")
 
 

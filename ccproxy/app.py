@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import traceback
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -20,8 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccproxy.auth import Authenticator, Principal
-from ccproxy.chat import ChatParts, complete_chat
+from ccproxy.chat import ChatParts, complete_chat, limit_key
 from ccproxy.compression.gateway import compress_response
+from ccproxy.limits import ConcurrencyLimitMiddleware, RateLimiter
+from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
 from ccproxy.protocol import ProxyError, error_body, parse_compress_request
 from ccproxy.settings import Settings
 from ccproxy.upstream import UpstreamReply
@@ -31,6 +34,15 @@ from ccproxy.usage.store import UsageStore
 logger = logging.getLogger("ccproxy")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The routes that do real work; the concurrency cap and the rate limits guard these.
+LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/compress"})
+
+
+def exception_summary(exc: BaseException) -> str:
+    """The exception's type and the frames it passed, without its message or source lines:
+    messages can quote request content (a key, a bit of a prompt), and logs must hold neither."""
+    frames = "".join(f"\n  {f.filename}:{f.lineno} in {f.name}" for f in traceback.extract_tb(exc.__traceback__))
+    return f"{type(exc).__module__}.{type(exc).__qualname__} (message withheld){frames}"
 
 
 class RequestContextMiddleware:
@@ -63,10 +75,12 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            logger.exception("unhandled error in request %s", request_id)
+        except Exception as exc:
+            logger.error("unhandled error in request %s: %s", request_id, exception_summary(exc))
             if response_started:
-                raise
+                # Re-raising would let the server log the exception, message and all; returning
+                # leaves the response unfinished, which the server ends by closing the connection.
+                return
             response = JSONResponse(
                 error_body(
                     "The server had an error while processing your request.", type="server_error"
@@ -112,15 +126,24 @@ def _state(request: Request, name: str) -> Any:
 
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="ccproxy", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
+    # Added first, so it runs inside the request-id middleware and its 503s carry the id too.
+    app.add_middleware(ConcurrencyLimitMiddleware, cap=settings.max_concurrent_requests, paths=LIMITED_PATHS)
     app.add_middleware(RequestContextMiddleware)
+    # One per worker process: BentoML imports the service (and so builds this app) in each.
+    limiter = RateLimiter(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute)
 
     async def principal_of(request: Request) -> Principal:
         gate: Authenticator = _state(request, "gate")
         return await gate.admit(request.headers)
 
+    async def admitted(request: Request) -> Principal:
+        principal = await principal_of(request)
+        limiter.admit_request(limit_key(principal))
+        return principal
+
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -129,16 +152,18 @@ def create_app(settings: Settings) -> FastAPI:
             error_body(str(exc.detail), code=code), status_code=exc.status_code
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_COMPLETIONS)
     async def chat_completions(request: Request) -> Response:
-        principal = await principal_of(request)
+        principal = await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
         request_id = request.scope.get("state", {}).get("request_id", "")
-        return await complete_chat(_state(request, "parts"), principal, request.headers, raw, request_id)
+        return await complete_chat(
+            _state(request, "parts"), principal, request.headers, raw, request_id, limiter=limiter
+        )
 
-    @app.post("/v1/compress")
+    @app.post("/v1/compress", openapi_extra=COMPRESS)
     async def compress(request: Request) -> JSONResponse:
-        await principal_of(request)
+        await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
         body, asked = parse_compress_request(raw)
         parts: ChatParts = _state(request, "parts")
@@ -163,7 +188,7 @@ def create_app(settings: Settings) -> FastAPI:
         parts: ChatParts = _state(request, "parts")
         return _reply_response(await parts.upstream.models(request.headers))
 
-    @app.get("/usage")
+    @app.get("/usage", openapi_extra=USAGE)
     async def usage(
         request: Request,
         start: str | None = Query(default=None, alias="from"),

@@ -10,6 +10,7 @@ they carry our counts; the usage event carries the upstream's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -22,9 +23,10 @@ from fastapi.responses import Response, StreamingResponse
 from ccproxy.auth import Principal
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.pipeline import Compression
+from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
 from ccproxy.metrics import ChatObserver, NoMetrics
-from ccproxy.protocol import ProxyError, compression_control, parse_chat_request, sse_event, sse_fields
+from ccproxy.protocol import ProxyError, compression_control, error_body, parse_chat_request, sse_event, sse_fields
 from ccproxy.tokens import PromptCounter
 from ccproxy.upstream import Upstream, UpstreamReply
 from ccproxy.usage.events import UsageEvent, new_event_id
@@ -58,6 +60,19 @@ def token_figures(counted_before: int, counted_after: int, upstream_prompt_token
     return TokenFigures(before=after + saved, after=after, saved=saved)
 
 
+def tokens_to_settle(counted_after: int, usage: UpstreamUsage | None) -> int:
+    """Tokens a finished request still owes its tokens-per-minute bucket: the completion, and
+    any prompt tokens the upstream reports beyond the count that was charged up front."""
+    if usage is None:
+        return 0
+    prompt_extra = max(0, (usage.prompt_tokens or 0) - counted_after)
+    return (usage.completion_tokens or 0) + prompt_extra
+
+
+def limit_key(principal: Principal) -> str:
+    return principal.key_id or principal.account_id
+
+
 @dataclass
 class ChatParts:
     """What a chat completion needs; the service wires the real ones in."""
@@ -87,6 +102,7 @@ class _Ledger:
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     usage: UpstreamUsage | None = None
     finished: bool = False
+    settle: Callable[[int], None] | None = None
 
     def figures(self) -> TokenFigures:
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
@@ -123,6 +139,8 @@ class _Ledger:
             event.tokens_before, event.tokens_saved, event.tokens_after,
         )
         log_request(self.request_id, event)
+        if self.settle is not None and status < 400:
+            self.settle(tokens_to_settle(self.counted_after, self.usage))
         return event
 
     async def finish(self, status: int) -> None:
@@ -162,23 +180,44 @@ async def _forward(parts: ChatParts, body: dict[str, Any], headers: Mapping[str,
     return reply
 
 
+def _count_prompt(counter: PromptCounter, body: dict[str, Any]) -> int:
+    """Our count, or 0 when the tokenizer cannot read the body (a chat template that rejects a
+    role, ``tools`` that are not a list…). Such a body is still forwarded: the upstream is the
+    judge of what it accepts, and its ``usage`` then supplies the numbers."""
+    try:
+        return counter.count_prompt(body)
+    except Exception as exc:
+        logger.warning("token count failed (%s); counted as 0", type(exc).__name__)
+        return 0
+
+
 async def complete_chat(
-    parts: ChatParts, principal: Principal, headers: Mapping[str, str], raw: bytes, request_id: str
+    parts: ChatParts,
+    principal: Principal,
+    headers: Mapping[str, str],
+    raw: bytes,
+    request_id: str,
+    limiter: RateLimiter | None = None,
 ) -> Response:
     started = time.perf_counter()
     original, chat = parse_chat_request(raw)
     counter = await asyncio.to_thread(parts.counter_for, chat.model)
     forwarded, compression, compression_ms = await _compressed(parts, original, headers, counter)
-    counted_before = await asyncio.to_thread(counter.count_prompt, original)
+    counted_before = await asyncio.to_thread(_count_prompt, counter, original)
     counted_after = (
-        await asyncio.to_thread(counter.count_prompt, forwarded)
+        await asyncio.to_thread(_count_prompt, counter, forwarded)
         if compression.outcome == "compressed"
         else counted_before
     )
+    settle = None
+    if limiter is not None:
+        key = limit_key(principal)
+        limiter.admit_tokens(key, counted_after)  # after compression: the tokens that are sent
+        settle = functools.partial(limiter.charge_tokens, key)
     stream = bool(chat.stream)
     ledger = _Ledger(
         parts, request_id, principal, chat.model, counter.name, stream, compression.outcome, compression_ms,
-        counted_before, counted_after, started,
+        counted_before, counted_after, started, settle=settle,
     )
     caller_asked = caller_asked_for_usage(forwarded)
     if stream:
@@ -235,5 +274,11 @@ async def _relay(events: AsyncIterator[bytes], ledger: _Ledger, caller_asked: bo
         logger.warning("upstream stream broke: %s", exc.code)
         ledger.finish_now(exc.status)
         yield sse_event(exc.body())
+    except Exception as exc:
+        # Our own fault while relaying; told the same way, and logged without the message,
+        # which could quote the event being relayed.
+        logger.error("relaying the stream failed: %s", type(exc).__name__)
+        ledger.finish_now(500)
+        yield sse_event(error_body("The server had an error while relaying the answer.", type="server_error"))
     finally:
         ledger.finish_now(CLIENT_CLOSED)  # no-op unless the caller went away mid-stream

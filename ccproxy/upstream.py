@@ -7,6 +7,7 @@ sees only ``UpstreamReply`` and ``ProxyError``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -89,12 +90,34 @@ def transport_error(exc: httpx.HTTPError) -> ProxyError:
     )
 
 
+# Errors raised while the connection is being opened: not one byte of the request has left,
+# so sending it again cannot make the upstream run (or bill) it twice. Anything later — a
+# read timeout, a reset — may come after the upstream started, and is never retried.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+_REDACTED = b"[redacted]"
+
+
+def connect_retry_delay(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based): long enough for a restarting upstream or a
+    load balancer to move on, short enough to stay well inside a caller's patience."""
+    return min(0.1 * 2**attempt, 1.0)
+
+
+def redact(data: bytes, secret: str | None) -> bytes:
+    """``data`` without ``secret``: an upstream that echoes the credentials it got (some do, in
+    their 401 bodies) must not hand the server's key to the caller."""
+    if not secret:
+        return data
+    return data.replace(secret.encode(), _REDACTED)
+
+
 class HttpUpstream:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
         assert settings.upstream_url is not None
         self._api_key = (
             settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         )
+        self._connect_retries = settings.upstream_connect_retries
         self._client = httpx.AsyncClient(
             base_url=settings.upstream_url + "/",
             timeout=httpx.Timeout(
@@ -104,13 +127,27 @@ class HttpUpstream:
                 max_connections=settings.upstream_max_connections,
                 max_keepalive_connections=settings.upstream_max_connections,
             ),
+            transport=transport,  # tests inject httpx.MockTransport; None is the real network
         )
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        try:
-            return await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc) from exc
+        attempt = 0
+        while True:
+            try:
+                return await self._client.send(request, stream=True)
+            except _NOT_SENT as exc:
+                if attempt >= self._connect_retries:
+                    raise transport_error(exc) from exc
+                await asyncio.sleep(connect_retry_delay(attempt))
+                attempt += 1
+            except httpx.HTTPError as exc:
+                raise transport_error(exc) from exc
+
+    def _relayed(self, headers: Mapping[str, str]) -> dict[str, str]:
+        kept = relayed_headers(headers)
+        if self._api_key is None:
+            return kept
+        return {name: value.replace(self._api_key, _REDACTED.decode()) for name, value in kept.items()}
 
     async def _whole(self, response: httpx.Response) -> UpstreamReply:
         try:
@@ -119,9 +156,11 @@ class HttpUpstream:
             raise transport_error(exc) from exc
         finally:
             await response.aclose()
+        if response.status_code >= 400:
+            body = redact(body, self._api_key)
         return UpstreamReply(
             status=response.status_code,
-            headers=relayed_headers(response.headers),
+            headers=self._relayed(response.headers),
             media_type=response.headers.get("content-type", "application/json"),
             body=body,
         )
@@ -144,7 +183,7 @@ class HttpUpstream:
             return await self._whole(response)
         return UpstreamReply(
             status=200,
-            headers=relayed_headers(response.headers),
+            headers=self._relayed(response.headers),
             media_type="text/event-stream",
             events=_sse_events(response),
         )

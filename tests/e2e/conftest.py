@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,29 @@ def rag_item() -> Item:
 @pytest.fixture(scope="session")
 def rag_messages(rag_item: Item) -> list[dict]:
     return rag_item.messages()
+
+
+# --- reliability (issue 9): a misbehaving upstream and a gateway in front of it -------------
+
+FAULT_UPSTREAM_KEY = "sk-fault-upstream-9c1e7a4b2d"
+
+
+@pytest.fixture(scope="session")
+def fault_upstream(logs_dir: Path) -> Iterator[str]:
+    """tests/e2e/fault_upstream.py: the request's model picks the fault."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    command = [sys.executable, "-m", "tests.e2e.fault_upstream", "--port", str(port)]
+    with running(command, probe_url=f"{base}/models", log=logs_dir / "fault-upstream.log"):
+        yield base
+
+
+@pytest.fixture(scope="session")
+def faults_gateway(fault_upstream: str, remote_compressor: str, database_url: str, logs_dir: Path) -> Iterator[str]:
+    """Holds the upstream key, waits 2 s for the upstream, takes bodies up to 2 MiB."""
+    yield from _gateway_to(
+        fault_upstream, remote_compressor, database_url, logs_dir, "faults",
+        CCPROXY_UPSTREAM_API_KEY=FAULT_UPSTREAM_KEY,
+        CCPROXY_UPSTREAM_READ_TIMEOUT_S="2",
+        CCPROXY_MAX_BODY_BYTES=str(2 * 1024 * 1024),
+    )

@@ -1,0 +1,96 @@
+"""QR heads with a dense encoder in front (pre-filter) or beside them (score fusion).
+
+* ``fusion``: both score every unit; ``fusion.fuse`` mixes the two lists. On hard distractors
+  (passages that share the question's words and topic) the QR heads of a small model lose gold
+  passages that a sentence encoder keeps; the mix keeps those, and the heads still weigh in on
+  text the encoder was not trained for (docs/BENCHMARKS.md).
+* ``prefilter``: on a context longer than ``prefilter_tokens`` the dense encoder (several times
+  cheaper per token) picks the units worth the QR-head pass, up to ``prefilter_tokens``; the rest
+  rank below them in dense order. A shorter context goes to the QR heads whole.
+* ``both``: the pre-filter, then fusion on the units it kept.
+
+Same interface as ``QRHeadScorer``: ``score(query, units)``, ``score_batch(requests)`` and the
+``tokenizer`` the in-process compressor counts with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+from ccproxy.compression.fusion import FusionMethod, fuse, merge_prefiltered, prefilter
+
+DenseMode = Literal["fusion", "prefilter", "both"]
+
+
+class UnitScorer(Protocol):  # QRHeadScorer
+    tokenizer: Any
+
+    def score(self, query: str, units: Sequence[str]) -> list[float]: ...
+
+
+class SimilarityScorer(Protocol):  # DenseEncoder
+    def scores(self, query: str, units: Sequence[str]) -> list[float]: ...
+
+
+class FusedScorer:
+    def __init__(
+        self,
+        qr: UnitScorer,
+        dense: SimilarityScorer,
+        mode: DenseMode,
+        *,
+        method: FusionMethod = "zscore",
+        weight: float = 0.5,
+        prefilter_tokens: int = 8000,
+    ) -> None:
+        if mode not in ("fusion", "prefilter", "both"):
+            raise ValueError(f"unknown mode {mode!r}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight must be between 0 and 1, got {weight}")
+        if prefilter_tokens < 1:
+            raise ValueError(f"prefilter_tokens must be >= 1, got {prefilter_tokens}")
+        self.qr = qr
+        self.dense = dense
+        self.mode = mode
+        self.method: FusionMethod = method
+        self.weight = weight
+        self.prefilter_tokens = prefilter_tokens
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.qr.tokenizer
+
+    def score(self, query: str, units: Sequence[str]) -> list[float]:
+        """One relevance score per unit (higher = more relevant to the query)."""
+        if not units:
+            return []
+        return self.score_with_dense(query, units, self.dense.scores(query, units))
+
+    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        return [self.score(query, units) for query, units in requests]
+
+    def score_with_dense(self, query: str, units: Sequence[str], dense_scores: Sequence[float]) -> list[float]:
+        """The rest of ``score`` once the dense scores are known (the benchmark reuses its own)."""
+        if len(dense_scores) != len(units):
+            raise ValueError(f"{len(dense_scores)} dense scores for {len(units)} units")
+        kept = self.rescored_units(units, dense_scores)
+        qr_scores = self.qr.score(query, [units[i] for i in kept])
+        if self.mode in ("fusion", "both"):
+            qr_scores = fuse(qr_scores, [dense_scores[i] for i in kept], self.method, self.weight)
+        return merge_prefiltered(dense_scores, kept, qr_scores)
+
+    def rescored_units(self, units: Sequence[str], dense_scores: Sequence[float]) -> list[int]:
+        """Indices of the units the QR heads score: all, unless the pre-filter applies."""
+        everything = list(range(len(units)))
+        if self.mode == "fusion":
+            return everything
+        costs = self.unit_tokens(units)
+        if sum(costs) <= self.prefilter_tokens:
+            return everything
+        return prefilter(dense_scores, self.prefilter_tokens, costs)
+
+    def unit_tokens(self, units: Sequence[str]) -> list[int]:
+        """Unit lengths in the QR model's tokens: what its pass costs and what its window holds."""
+        texts = list(units)
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]

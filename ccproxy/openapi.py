@@ -1,0 +1,148 @@
+"""What ``/v1/openapi.json`` says about the routes that read raw bodies.
+
+The routes parse their bodies themselves (size limit first, lenient forwarding after), so
+FastAPI cannot see a body model; the request schemas are declared here from the same pydantic
+models that validate, and the responses list every status ccproxy can answer with. The schema
+is what the fuzz test (tests/e2e/test_fuzz.py) generates requests from and checks answers against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from ccproxy.protocol import ChatCompletionRequest, CompressRequest
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_ERRORS = {
+    400: "Invalid request: a body that is not JSON, wrong types, too deep; a bad query value.",
+    401: "Missing, unknown or revoked ccproxy API key.",
+    413: "The body is larger than CCPROXY_MAX_BODY_BYTES.",
+    429: "A per-key rate limit was reached (Retry-After says when to retry).",
+    502: "The upstream could not be reached.",
+    503: "Overloaded (Retry-After) or a dependency is unavailable.",
+    504: "The upstream did not answer in time.",
+}
+
+
+def inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` substituted in place (no recursive models here),
+    so it can sit inside an operation without registering components."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {
+        str(status): {
+            "description": _ERRORS[status],
+            "content": {"application/json": {"schema": ERROR_SCHEMA}},
+        }
+        for status in statuses
+    }
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": inlined_schema(model)}}}
+
+
+CHAT_COMPLETIONS: dict[str, Any] = {
+    "requestBody": _body(ChatCompletionRequest),
+    "responses": {
+        "200": {
+            "description": "The upstream's answer, relayed (JSON, or server-sent events when stream is true).",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                # One server-sent event (data: a chunk as JSON, [DONE], or an error object).
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    }
+                },
+            },
+        },
+        **_errors(400, 401, 413, 429, 502, 503, 504),
+        "default": {"description": "The upstream's own error status and body, relayed unchanged."},
+    },
+}
+
+COMPRESS: dict[str, Any] = {
+    "requestBody": _body(CompressRequest),
+    "responses": {
+        "200": {
+            "description": "The compressed messages and one report per unit.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["object", "outcome", "messages", "tokens_before", "tokens_after",
+                                     "tokens_saved", "units"],
+                        "properties": {
+                            "object": {"const": "ccproxy.compression"},
+                            "outcome": {"type": "string"},
+                            "messages": {"type": "array", "items": {"type": "object"}},
+                            "tokens_before": {"type": "integer", "minimum": 0},
+                            "tokens_after": {"type": "integer", "minimum": 0},
+                            "tokens_saved": {"type": "integer"},
+                            "units": {"type": "array", "items": {"type": "object"}},
+                        },
+                    }
+                }
+            },
+        },
+        **_errors(400, 401, 413, 429, 503),
+    },
+}
+
+USAGE: dict[str, Any] = {
+    "responses": {
+        "200": {
+            "description": "The calling key's account usage.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["object", "account", "from", "to", "granularity", "totals", "series"],
+                        "properties": {
+                            "object": {"const": "usage"},
+                            "totals": {"type": "object"},
+                            "series": {"type": "array", "items": {"type": "object"}},
+                        },
+                    }
+                }
+            },
+        },
+        **_errors(400, 401, 503),
+    },
+}

@@ -1,0 +1,1 @@
+"""Load scenarios for ccproxy (locust); ``shapes`` builds the requests without importing locust."""
