@@ -295,7 +295,7 @@ class Stack:
 
 
 @contextmanager
-def serving(logs: Path, data: Path) -> Iterator[Stack]:
+def serving(logs: Path, data: Path, database_url: str | None = None) -> Iterator[Stack]:
     upstream_port, compressor_port, gateway_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     compressor = f"http://127.0.0.1:{compressor_port}"
@@ -324,6 +324,7 @@ def serving(logs: Path, data: Path) -> Iterator[Stack]:
             "CCPROXY_COMPRESSOR_URL": compressor,
             "CCPROXY_COMPRESSOR_GPUS": "0",
             "CCPROXY_DATA_DIR": str(data),
+            **({"CCPROXY_DATABASE_URL": database_url} if database_url else {}),
         }
         api_key = create_key(env, "load")
         stack.enter_context(running(
@@ -481,11 +482,12 @@ def markdown(rows: list[Row], scenarios: list[Scenario], info: dict[str, str]) -
     return "\n".join(line for line in lines) + "\n"
 
 
-def write_section(section: str, path: Path) -> None:
+def write_section(section: str, path: Path, marks: tuple[str, str] = (START_MARK, END_MARK)) -> None:
+    start_mark, end_mark = marks
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if START_MARK in text and END_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
+    if start_mark in text and end_mark in text:
+        head, rest = text.split(start_mark, 1)
+        _, tail = rest.split(end_mark, 1)
         text = head + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section
