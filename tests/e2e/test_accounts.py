@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import httpx
 import openai
@@ -17,6 +16,7 @@ import pytest
 from tests.e2e.chat_corpus import varied_chats
 from tests.e2e.conftest import UPSTREAM_KEY
 from tests.e2e.servers import ccproxy_cli, create_key
+from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e
 
@@ -26,25 +26,6 @@ MODEL = "smollm2-upstream"
 def _chat(base: str, headers: dict[str, str], **body) -> httpx.Response:
     request = {"model": MODEL, "max_tokens": 1, "temperature": 0, **body}
     return httpx.post(f"{base}/v1/chat/completions", json=request, headers=headers, timeout=120)
-
-
-def _account_events(database_url: str, account: str) -> list[dict]:
-    with psycopg.connect(database_url) as db, db.cursor(row_factory=psycopg.rows.dict_row) as cursor:
-        cursor.execute(
-            "SELECT e.* FROM ccproxy_usage_events e JOIN ccproxy_accounts a ON a.id = e.account_id"
-            " WHERE a.name = %s ORDER BY e.created_at",
-            (account,),
-        )
-        return cursor.fetchall()
-
-
-def _wait_for_events(database_url: str, account: str, count: int, timeout_s: float = 60) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        events = _account_events(database_url, account)
-        if len(events) >= count or time.monotonic() > deadline:
-            return events
-        time.sleep(0.3)
 
 
 def test_keys_are_created_listed_revoked_and_only_hashed(
@@ -138,7 +119,7 @@ def test_usage_rows_and_the_usage_endpoint_add_up(
         before, after, saved = (int(response.headers[f"x-tokens-{k}"]) for k in ("before", "after", "saved"))
         assert before - after == saved >= 0
 
-    events = _wait_for_events(database_url, account, 4)
+    events = wait_for_events(database_url, account, 4, timeout_s=60)
     assert len(events) == 4
     whole_answers = sorted(int(r.headers["x-tokens-after"]) for r in responses)
     assert sorted(e["tokens_after"] for e in events if not e["stream"]) == whole_answers
