@@ -82,6 +82,16 @@ async def _part(send: Send, data: bytes) -> None:
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
+async def _begin_answer(send: Send, model: str, stream: bool) -> None:
+    """A 200 whose body has started and not ended: the first chunk, or the head of the JSON."""
+    if stream:
+        await _start(send, 200, b"text/event-stream")
+        await _part(send, _chunk(model, {"role": "assistant", "content": "Hel"}))
+    else:
+        await _start(send, 200, b"application/json")
+        await _part(send, b'{"id": "chatcmpl-fault", "choices": [')
+
+
 def _reset(receive: Receive) -> None:
     """Close the client's connection with a TCP RST. uvicorn passes its cycle's bound ``receive``
     to the app, and the cycle holds the transport; SO_LINGER 0 turns close into a reset."""
@@ -140,12 +150,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if model == "fault-hang-headers":
         await asyncio.sleep(HANG_S)
     elif model == "fault-hang-mid-stream":
-        if stream:
-            await _start(send, 200, b"text/event-stream")
-            await _part(send, _chunk(model, {"role": "assistant", "content": "Hel"}))
-        else:
-            await _start(send, 200, b"application/json")
-            await _part(send, b'{"id": "chatcmpl-fault", "choices": [')
+        await _begin_answer(send, model, stream)
         await asyncio.sleep(HANG_S)
     elif model == "fault-429":
         await _whole(send, 429, _error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
@@ -157,12 +162,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     elif model == "fault-reset-headers":
         _reset(receive)
     elif model == "fault-reset-mid-stream":
-        if stream:
-            await _start(send, 200, b"text/event-stream")
-            await _part(send, _chunk(model, {"role": "assistant", "content": "Hel"}))
-        else:
-            await _start(send, 200, b"application/json")
-            await _part(send, b'{"id": "chatcmpl-fault", "choices": [')
+        await _begin_answer(send, model, stream)
         await asyncio.sleep(0.3)  # let the first bytes reach the gateway before the reset
         _reset(receive)
     elif model == "fault-invalid-json":

@@ -125,3 +125,27 @@ def test_a_ccproxy_bearer_key_never_reaches_the_upstream() -> None:
     assert upstream_request_headers({"authorization": "Bearer sk-x", "x-api-key": ours}, None) == {
         "authorization": "Bearer sk-x"
     }
+
+
+def test_key_hashes_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong secret under a real key id reaches hmac.compare_digest, never ``==``: the time a
+    refusal takes must not tell how much of the hash matched."""
+    import hmac
+
+    issued = issue_key()
+    row = Row(issued.key_id, "acct", "acme", issued.key_hash)
+    verifier = KeyVerifier(lambda key_id: row if key_id == row.key_id else None, ttl_s=0)
+    compared: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def spy(a, b):  # type: ignore[no-untyped-def]
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert asyncio.run(verifier.verify(issued.key)).account_id == "acct"
+    wrong = issued.key[:-4] + ("AAAA" if not issued.key.endswith("AAAA") else "BBBB")
+    with pytest.raises(ProxyError) as caught:
+        asyncio.run(verifier.verify(wrong))
+    assert caught.value.status == 401
+    assert [b for _, b in compared] == [issued.key_hash, issued.key_hash]
