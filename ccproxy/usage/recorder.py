@@ -41,7 +41,3 @@ class UsageRecorder:
 
     async def record(self, event: UsageEvent) -> None:
         await asyncio.to_thread(self.record_now, event)
-
-    @property
-    def unsaved(self) -> int:
-        return len(self._unsaved)
