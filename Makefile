@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-unit build bench load clean
+.PHONY: install serve test test-unit build bench load multiturn parity acceptance clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,22 @@ bench: install
 load: install
 	$(PY) -m pip install --quiet --editable ".[load]"
 	$(PY) -m bench.load $(LOAD_ARGS)
+
+# Multi-turn chats, prompt caching and the bill (docs/BENCHMARKS.md), ~15 min on 2 cores; MULTITURN_ARGS passes options.
+multiturn: install
+	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m bench.multiturn $(MULTITURN_ARGS)
+
+# Answer parity, full vs compressed context, through a real Gateway and llama.cpp (docs/BENCHMARKS.md).
+# ~50 s per item on 2 busy cores; stored answers are reused, so PARITY_ARGS="--max-minutes 20" runs in chunks.
+parity: install
+	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m bench.parity $(PARITY_ARGS)
+
+# The seed's acceptance checks, the slow 100-prompt answer parity included (hard distractors need the bench extra).
+acceptance: install
+	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m pytest -m acceptance tests/e2e/test_acceptance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,11 @@ the per-item JSON, so ``--sweep`` can recompute fusions with other weights witho
     .venv/bin/python -m bench.compressor_bench                      # the full run
     .venv/bin/python -m bench.compressor_bench --sizes 20 --distractors hard --n-items 50
     .venv/bin/python -m bench.compressor_bench --sweep bench/results/compressor_items.json
+    .venv/bin/python -m bench.compressor_bench --sizes 20 --distractors hard --n-items 200 \
+        --methods qrhead qrhead-lora --adapter /tmp/qr-lora     # a QR-head LoRA against the base
+
+``qrhead-lora`` is ``qrhead`` with a LoRA adapter from ``training/train_qr_lora.py`` on the scoring
+model, scoring with the head set the adapter was trained for (its ``heads.json``).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from ccproxy.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 FUSION = "qrhead+minilm"  # the product's FusedScorer, mode "fusion"
 PREFILTER = "minilm>qrhead"  # mode "prefilter"
+LORA = "qrhead-lora"  # `qrhead` with the --adapter LoRA
 BOTH = "minilm>qrhead+minilm"  # mode "both": pre-filter, then fusion on what it kept
 METHODS = ("qrhead", "icr", "bm25", "minilm", "dense", FUSION, PREFILTER, BOTH, "recent", "random")
+ALL_METHODS = (*METHODS, LORA)  # LORA only with --adapter
 RATIOS = (0.1, 0.2, 0.3)
 ABSOLUTE_BUDGET = 4000
 SEPARATOR = "\n\n"
@@ -96,6 +103,7 @@ class Options:
     fusion_method: str
     fusion_weight: float
     prefilter_tokens: int
+    adapter: str | None = None
     shared: dict[str, Charged] = field(default_factory=dict)
 
     @property
@@ -103,15 +111,16 @@ class Options:
         return list(self.shared.values())
 
 
-def _qr_scorer(heads_from_file: bool) -> Any:
-    from ccproxy.compression.heads import head_set_path, load_head_set
+def _qr_scorer(heads_from_file: bool, adapter: str | None = None) -> Any:
+    from ccproxy.compression.heads import head_set_path, scoring_head_set
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
 
-    loaded = load_scoring_model()
+    loaded = load_scoring_model(adapter=adapter)
     heads = None
     if heads_from_file:
-        heads = load_head_set(loaded.name)
+        # As the Compressor picks them: with an adapter, the set it was trained for.
+        heads = scoring_head_set(loaded.name, adapter)
         if heads is None:
             # Without the file the scorer would fall back to ICR's heads: that is not "qrhead".
             raise SystemExit(f"no shipped head set at {head_set_path(loaded.name)}; run training/detect_heads.py")
@@ -170,6 +179,13 @@ def _minilm() -> Scorer:
     return score
 
 
+def _lora(options: Options) -> Scorer:
+    if options.adapter is None:
+        raise SystemExit(f"{LORA} needs --adapter")
+    scorer = _qr_scorer(heads_from_file=True, adapter=options.adapter)
+    return lambda item: scorer.score(item.question, item.document_texts())
+
+
 def _recent() -> Scorer:
     # Later documents score higher, so the policy keeps the last ones that fit.
     return lambda item: [float(i) for i in range(len(item.documents))]
@@ -206,6 +222,7 @@ def make_scorer(name: str, options: Options) -> Scorer:
         BOTH: lambda: _fused("both", options),
         "recent": _recent,
         "random": lambda: _random(options.seed),
+        LORA: lambda: _lora(options),
     }
     return factories[name]()
 
@@ -474,6 +491,11 @@ def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, A
         f"rescore (shorter contexts: `qrhead`, plus the encoder's time); `{BOTH}` pre-filters the same "
         f"way, then fuses (shorter contexts: `{FUSION}`).",
     ]
+    if options.adapter:
+        lora_heads = adapter_heads(options.adapter)
+        parts += ["", f"`{LORA}`: `qrhead` with the LoRA adapter `{options.adapter}` (training/train_qr_lora.py) "
+                  f"on the same model, scoring with the {len(lora_heads)} heads it was trained for: "
+                  f"{', '.join(f'({layer}, {head})' for layer, head in lora_heads)}."]
     if split != "eval":
         parts += ["", f"**Items from the {split} part of the NQ file: for choosing settings, not for reporting.**"]
     for setting in settings:
@@ -576,7 +598,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "default: 200 for 20 docs/hard, 50 for 20/random, 10 for 200/hard, 5 for 200/random "
         "(about 40 min on 2 idle cores of an AMD EPYC; ICR and QR heads take most of it)",
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help=f"a LoRA adapter folder (training/train_qr_lora.py) for the `{LORA}` method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--split", choices=["eval", "train"], default="eval",
@@ -601,6 +625,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.adapter and LORA not in args.methods:
+        args.methods.append(LORA)
     if args.sweep:
         print(sweep(args.sweep, [round(0.1 * k, 1) for k in range(11)]), end="")
         return 0
@@ -620,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     # Read with the scorers, so the report names the heads that were used even if the file changes.
     heads = shipped_heads()
-    options = Options(args.seed, args.fusion_method, args.fusion_weight, args.prefilter_tokens)
+    options = Options(args.seed, args.fusion_method, args.fusion_weight, args.prefilter_tokens, args.adapter)
     scorers = {name: make_scorer(name, options) for name in args.methods}
     for setting in settings:
         rows += run_setting(scorers, setting, counter, options.charged)
@@ -645,9 +671,17 @@ def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: 
         "dense_dtype": str(dense_dtype()).removeprefix("torch."),
         "fusion": {"method": options.fusion_method, "weight": options.fusion_weight},
         "prefilter_tokens": options.prefilter_tokens,
+        "adapter": options.adapter,
         "items": list(rows),
     }
     path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+
+
+def adapter_heads(adapter: str) -> list[tuple[int, int]]:
+    from ccproxy.compression.heads import scoring_head_set
+    from ccproxy.compression.model import EMBEDDED_NAME
+
+    return scoring_head_set(EMBEDDED_NAME, adapter) or []
 
 
 def shipped_heads() -> list[list[int]]:

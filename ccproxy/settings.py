@@ -109,6 +109,14 @@ class Settings(BaseSettings):
     compression_protect_system: bool = Field(
         default=True, description="Never drop anything from system and developer messages."
     )
+    compression_history: Literal["stable", "rescore"] = Field(
+        default="stable",
+        description="How a multi-turn chat's history is compressed. `stable`: each turn once, against "
+        "its own question, when it is new; later requests resend it exactly as it was forwarded, so the "
+        "provider's prompt cache keeps hitting (README, *Multi-turn chats and prompt caching*). "
+        "`rescore`: the whole history again against each new question (keeps what the newest question "
+        "needs; the forwarded prefix changes every turn).",
+    )
     compressor_url: str | None = Field(
         default=None,
         description="URL of a remote Compressor service (same Bento elsewhere). Unset: run it here.",

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
+from ccproxy.compression.history import HistoryMemo, compress_stable
 from ccproxy.compression.pipeline import (
     Compression,
     CompressionPlan,
@@ -31,6 +32,8 @@ class ContextCompressor:
     def __init__(self, score: Scorer, settings: Settings) -> None:
         self._score = score
         self._settings = settings
+        # Stable history decisions of the chats this worker has seen (ccproxy.compression.history).
+        self.history_memo = HistoryMemo()
 
     def plan(self, control: CompressionControl) -> CompressionPlan:
         return plan_for(
@@ -47,10 +50,13 @@ class ContextCompressor:
         self, messages: list[dict[str, Any]], plan: CompressionPlan, count_tokens: TokenCounter
     ) -> Compression:
         """Compress or raise; bounded by the compressor timeout."""
-        return await asyncio.wait_for(
-            compress_messages(messages, plan, count_tokens=count_tokens, score=self._score),
-            timeout=self._settings.compressor_timeout_s,
-        )
+        if self._settings.compression_history == "stable":
+            work = compress_stable(
+                messages, plan, count_tokens=count_tokens, score=self._score, memo=self.history_memo
+            )
+        else:
+            work = compress_messages(messages, plan, count_tokens=count_tokens, score=self._score)
+        return await asyncio.wait_for(work, timeout=self._settings.compressor_timeout_s)
 
     async def compress_as_asked(
         self,

@@ -88,24 +88,49 @@ def load_scoring_model(
     ``quantize_4bit``: defaults to True on CUDA for hub models (NF4 through bitsandbytes, bf16
     compute); ignored for GGUF sources.
     """
+    arguments = _resolve(source, device, dtype, quantize_4bit, cache_dir)
+    # The lock sits outside the cache so that concurrent first callers wait for one load.
+    with _load_lock:
+        return _load(arguments[0], adapter, *arguments[1:])
+
+
+def load_base_for_training(
+    source: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    quantize_4bit: bool | None = None,
+    cache_dir: str | Path | None = None,
+) -> ScoringModel:
+    """A private, uncached copy of the base model (same defaults as ``load_scoring_model``), for
+    ``training/train_qr_lora.py``: peft injects its layers in place, which must never reach the
+    model that the scorer in the same process shares."""
+    source, device, dtype, quantize_4bit, cache = _resolve(source, device, dtype, quantize_4bit, cache_dir)
+    model, tokenizer = _load_base(source, device, dtype, quantize_4bit, cache)
+    return ScoringModel(model, tokenizer, model_name(source))
+
+
+def _resolve(source: str | None, device: str | None, dtype: torch.dtype | None, quantize_4bit: bool | None,
+             cache_dir: str | Path | None) -> tuple[str, str, torch.dtype, bool, str]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
     if quantize_4bit is None:
         quantize_4bit = device.startswith("cuda")
     cache = str(cache_dir) if cache_dir is not None else str(default_cache_dir())
-    # The lock sits outside the cache so that concurrent first callers wait for one load.
-    with _load_lock:
-        return _load(source or EMBEDDED, adapter, device, dtype, bool(quantize_4bit), cache)
+    return source or EMBEDDED, device, dtype, bool(quantize_4bit), cache
+
+
+def _load_base(source: str, device: str, dtype: torch.dtype, quantize_4bit: bool, cache_dir: str) -> tuple[Any, Any]:
+    if source == EMBEDDED or source.endswith(".gguf"):
+        model, tokenizer = _load_gguf(_gguf_path(source), Path(cache_dir), dtype)
+        return model.to(device), tokenizer
+    return _load_hub(source, device, dtype, quantize_4bit)
 
 
 @lru_cache(maxsize=4)
 def _load(source: str, adapter: str | None, device: str, dtype: torch.dtype, quantize_4bit: bool,
           cache_dir: str) -> ScoringModel:
-    if source == EMBEDDED or source.endswith(".gguf"):
-        model, tokenizer = _load_gguf(_gguf_path(source), Path(cache_dir), dtype)
-        model = model.to(device)
-    else:
-        model, tokenizer = _load_hub(source, device, dtype, quantize_4bit)
+    model, tokenizer = _load_base(source, device, dtype, quantize_4bit, cache_dir)
     if adapter is not None:
         model = _attach_lora(model, adapter)
     model.eval()

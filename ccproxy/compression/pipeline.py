@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ccproxy.compression.policy import allowance, select, should_compress
-from ccproxy.compression.units import UnitKind, rebuild, segment
+from ccproxy.compression.units import Segmentation, Unit, UnitKind, rebuild, segment
 from ccproxy.tokens import TokenCounter
 
 Scorer = Callable[[str, Sequence[str]], Awaitable[list[float]]]
@@ -62,6 +62,74 @@ class Compression:
         return self.tokens_before - self.tokens_after
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What compression decided for one segmentation: an outcome and a keep flag per unit."""
+
+    outcome: Outcome
+    keep: tuple[bool, ...]
+    scores: tuple[float | None, ...]  # None for units that were not scored (protected ones)
+
+
+def keep_everything(units: Sequence[Unit], outcome: Outcome) -> Decision:
+    return Decision(outcome, (True,) * len(units), (None,) * len(units))
+
+
+def skipped(
+    segmentation: Segmentation, tokens: Sequence[int], plan: CompressionPlan, context_tokens: int | None = None
+) -> Outcome | None:
+    """Why these units are forwarded untouched, or None when they are to be scored.
+    ``context_tokens`` is what the threshold compares (default: these units' tokens)."""
+    if not plan.enabled:
+        return "disabled"
+    if not should_compress(sum(tokens) if context_tokens is None else context_tokens, plan.threshold_tokens):
+        return "below_threshold"
+    if all(unit.protected for unit in segmentation.units):
+        return "nothing_to_drop"
+    return None
+
+
+async def score_units(segmentation: Segmentation, score: Scorer) -> list[float]:
+    """One score per unit: the scorer's for the droppable ones, 0.0 for the protected ones."""
+    units = segmentation.units
+    droppable = [i for i, unit in enumerate(units) if not unit.protected]
+    droppable_scores = await score(segmentation.query, [units[i].text for i in droppable])
+    scores = [0.0] * len(units)
+    for i, value in zip(droppable, droppable_scores, strict=True):
+        scores[i] = value
+    return scores
+
+
+def choose(
+    segmentation: Segmentation,
+    tokens: Sequence[int],
+    scores: Sequence[float],
+    plan: CompressionPlan,
+    history_tokens: int = 0,
+) -> Decision:
+    """The kept units under the plan. ``history_tokens`` were sent before these units and fill
+    part of a budget as if protected (0 for a whole request)."""
+    units = segmentation.units
+    protected = [unit.protected for unit in units]
+    budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - history_tokens)
+    keep = select(tokens, scores, protected, allowance(tokens, protected, ratio=plan.ratio, budget_tokens=budget))
+    return Decision(
+        "compressed",
+        tuple(keep),
+        tuple(None if unit.protected else s for unit, s in zip(units, scores)),
+    )
+
+
+def unit_reports(
+    units: Sequence[Unit], tokens: Sequence[int], decision: Decision, first_index: int = 0
+) -> tuple[UnitReport, ...]:
+    """One report per unit; ``first_index`` numbers units after those of earlier segments."""
+    return tuple(
+        UnitReport(first_index + u.index, u.kind, n, u.protected, kept, s)
+        for u, n, kept, s in zip(units, tokens, decision.keep, decision.scores)
+    )
+
+
 async def compress_messages(
     messages: list[dict[str, Any]],
     plan: CompressionPlan,
@@ -69,42 +137,20 @@ async def compress_messages(
     count_tokens: TokenCounter,
     score: Scorer,
 ) -> Compression:
+    """Every droppable unit of the request decided against its current question."""
     segmentation = segment(messages, protect_system=plan.protect_system)
     units = segmentation.units
     tokens = count_tokens([unit.text for unit in units])
-    protected = [unit.protected for unit in units]
-    total = sum(tokens)
-
-    def unchanged(outcome: Outcome) -> Compression:
-        reports = tuple(
-            UnitReport(u.index, u.kind, n, u.protected, True, None) for u, n in zip(units, tokens)
-        )
-        return Compression(messages, outcome, total, total, reports)
-
-    if not plan.enabled:
-        return unchanged("disabled")
-    if not should_compress(total, plan.threshold_tokens):
-        return unchanged("below_threshold")
-    droppable = [i for i, unit in enumerate(units) if not unit.protected]
-    if not droppable:
-        return unchanged("nothing_to_drop")
-
-    droppable_scores = await score(segmentation.query, [units[i].text for i in droppable])
-    scores: list[float] = [0.0] * len(units)
-    for i, value in zip(droppable, droppable_scores, strict=True):
-        scores[i] = value
-    keep = select(
-        tokens,
-        scores,
-        protected,
-        allowance(tokens, protected, ratio=plan.ratio, budget_tokens=plan.budget_tokens),
-    )
-    reports = tuple(
-        UnitReport(u.index, u.kind, n, u.protected, kept, None if u.protected else s)
-        for u, n, kept, s in zip(units, tokens, keep, scores)
-    )
-    kept_tokens = sum(n for n, kept in zip(tokens, keep) if kept)
-    return Compression(rebuild(segmentation, keep), "compressed", total, kept_tokens, reports)
+    reason = skipped(segmentation, tokens, plan)
+    if reason is None:
+        decision = choose(segmentation, tokens, await score_units(segmentation, score), plan)
+    else:
+        decision = keep_everything(units, reason)
+    reports = unit_reports(units, tokens, decision)
+    if decision.outcome != "compressed":
+        return Compression(messages, decision.outcome, sum(tokens), sum(tokens), reports)
+    kept_tokens = sum(n for n, kept in zip(tokens, decision.keep) if kept)
+    return Compression(rebuild(segmentation, decision.keep), "compressed", sum(tokens), kept_tokens, reports)
 
 
 def plan_for(

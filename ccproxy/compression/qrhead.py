@@ -249,6 +249,55 @@ def _project(layer: Any, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.T
     return apply_rope(states.transpose(0, 1), cos[0], sin[0])
 
 
+def window_token_scores(decoder: Any, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]],
+                        group: int) -> torch.Tensor:
+    """Calibrated scores of every context token for the selected heads of one window:
+    [n_selected_heads, len(prompt.context)], rows ordered by layer, then head as given.
+
+    Grad-agnostic: the scorer calls it under ``torch.inference_mode()``; the LoRA fine-tune
+    (``training/train_qr_lora.py``) calls it with autograd on, so training optimises exactly the
+    numbers the Compressor serves. ``group``: query heads per KV head (GQA).
+    """
+    layers = decoder.layers
+    deepest = max(heads_by_layer)
+    device = decoder.embed_tokens.weight.device
+    n_context = len(prompt.context)
+    n_query, n_null = len(prompt.query_tail), len(prompt.null_tail)
+    store = _KeyValueStore()
+
+    # Context: full layers below the deepest selected one; at that layer, keys only.
+    positions = torch.arange(n_context, device=device)[None]
+    hidden = decoder.embed_tokens(torch.tensor([prompt.context], device=device))
+    rope = decoder.rotary_emb(hidden, positions)
+    for index in range(deepest):
+        hidden = _run_layer(layers[index], hidden, None, positions, rope, store)
+    deepest_context_keys = _project(layers[deepest], hidden, rope, "k")
+    del hidden
+
+    # Both tails in one sequence, each starting right after the context.
+    tail_ids = prompt.query_tail + prompt.null_tail
+    positions = torch.cat([torch.arange(n_query), torch.arange(n_null)]).to(device)[None] + n_context
+    mask = tail_mask(n_context, [n_query, n_null], device)
+    hidden = decoder.embed_tokens(torch.tensor([tail_ids], device=device))
+    rope = decoder.rotary_emb(hidden, positions)
+    rows: list[torch.Tensor] = []
+    for index in range(deepest + 1):
+        layer = layers[index]
+        wanted = heads_by_layer.get(index)
+        queries = _project(layer, hidden, rope, "q") if wanted else None
+        if index < deepest:
+            hidden = _run_layer(layer, hidden, mask[None, None], positions, rope, store)
+            keys = store.keys[index][0]
+        else:
+            keys = torch.cat([deepest_context_keys, _project(layer, hidden, rope, "k")], dim=1)
+        if wanted:
+            head_index = torch.tensor(list(wanted), device=device)
+            scaling = float(getattr(layer.self_attn, "scaling", 1 / math.sqrt(queries.shape[-1])))
+            probs = rows_attention(queries[head_index], keys, head_index // group, mask, scaling)
+            rows.append(calibrated_token_scores(probs, n_context, n_query).cpu())
+    return torch.cat(rows, dim=0)
+
+
 # --- the scorer ---------------------------------------------------------------------------------
 
 
@@ -278,6 +327,7 @@ class QRHeadScorer:
         self.n_layers = int(config.num_hidden_layers)
         self.n_heads = int(config.num_attention_heads)
         self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.kv_group = self.n_heads // self.n_kv_heads  # query heads per KV head (GQA)
         if heads is None:
             heads = [(layer, head) for layer in middle_layers(self.n_layers) for head in range(self.n_heads)]
         self.heads: list[Head] = sorted({(int(layer), int(head)) for layer, head in heads})
@@ -298,11 +348,11 @@ class QRHeadScorer:
     @classmethod
     def load(cls, source: str | None = None, *, adapter: str | None = None, **kwargs: Any) -> QRHeadScorer:
         """The scoring model (see ``model.load_scoring_model``) with its shipped head set, if any."""
-        from ccproxy.compression.heads import load_head_set
+        from ccproxy.compression.heads import scoring_head_set
         from ccproxy.compression.model import load_scoring_model
 
         model, tokenizer, name = load_scoring_model(source, adapter=adapter)
-        kwargs.setdefault("heads", load_head_set(name))
+        kwargs.setdefault("heads", scoring_head_set(name, adapter))
         return cls(model, tokenizer, **kwargs)
 
     # -- public API --------------------------------------------------------------------------
@@ -338,6 +388,16 @@ class QRHeadScorer:
         """Calibrated per-head scores of every context token: [n_selected_heads, len(context)],
         rows ordered by layer, then head as given."""
         return self._window_token_scores(prompt, heads_by_layer)
+
+    def differentiable_unit_scores(self, query: str, units: Sequence[str]) -> torch.Tensor:
+        """[n_units] scores of one single-window prompt with autograd on, for the LoRA fine-tune:
+        the same functions as ``score`` (heads summed, then each unit thresholded), minus the
+        inference mode. A prompt longer than ``window_tokens`` is refused, not windowed."""
+        prompt = self.build_prompt(query, units)
+        if len(prompt.context) + len(prompt.query_tail) > self.window_tokens:
+            raise ValueError(f"the prompt does not fit one window of {self.window_tokens} tokens")
+        tokens = window_token_scores(self.decoder, prompt, self._group(self.heads), self.kv_group)
+        return unit_scores(tokens.sum(dim=0), prompt.spans)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -383,43 +443,5 @@ class QRHeadScorer:
 
     @torch.inference_mode()
     def _window_token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:
-        decoder = self.decoder
-        layers = decoder.layers
-        deepest = max(heads_by_layer)
-        device = decoder.embed_tokens.weight.device
-        group = self.n_heads // self.n_kv_heads
-        n_context = len(prompt.context)
-        n_query, n_null = len(prompt.query_tail), len(prompt.null_tail)
-        store = _KeyValueStore()
-
-        # Context: full layers below the deepest selected one; at that layer, keys only.
-        positions = torch.arange(n_context, device=device)[None]
-        hidden = decoder.embed_tokens(torch.tensor([prompt.context], device=device))
-        rope = decoder.rotary_emb(hidden, positions)
-        for index in range(deepest):
-            hidden = _run_layer(layers[index], hidden, None, positions, rope, store)
-        deepest_context_keys = _project(layers[deepest], hidden, rope, "k")
-        del hidden
-
-        # Both tails in one sequence, each starting right after the context.
-        tail_ids = prompt.query_tail + prompt.null_tail
-        positions = torch.cat([torch.arange(n_query), torch.arange(n_null)]).to(device)[None] + n_context
-        mask = tail_mask(n_context, [n_query, n_null], device)
-        hidden = decoder.embed_tokens(torch.tensor([tail_ids], device=device))
-        rope = decoder.rotary_emb(hidden, positions)
-        rows: list[torch.Tensor] = []
-        for index in range(deepest + 1):
-            layer = layers[index]
-            wanted = heads_by_layer.get(index)
-            queries = _project(layer, hidden, rope, "q") if wanted else None
-            if index < deepest:
-                hidden = _run_layer(layer, hidden, mask[None, None], positions, rope, store)
-                keys = store.keys[index][0]
-            else:
-                keys = torch.cat([deepest_context_keys, _project(layer, hidden, rope, "k")], dim=1)
-            if wanted:
-                head_index = torch.tensor(list(wanted), device=device)
-                scaling = float(getattr(layer.self_attn, "scaling", 1 / math.sqrt(queries.shape[-1])))
-                probs = rows_attention(queries[head_index], keys, head_index // group, mask, scaling)
-                rows.append(calibrated_token_scores(probs, n_context, n_query).cpu())
-        return torch.cat(rows, dim=0)
+        # The serving path: no autograd bookkeeping (inference mode is cheaper than no_grad).
+        return window_token_scores(self.decoder, prompt, heads_by_layer, self.kv_group)

@@ -34,16 +34,18 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
     if settings.compressor_threads:
         torch.set_num_threads(settings.compressor_threads)
 
-    from ccproxy.compression.heads import load_head_set
+    from ccproxy.compression.heads import load_head_set, scoring_head_set
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
 
+    adapter = str(settings.scoring_lora_path) if settings.scoring_lora_path else None
     loaded = load_scoring_model(
-        scoring_source(settings, torch.cuda.is_available()),
-        adapter=str(settings.scoring_lora_path) if settings.scoring_lora_path else None,
-        cache_dir=settings.model_cache_dir,
+        scoring_source(settings, torch.cuda.is_available()), adapter=adapter, cache_dir=settings.model_cache_dir
     )
-    heads = load_head_set(settings.scoring_head_set or loaded.name)
+    if settings.scoring_head_set:
+        heads = load_head_set(settings.scoring_head_set)
+    else:
+        heads = scoring_head_set(loaded.name, adapter)
     qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads)
     if settings.scoring_dense == "off":
         return qr

@@ -3,6 +3,9 @@
 File format: ``{"model": ..., "heads": [[layer, head], ...], "source": ..., "detected_on": ...}``
 plus whatever report the detector adds. The file name is the model's name as
 ``ccproxy.compression.model.model_name`` spells it, e.g. ``smollm2-135m-instruct.json``.
+
+A LoRA adapter (``training/train_qr_lora.py``) carries the set it was trained for as
+``heads.json`` in its own folder: training moves exactly those heads, so they are the ones to read.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 HEADS_DIR = Path(__file__).resolve().parent
+ADAPTER_HEADS_FILE = "heads.json"
 
 
 def head_set_path(model_name: str) -> Path:
@@ -29,6 +33,24 @@ def read_head_set(model_name: str) -> dict[str, Any] | None:
 def load_head_set(model_name: str) -> list[tuple[int, int]] | None:
     """The detected (layer, head) pairs for ``model_name``; None means: use the scorer's default."""
     data = read_head_set(model_name)
-    if data is None:
-        return None
+    return None if data is None else _pairs(data)
+
+
+def _pairs(data: dict[str, Any]) -> list[tuple[int, int]]:
     return [(int(layer), int(head)) for layer, head in data["heads"]]
+
+
+def adapter_head_set_path(adapter: str | Path) -> Path:
+    return Path(adapter) / ADAPTER_HEADS_FILE
+
+
+def scoring_head_set(model_name: str, adapter: str | Path | None = None) -> list[tuple[int, int]] | None:
+    """The heads a loaded model scores with. With an adapter: the adapter's own ``heads.json``,
+    else a set shipped under the adapted model's name (``<base>+<adapter>``), else the base
+    model's set, since the adapter was most likely trained on it. None: the scorer's default."""
+    if adapter is not None:
+        path = adapter_head_set_path(adapter)
+        if path.is_file():
+            return _pairs(json.loads(path.read_text(encoding="utf-8")))
+        return load_head_set(model_name) or load_head_set(model_name.split("+", 1)[0])
+    return load_head_set(model_name)

@@ -1,0 +1,98 @@
+"""A few LoRA steps on a tiny training-part slice: the loss falls, a resumed run continues where
+the checkpoint left off, and the Compressor loads the adapter with the heads it was trained for."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.nq import load_records, random_distractor_items
+from ccproxy.compression.heads import load_head_set
+from ccproxy.compression.model import EMBEDDED_NAME, load_scoring_model
+from ccproxy.compression.qrhead import QRHeadScorer
+from ccproxy.compression.scoring import load_scorer
+from ccproxy.settings import Settings
+from training.train_qr_lora import CHECKPOINT, METADATA, TrainConfig, batch_indices, learning_rate, train
+
+# Two of the shipped heads: shallower than the shipped set (cheaper steps) and not equal to it,
+# so the test can tell whether the Compressor scores with the adapter's heads or the base set's.
+HEADS = ((7, 7), (14, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[list, list]:
+    records = load_records("train")[:30]
+    items = random_distractor_items(records[:20], 4, n_items=3, seed=3)
+    held_out = random_distractor_items(records[20:], 4, n_items=1, seed=3)
+    return items, held_out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory) -> tuple[TrainConfig, list[dict]]:
+    items, held_out = tiny
+    out = tmp_path_factory.mktemp("qr-lora")
+    # Every step sees the same three items, so the per-step loss is the loss of one fixed batch.
+    config = TrainConfig(out=out, steps=5, batch_size=3, learning_rate=3e-3, warmup_steps=1, temperature=0.05,
+                         rank=4, alpha=8, eval_every=100, checkpoint_every=5, heads=HEADS)
+    first = train(config, items, held_out)
+    assert first.step == 5 and (out / CHECKPOINT).is_dir()
+    resumed = train(replace(config, steps=8, resume=True), items, held_out)
+    assert resumed.step == 8
+    # The resumed run continued from step 5 (it did not start over); no held-out check repeated.
+    assert resumed.history[:5] == first.history
+    assert [c["step"] for c in resumed.checks] == [0, 5, 8]
+    return config, resumed.history
+
+
+def test_loss_decreases(trained) -> None:
+    _, history = trained
+    losses = [row["loss"] for row in history]
+    # Step 1's loss is the base model's (LoRA starts as the identity); the last is after 7 updates.
+    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+
+
+def test_the_compressor_loads_the_adapter_with_its_heads(trained, tiny) -> None:
+    config, _ = trained
+    metadata = json.loads((config.out / METADATA).read_text())
+    assert metadata["steps_done"] == 8
+    assert metadata["nq_lines"]["train_seen"] == sorted(item.record.line for item in tiny[0])
+    assert all(line < 500 for part in metadata["nq_lines"].values() for line in part)
+
+    scorer = load_scorer(Settings(scoring_lora_path=config.out, scoring_dense="off"))
+    assert isinstance(scorer, QRHeadScorer)
+    assert hasattr(scorer.model, "peft_config")  # peft-wrapped
+    assert scorer.heads == sorted(HEADS) != sorted(load_head_set(EMBEDDED_NAME))
+
+    base = load_scoring_model()
+    plain = QRHeadScorer(base.model, base.tokenizer, HEADS)
+    item = tiny[0][0]
+    adapted = torch.tensor(scorer.score(item.question, item.document_texts()))
+    original = torch.tensor(plain.score(item.question, item.document_texts()))
+    assert not torch.allclose(adapted, original, rtol=1e-3, atol=1e-4)
+    # The base model the other scorers share was not touched by training.
+    assert not hasattr(base.model, "peft_config")
+
+
+def test_schedule_and_order_are_functions_of_the_step() -> None:
+    assert learning_rate(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert learning_rate(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert learning_rate(100, 100, 1.0, 10) == pytest.approx(0.1)
+    # One epoch covers every item once; the next epoch is another permutation.
+    epoch = [i for step in range(5) for i in batch_indices(step, 2, 10, seed=0)]
+    assert sorted(epoch) == list(range(10))
+    assert batch_indices(5, 2, 10, 0) + batch_indices(6, 2, 10, 0) != epoch[:4]
+    assert batch_indices(3, 2, 10, 0) == batch_indices(3, 2, 10, 0)
+
+
+def test_an_adapter_without_heads_json_scores_with_the_base_models_set(tmp_path) -> None:
+    from ccproxy.compression.heads import ADAPTER_HEADS_FILE, scoring_head_set
+
+    adapted = f"{EMBEDDED_NAME}+{tmp_path.name}"
+    assert scoring_head_set(adapted, tmp_path) == load_head_set(EMBEDDED_NAME)
+    (tmp_path / ADAPTER_HEADS_FILE).write_text(json.dumps({"heads": [[3, 1]]}))
+    assert scoring_head_set(adapted, tmp_path) == [(3, 1)]
+    # Without an adapter, the adapted name alone does not borrow the base set.
+    assert scoring_head_set(adapted) is None

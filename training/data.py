@@ -1,0 +1,66 @@
+"""Training data for the QR-head LoRA, from the TRAINING part of the NQ file only.
+
+``bench/nq.py`` fixes the split: lines 0-499 of ``nq_open_oracle_dev.jsonl.gz`` are the training
+part, lines 500-999 the evaluation part that every reported benchmark figure uses. Here the
+training part is split once more, by a seeded draw:
+
+* ``held_out``: a few questions kept for the periodic checks during training. Their items are
+  built like the benchmark's (20 documents, hard distractors by default) over the whole training
+  part.
+* ``train``: the other questions. Their distractors come from the other training questions'
+  passages only, so no held-out gold passage is ever seen in training, not even as a distractor.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from bench.nq import SPLIT_LINES, Item, Record, hard_distractor_items, load_records, random_distractor_items
+
+Distractors = Literal["hard", "random"]
+BUILDERS: dict[str, Callable[..., list[Item]]] = {"hard": hard_distractor_items, "random": random_distractor_items}
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    train: list[Item]
+    held_out: list[Item]
+
+    def lines(self) -> dict[str, list[int]]:
+        """NQ file line numbers (0-based) of the questions in each part, for the adapter's metadata."""
+        return {
+            "train": sorted(item.record.line for item in self.train),
+            "held_out": sorted(item.record.line for item in self.held_out),
+        }
+
+
+def split_held_out(records: Sequence[Record], n_held_out: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, held_out): a seeded draw of ``n_held_out`` records, both lists in file order."""
+    outside = [r.line for r in records if r.line not in SPLIT_LINES["train"]]
+    if outside:
+        raise ValueError(f"lines {outside[:5]} are not in the training part")
+    held = set(random.Random(f"held-out-{seed}").sample([r.line for r in records], n_held_out))
+    return [r for r in records if r.line not in held], [r for r in records if r.line in held]
+
+
+def build_training_data(
+    n_documents: int,
+    *,
+    held_out_documents: int = 20,
+    n_held_out: int = 24,
+    n_train: int | None = None,
+    distractors: Distractors = "hard",
+    seed: int = 0,
+) -> TrainingData:
+    """Items of ``n_documents`` (one gold) for training and of ``held_out_documents`` for the checks."""
+    records = load_records("train")
+    train_records, held_records = split_held_out(records, n_held_out, seed)
+    build = BUILDERS[distractors]
+    train = build(train_records, n_documents, n_items=n_train, seed=seed)
+    held_lines = {r.line for r in held_records}
+    # The builders draw distractors from the records they are given: the whole training part here.
+    held_out = [item for item in build(records, held_out_documents, seed=seed) if item.record.line in held_lines]
+    return TrainingData(train, held_out)

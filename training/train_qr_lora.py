@@ -1,0 +1,397 @@
+"""Fine-tune the QR heads: a peft LoRA trained on the scorer's own unit scores.
+
+The scoring model runs only up to the deepest selected head, so LoRA goes on the attention
+projections (``q_proj``, ``k_proj`` by default) of layers 0..deepest; layers above are never run.
+Per example (one question, its gold document and distractors from the same context), the units'
+QR-head scores come from ``QRHeadScorer.differentiable_unit_scores``: the very functions the
+Compressor serves with, with autograd on. The loss is the softmax cross-entropy of the gold unit
+among them at a temperature (a group contrastive objective, as QRRanker trains QR-head scores).
+
+Data: TRAINING part of the NQ file only (``training/data.py``); a few of its questions are held
+out for the periodic checks. The adapter folder gets ``heads.json`` (the head set it was trained
+for, which the Compressor then scores with) and ``training.json`` (settings, NQ line ids of the
+training and held-out questions, loss history, checks).
+
+    .venv/bin/python -m training.train_qr_lora --out /tmp/qr-lora            # CPU, embedded SmolLM2
+    .venv/bin/python -m training.train_qr_lora --out /tmp/qr-lora --resume   # continue a run
+    CCPROXY_SCORING_LORA_PATH=/tmp/qr-lora ...                               # serve with it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.nq import Item
+from ccproxy.compression.heads import ADAPTER_HEADS_FILE, scoring_head_set
+from ccproxy.compression.qrhead import QRHeadScorer
+from training.detect_heads import dump_json
+
+Head = tuple[int, int]
+CHECKPOINT = "checkpoint"
+TRAINER_STATE = "trainer.pt"
+METADATA = "training.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path
+    steps: int = 200
+    batch_size: int = 4  # examples per optimizer step (gradient accumulation)
+    learning_rate: float = 5e-4
+    warmup_steps: int = 10
+    temperature: float = 0.05
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj")
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    seed: int = 0
+    source: str | None = None  # None: the embedded SmolLM2; else a hub id, folder or .gguf
+    dtype: str = "auto"  # auto: the scorer's own choice (bf16 on CUDA and on CPUs with native bf16)
+    load_in_4bit: bool = False  # QLoRA (bitsandbytes NF4), CUDA only
+    heads: tuple[Head, ...] | None = None  # None: the base model's shipped set
+    max_minutes: float | None = None  # stop early (and save) past this wall time
+    resume: bool = False
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per optimizer step
+    checks: list[dict[str, float]] = field(default_factory=list)  # held-out checks
+    seconds: float = 0.0  # training wall time over all sessions
+
+
+# --- the maths (pure functions) -----------------------------------------------------------------
+
+
+def contrastive_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the gold unit among all units of one context, scores / temperature as
+    logits. Calibrated QR-head scores are attention-mass differences (~0.01-1), so the
+    temperature sets how hard the softmax pushes the gold above the distractors."""
+    return F.cross_entropy((scores / temperature)[None], torch.tensor([gold], device=scores.device))
+
+
+def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of ``base``: a pure function of the step, so
+    a resumed run needs no scheduler state."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[int]:
+    """The items of one optimizer step: consecutive slices of a seeded permutation per epoch.
+    A function of the step alone, so resuming replays the same order."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n_items)
+        order = list(range(n_items))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def gold_rank(scores: Sequence[float], gold: int) -> int:
+    """0 = first. Ties ranked as the policy breaks them (the later unit first)."""
+    return sum(1 for j, s in enumerate(scores) if (s, j) > (scores[gold], gold))
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def lora_config(config: TrainConfig, deepest: int) -> Any:
+    from peft import LoraConfig
+
+    # Layers above the deepest selected head never run: adapting them would only add weights.
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.targets),
+        layers_to_transform=list(range(deepest + 1)),
+        bias="none",
+    )
+
+
+def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
+    """A private copy of the base model with LoRA layers (fresh or from the checkpoint), scoring
+    with the configured heads; and the base model's name."""
+    from peft import PeftModel, get_peft_model
+
+    from ccproxy.compression.model import load_base_for_training
+
+    if config.load_in_4bit and not torch.cuda.is_available():
+        raise SystemExit("--load-in-4bit needs a CUDA device (bitsandbytes NF4)")
+    if config.load_in_4bit and (config.source is None or config.source.endswith(".gguf")):
+        # The GGUF loader dequantises to bf16/float32 and ignores 4-bit: say so rather than train unquantised.
+        raise SystemExit("--load-in-4bit needs a hub id or a local transformers folder, not a GGUF file")
+    loaded = load_base_for_training(
+        config.source, dtype=resolve_dtype(config.dtype), quantize_4bit=config.load_in_4bit
+    )
+    model = loaded.model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if config.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Our forward stops at the deepest selected layer and saves little; no checkpointing.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    heads = list(config.heads) if config.heads else scoring_head_set(loaded.name)
+    if not heads:
+        raise SystemExit(f"no head set for {loaded.name}: run training/detect_heads.py or pass --heads")
+    deepest = max(layer for layer, _ in heads)
+    torch.manual_seed(config.seed)  # LoRA's A matrices start random
+    checkpoint = config.out / CHECKPOINT
+    if config.resume and (checkpoint / TRAINER_STATE).is_file():
+        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(config, deepest))
+    # Eval mode: no dropout anywhere (LoRA's is 0), the same numbers the Compressor computes.
+    model.eval()
+    return QRHeadScorer(model, loaded.tokenizer, heads), loaded.name
+
+
+def trainable(scorer: QRHeadScorer) -> list[torch.nn.Parameter]:
+    return [p for p in scorer.model.parameters() if p.requires_grad]
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def held_out_check(scorer: QRHeadScorer, items: Sequence[Item], temperature: float) -> dict[str, float]:
+    """Loss and gold ranks on held-out items through ``score`` (inference mode, windowed): the
+    Compressor's path. At 20 documents a 10 % budget keeps ~2 documents, 20 % ~4."""
+    losses, ranks = [], []
+    for item in items:
+        scores = scorer.score(item.question, item.document_texts())
+        losses.append(float(contrastive_loss(torch.tensor(scores), item.gold_index, temperature)))
+        ranks.append(gold_rank(scores, item.gold_index))
+    n = max(1, len(items))
+    return {
+        "loss": sum(losses) / n,
+        "top1": sum(r < 1 for r in ranks) / n,
+        "top2": sum(r < 2 for r in ranks) / n,
+        "top4": sum(r < 4 for r in ranks) / n,
+        "mrr": sum(1 / (r + 1) for r in ranks) / n,
+    }
+
+
+# --- saving -------------------------------------------------------------------------------------
+
+
+def save_checkpoint(scorer: QRHeadScorer, optimizer: torch.optim.Optimizer, state: TrainState, out: Path) -> None:
+    """Adapter, optimizer and step, written beside and renamed over the last checkpoint, so an
+    interrupted save never leaves a half checkpoint behind."""
+    staging = out / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    scorer.model.save_pretrained(str(staging))
+    torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state)}, staging / TRAINER_STATE)
+    final = out / CHECKPOINT
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+
+
+def load_checkpoint(optimizer: torch.optim.Optimizer, out: Path) -> TrainState:
+    saved = torch.load(out / CHECKPOINT / TRAINER_STATE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    return TrainState(**saved["state"])
+
+
+def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, state: TrainState,
+                 lines: dict[str, list[int]], data_note: str) -> None:
+    """The adapter (peft ``save_pretrained``), the head set it serves with, and the metadata."""
+    out = config.out
+    scorer.model.save_pretrained(str(out))
+    (out / ADAPTER_HEADS_FILE).write_text(dump_json({
+        "model": base_name,
+        "heads": [list(h) for h in scorer.heads],
+        "source": "training/train_qr_lora.py: the head set this adapter was trained for",
+    }), encoding="utf-8")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    (out / METADATA).write_text(json.dumps({
+        "config": settings,
+        "data": data_note,
+        "nq_lines": lines,
+        "steps_done": state.step,
+        "train_seconds": round(state.seconds, 1),
+        "checks": state.checks,
+        "history": state.history,
+    }, indent=1) + "\n", encoding="utf-8")
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def progress_bar(total: int, initial: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+
+def say(bar: Any, message: str) -> None:
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def optimizer_step(scorer: QRHeadScorer, optimizer: torch.optim.Optimizer, batch: Sequence[Item], lr: float,
+                   config: TrainConfig) -> tuple[float, float]:
+    """One update from the mean loss over ``batch``, one example at a time (gradient accumulation:
+    memory holds one example's activations). Returns (mean loss before the update, gradient norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    losses = []
+    for item in batch:
+        scores = scorer.differentiable_unit_scores(item.question, item.document_texts())
+        loss = contrastive_loss(scores, item.gold_index, config.temperature)
+        (loss / len(batch)).backward()
+        losses.append(float(loss.detach()))
+    norm = torch.nn.utils.clip_grad_norm_(trainable(scorer), config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(losses) / len(losses), float(norm)
+
+
+def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
+          lines: dict[str, list[int]] | None = None, data_note: str = "") -> TrainState:
+    """Train, check and save; returns the final state (its ``history`` holds every step's loss)."""
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    config.out.mkdir(parents=True, exist_ok=True)
+    scorer, base_name = build_scorer(config)
+    optimizer = torch.optim.AdamW(trainable(scorer), lr=config.learning_rate, weight_decay=0.0)
+    resuming = config.resume and (config.out / CHECKPOINT / TRAINER_STATE).is_file()
+    state = load_checkpoint(optimizer, config.out) if resuming else TrainState()
+    lines = lines or {"train": sorted(i.record.line for i in items),
+                      "held_out": sorted(i.record.line for i in held_out)}
+
+    bar = progress_bar(config.steps, state.step)
+    if held_out and not state.checks:
+        state.checks.append({"step": 0, **held_out_check(scorer, held_out, config.temperature)})
+        say(bar, f"check step 0: {state.checks[-1]}")
+    started = time.perf_counter()
+    seconds_before = state.seconds
+    while state.step < config.steps:
+        lr = learning_rate(state.step, config.steps, config.learning_rate, config.warmup_steps)
+        batch = [items[i] for i in batch_indices(state.step, config.batch_size, len(items), config.seed)]
+        mean, norm = optimizer_step(scorer, optimizer, batch, lr, config)
+        state.step += 1
+        state.seconds = seconds_before + time.perf_counter() - started
+        state.history.append({"step": state.step, "loss": round(mean, 5), "lr": lr, "grad_norm": round(float(norm), 4)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.3f}")
+        out_of_time = config.max_minutes is not None and state.seconds > 60 * config.max_minutes
+        if held_out and (state.step % config.eval_every == 0 or state.step == config.steps or out_of_time):
+            state.checks.append({"step": state.step, **held_out_check(scorer, held_out, config.temperature)})
+            say(bar, f"check step {state.step}: {state.checks[-1]}")
+        if state.step % config.checkpoint_every == 0 or state.step == config.steps or out_of_time:
+            save_checkpoint(scorer, optimizer, state, config.out)
+        if out_of_time:
+            say(bar, f"stopping at step {state.step}: past --max-minutes {config.max_minutes}")
+            break
+    if bar is not None:
+        bar.close()
+    # The questions the steps actually drew (a short run sees part of the training list).
+    seen = {i for step in range(state.step) for i in batch_indices(step, config.batch_size, len(items), config.seed)}
+    lines = {**lines, "train_seen": sorted(items[i].record.line for i in seen)}
+    save_adapter(scorer, base_name, config, state, lines, data_note)
+    return state
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def parse_heads(text: str) -> tuple[Head, ...]:
+    """``"7:7,14:3"`` -> ((7, 7), (14, 3))."""
+    return tuple((int(layer), int(head)) for layer, head in (pair.split(":") for pair in text.split(",") if pair))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig(out=Path("."))
+    parser.add_argument("--out", type=Path, required=True, help="the adapter folder (checkpoints inside)")
+    parser.add_argument("--model", default=None, help="hub id, local folder or .gguf; default: the embedded SmolLM2")
+    parser.add_argument("--heads", type=parse_heads, default=None, help="layer:head,...; default: the model's set")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--alpha", type=int, default=defaults.alpha)
+    parser.add_argument("--targets", nargs="+", default=list(defaults.targets),
+                        help="projections to adapt (q_proj k_proj; v_proj o_proj also matter below the deepest layer)")
+    parser.add_argument("--documents", type=int, default=8, help="documents per training example (one gold)")
+    parser.add_argument("--distractors", choices=["hard", "random"], default="hard")
+    parser.add_argument("--n-train", type=int, default=None, help="training questions (default: all not held out)")
+    parser.add_argument("--n-held-out", type=int, default=24, help="training-part questions kept for the checks")
+    parser.add_argument("--held-out-documents", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=defaults.dtype)
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base through bitsandbytes (CUDA only)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) past this training time")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from training.data import build_training_data
+
+    config = replace(
+        defaults, out=args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        warmup_steps=args.warmup_steps, temperature=args.temperature, rank=args.rank, alpha=args.alpha,
+        targets=tuple(args.targets), eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, source=args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, heads=args.heads,
+        max_minutes=args.max_minutes, resume=args.resume,
+    )
+    data = build_training_data(
+        args.documents, held_out_documents=args.held_out_documents, n_held_out=args.n_held_out,
+        n_train=args.n_train, distractors=args.distractors, seed=args.seed,
+    )
+    note = (
+        f"bench.nq TRAINING part (NQ-open oracle dev lines 0-499) only: {len(data.train)} training questions x "
+        f"{args.documents} documents ({args.distractors} distractors from the other training questions' "
+        f"passages), {len(data.held_out)} held-out questions x {args.held_out_documents} documents "
+        f"({args.distractors} distractors from the whole training part), seed {args.seed}"
+    )
+    print(note, file=sys.stderr, flush=True)
+    state = train(config, data.train, data.held_out, data.lines(), note)
+    first, last = state.history[:10], state.history[-10:]
+    print(json.dumps({
+        "out": str(args.out), "steps": state.step, "train_minutes": round(state.seconds / 60, 1),
+        "loss_first_10": round(sum(r["loss"] for r in first) / max(1, len(first)), 4),
+        "loss_last_10": round(sum(r["loss"] for r in last) / max(1, len(last)), 4),
+        "checks": state.checks,
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
