@@ -43,6 +43,7 @@ from ccproxy.compression.pipeline import (
     UnitReport,
     choose,
     compress_messages,
+    framing_tokens,
     keep_everything,
     score_units,
     skipped,
@@ -160,12 +161,14 @@ async def compress_stable(
     for k, s in enumerate(segments):
         if s.found is None:
             reason = reasons[k]
-            # A budget counts what was sent before as protected: the history's forms are fixed.
-            decision = (
-                keep_everything(s.segmentation.units, reason)
-                if reason is not None
-                else choose(s.segmentation, s.tokens, scores[k], plan, history_tokens=kept_total)
-            )
+            if reason is not None:
+                decision = keep_everything(s.segmentation.units, reason)
+            else:
+                # A budget counts what was sent before as protected (the history's forms are
+                # fixed) and the framing of the chat up to this turn only, so that the decision
+                # never depends on later turns.
+                framing = framing_tokens(messages[: bounds[k][1]], raw_upto[k], plan, count_tokens)
+                decision = choose(s.segmentation, s.tokens, scores[k], plan, kept_total + framing)
             s.found = SegmentDecision(decision, s.tokens)
             memo.put(s.key, s.found)
         reports.extend(unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports)))
@@ -177,7 +180,8 @@ async def compress_stable(
     if "compressed" not in outcomes:
         # The threshold is on the raw chat so far, so the newest segment says why for the request.
         return Compression(messages, outcomes[-1], raw_total, raw_total, tuple(reports))
-    if plan.budget_tokens is not None and kept_total > plan.budget_tokens:
+    framing = framing_tokens(messages, raw_total, plan, count_tokens)
+    if plan.budget_tokens is not None and kept_total + framing > plan.budget_tokens:
         return await compress_messages(messages, plan, count_tokens=count_tokens, score=score)
     return Compression(forwarded, "compressed", raw_total, kept_total, tuple(reports))
 

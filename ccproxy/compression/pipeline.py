@@ -105,13 +105,14 @@ def choose(
     tokens: Sequence[int],
     scores: Sequence[float],
     plan: CompressionPlan,
-    history_tokens: int = 0,
+    reserved_tokens: int = 0,
 ) -> Decision:
-    """The kept units under the plan. ``history_tokens`` were sent before these units and fill
-    part of a budget as if protected (0 for a whole request)."""
+    """The kept units under the plan. ``reserved_tokens`` lie outside these units but count
+    against a budget as if protected: the chat framing, and in a multi-turn chat the earlier
+    turns' forwarded forms."""
     units = segmentation.units
     protected = [unit.protected for unit in units]
-    budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - history_tokens)
+    budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - reserved_tokens)
     keep = select(tokens, scores, protected, allowance(tokens, protected, ratio=plan.ratio, budget_tokens=budget))
     return Decision(
         "compressed",
@@ -130,6 +131,19 @@ def unit_reports(
     )
 
 
+def framing_tokens(
+    messages: list[dict[str, Any]], unit_tokens: int, plan: CompressionPlan, count_tokens: TokenCounter
+) -> int:
+    """Tokens the chat format adds around the units (role markers, separators, the reply
+    priming). A budget caps the prompt the upstream bills, so they are set aside first: the
+    original prompt's framing, an upper bound for the compressed one's. 0 without a budget or
+    with a counter that counts bare texts only."""
+    count_prompt = getattr(count_tokens, "count_prompt", None)
+    if plan.budget_tokens is None or count_prompt is None:
+        return 0
+    return max(0, count_prompt({"messages": messages}) - unit_tokens)
+
+
 async def compress_messages(
     messages: list[dict[str, Any]],
     plan: CompressionPlan,
@@ -143,7 +157,8 @@ async def compress_messages(
     tokens = count_tokens([unit.text for unit in units])
     reason = skipped(segmentation, tokens, plan)
     if reason is None:
-        decision = choose(segmentation, tokens, await score_units(segmentation, score), plan)
+        framing = framing_tokens(messages, sum(tokens), plan, count_tokens)
+        decision = choose(segmentation, tokens, await score_units(segmentation, score), plan, framing)
     else:
         decision = keep_everything(units, reason)
     reports = unit_reports(units, tokens, decision)

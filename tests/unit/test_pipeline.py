@@ -63,6 +63,32 @@ def test_budget_caps_the_whole_context() -> None:
     assert result.tokens_after <= 120
 
 
+class FramedWords:
+    """Words per text, and a whole prompt as its words plus 4 per message and 1 per paragraph
+    break (the kind of framing a chat template adds around the units)."""
+
+    def __call__(self, texts: Sequence[str]) -> list[int]:
+        return words(texts)
+
+    def count_prompt(self, body: dict) -> int:
+        messages = body["messages"]
+        return sum(len(m["content"].split()) + 4 + m["content"].count("\n\n") for m in messages)
+
+
+@pytest.mark.parametrize("history", ["rescore", "stable"])
+def test_a_budget_caps_the_billed_prompt_framing_included(history: str) -> None:
+    counter = FramedWords()
+    compressor = ContextCompressor(overlap_score, Settings(compression_history=history))
+    messages = rag_messages() + [{"role": "assistant", "content": "1859."}, rag_messages()[1]]
+    for chat in (rag_messages(), messages):
+        # 140: the units alone could fill it with three documents, whose framing would not fit.
+        budget = 140
+        result = asyncio.run(compressor.compress(chat, plan(ratio=None, budget_tokens=budget), counter))
+        assert result.outcome == "compressed"
+        billed = counter.count_prompt({"messages": result.messages})
+        assert billed <= budget
+
+
 @pytest.mark.parametrize(
     ("overrides", "outcome"),
     [({"enabled": False}, "disabled"), ({"threshold_tokens": 100_000}, "below_threshold")],
