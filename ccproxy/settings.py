@@ -153,8 +153,9 @@ class Settings(BaseSettings):
     )
     scoring_head_set: str | None = Field(
         default=None,
-        description="Name of the QR-head set in ccproxy/compression/heads/. Unset: the scoring "
-        "model's own set, or all heads of the middle layers if it has none.",
+        description="Name of the QR-head set in ccproxy/compression/heads/. Unset: the LoRA "
+        "adapter's heads.json when an adapter is loaded, else the scoring model's own set, or all "
+        "heads of the middle layers if it has none.",
     )
     scoring_dense: Literal["off", "fusion", "prefilter", "both"] = Field(
         default="both",
