@@ -3,9 +3,11 @@
 Every request of a chat resends the whole history. Deciding all of it again against each new
 question (``rescore``) changes the compressed history from turn to turn, and a provider's
 prompt cache, which bills a repeated prefix at a 50-90 % discount, then misses. ``stable``
-instead splits the chat into *turn segments*, each ending with a user message:
+instead splits the chat into *turn segments*, each ending with a user message that the
+assistant answered:
 
-* segment k = the messages after user message k-1 up to and including user message k; the
+* segment k = the messages after the end of segment k-1 up to and including the user message
+  that the assistant answered next (consecutive user messages stay together); the
   messages before the first user message (the system prompt) belong to the first segment and
   the messages after the last user message (a tool turn in progress) to the last one;
 * segment k is compressed as it was when it was the current turn: its own last user message is
@@ -58,13 +60,21 @@ from ccproxy.tokens import TokenCounter
 MEMO_ENTRIES = 4096
 
 
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None
+
+
 def turn_bounds(messages: Sequence[Any]) -> list[tuple[int, int]]:
-    """(start, end) of each turn segment; one segment for a chat with at most one user message."""
-    users = [i for i, message in enumerate(messages) if isinstance(message, dict) and message.get("role") == "user"]
-    if len(users) <= 1:
-        return [(0, len(messages))]
-    ends = [i + 1 for i in users[:-1]] + [len(messages)]
-    return list(zip([0, *ends[:-1]], ends))
+    """(start, end) of each turn segment. A turn ends with a user message that the assistant
+    answered, so consecutive user messages (documents, then the question) stay one turn, and
+    whatever follows the last user message (a tool exchange in progress) joins the last turn."""
+    last_user = max((i for i, message in enumerate(messages) if _role(message) == "user"), default=-1)
+    ends = [
+        i + 1
+        for i in range(last_user)
+        if _role(messages[i]) == "user" and _role(messages[i + 1]) == "assistant"
+    ]
+    return list(zip([0, *ends], [*ends, len(messages)]))
 
 
 @dataclass(frozen=True)

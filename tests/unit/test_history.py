@@ -75,6 +75,20 @@ def test_turn_bounds() -> None:
     assert turn_bounds(messages) == [(0, 2), (2, 6)]
     assert turn_bounds(messages[:3]) == [(0, 3)]
     assert turn_bounds([{"role": "system", "content": "s"}]) == [(0, 1)]
+    # Documents in one user message and the question in the next: one turn, never split.
+    documents_then_question = [messages[0], messages[1], {"role": "user", "content": "q"}]
+    assert turn_bounds(documents_then_question) == [(0, 3)]
+    assert turn_bounds(documents_then_question + messages[2:4] + messages[3:4]) == [(0, 3), (3, 6)]
+
+
+def test_documents_sent_apart_from_the_question_are_still_compressed() -> None:
+    *system_and_documents, question = rag_messages()[1]["content"].rsplit("\n\n", 1)
+    messages = [rag_messages()[0], {"role": "user", "content": system_and_documents[0]},
+                {"role": "user", "content": question}]
+    result = stable(messages, plan(), HistoryMemo())
+    assert result.outcome == "compressed"
+    assert result.tokens_after < result.tokens_before
+    assert "treaty of zurich was signed in 1859" in result.messages[1]["content"]  # scored against q
 
 
 def test_each_request_starts_with_what_the_previous_one_forwarded() -> None:
