@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# QR-head scorer speed on a CUDA GPU at Mistral-7B shapes in int4. Run from the repo root.
+# QR-head scorer speed on a CUDA GPU at Mistral-7B shapes in int4 (`bash bench/gpu_check.sh`), or
+# the QR-head LoRA's training step there (`bash bench/gpu_check.sh train`). Run from the repo root.
 # Needs torch (CUDA), transformers, accelerate and bitsandbytes; wheels missing on the host can
 # be put in .gpu/ (e.g. bitsandbytes), with SmolLM2's tokenizer files in .gpu/tokenizer/.
 set -euo pipefail
@@ -8,4 +9,6 @@ if ! python3 -c "import bitsandbytes" 2>/dev/null && ls .gpu/*.whl >/dev/null 2>
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-PYTHONUNBUFFERED=1 python3 -m bench.gpu_check "$@"
+module=bench.gpu_check
+if [ "${1:-}" = train ]; then shift; module=bench.gpu_train_check; fi
+PYTHONUNBUFFERED=1 python3 -m "$module" "$@"
