@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,34 +30,41 @@ def main() -> None:
     parser.add_argument("--documents", type=int, nargs="+", default=[8, 20])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per size, after one warm-up")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--upcast", type=lambda v: v == "float32", nargs="+", default=[True, False],
+                        metavar="{float32,bf16}", help="the base's embeddings and norms during QLoRA")
     args = parser.parse_args()
 
-    from training.data import build_training_data
-    from training.train_qr_lora import TrainConfig, build_scorer, held_out_check, optimizer_step, trainable
+    from training.train_qr_lora import TrainConfig
 
     started = time.perf_counter()
     if not (args.workdir / "config.json").exists():
         build_random_checkpoint(args.workdir, args.tokenizer)
     print(f"random checkpoint ready in {time.perf_counter() - started:.0f}s", flush=True)
 
-    config = TrainConfig(out=Path(tempfile.mkdtemp()), source=str(args.workdir), load_in_4bit=True,
-                         heads=DEFAULT_HEADS, batch_size=args.batch_size)
-    started = time.perf_counter()
-    scorer, _ = build_scorer(config)
-    n_trainable = sum(p.numel() for p in trainable(scorer))
-    print(f"NF4 base + LoRA in {time.perf_counter() - started:.0f}s; {n_trainable / 1e6:.2f} M trainable; "
-          f"GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
-    optimizer = torch.optim.AdamW(trainable(scorer), lr=config.learning_rate)
-
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | heads {len(DEFAULT_HEADS)}, "
           f"deepest layer {max(layer for layer, _ in DEFAULT_HEADS)}")
-    print("| documents | tokens per example (mean) | s per example | s per step of "
-          f"{args.batch_size} | peak GiB | 20-doc check s per item |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n_documents in args.documents:
-        data = build_training_data(n_documents, n_held_out=2, n_train=(args.steps + 1) * args.batch_size,
+    print("| base params (embeddings, norms) | documents | tokens per example (mean) | s per example "
+          f"| s per step of {args.batch_size} | peak GiB | 20-doc check s per item |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for upcast in args.upcast:
+        config = TrainConfig(out=Path(tempfile.mkdtemp()), source=str(args.workdir), load_in_4bit=True,
+                             heads=DEFAULT_HEADS, batch_size=args.batch_size, upcast_4bit_base=upcast)
+        measure(config, args.documents, args.steps)
+
+
+def measure(config: Any, documents: list[int], n_steps: int) -> None:
+    """One table row per item size: a fresh NF4 base with LoRA, one warm-up step, then ``n_steps`` timed."""
+    from training.data import build_training_data
+    from training.train_qr_lora import build_scorer, held_out_check, optimizer_step, trainable
+
+    torch.cuda.empty_cache()
+    scorer, _ = build_scorer(config)
+    optimizer = torch.optim.AdamW(trainable(scorer), lr=config.learning_rate)
+    label = "float32 (peft's prepare_model_for_kbit_training)" if config.upcast_4bit_base else "bf16 (as served)"
+    for n_documents in documents:
+        data = build_training_data(n_documents, n_held_out=2, n_train=(n_steps + 1) * config.batch_size,
                                    distractors="random")
-        batches = [data.train[i:i + args.batch_size] for i in range(0, len(data.train), args.batch_size)]
+        batches = [data.train[i:i + config.batch_size] for i in range(0, len(data.train), config.batch_size)]
         tokens = statistics.mean(
             len(scorer.tokenizer(item.question + " " + " ".join(item.document_texts()))["input_ids"])
             for item in data.train
@@ -65,7 +73,7 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step_seconds = []
-        for batch in batches[1:args.steps + 1]:
+        for batch in batches[1:n_steps + 1]:
             started = time.perf_counter()
             optimizer_step(scorer, optimizer, batch, config.learning_rate, config)
             torch.cuda.synchronize()
@@ -75,8 +83,9 @@ def main() -> None:
         held_out_check(scorer, data.held_out, config.temperature)  # the Compressor's inference path, LoRA on
         check_seconds = (time.perf_counter() - started) / max(1, len(data.held_out))
         step = statistics.median(step_seconds)
-        print(f"| {n_documents} | {tokens:,.0f} | {step / args.batch_size:.2f} | {step:.2f} | {peak:.1f} "
-              f"| {check_seconds:.2f} |", flush=True)
+        print(f"| {label} | {n_documents} | {tokens:,.0f} | {step / config.batch_size:.2f} | {step:.2f} "
+              f"| {peak:.1f} | {check_seconds:.2f} |", flush=True)
+    del scorer, optimizer
 
 
 if __name__ == "__main__":

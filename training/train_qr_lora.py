@@ -63,6 +63,10 @@ class TrainConfig:
     source: str | None = None  # None: the embedded SmolLM2; else a hub id, folder or .gguf
     dtype: str = "auto"  # auto: the scorer's own choice (bf16 on CUDA and on CPUs with native bf16)
     load_in_4bit: bool = False  # QLoRA (bitsandbytes NF4), CUDA only
+    # QLoRA: True runs peft's prepare_model_for_kbit_training (embeddings and norms in float32), so
+    # the residual stream and every saved activation is float32: 2.4x the peak memory on an H200
+    # at 20 documents (docs/TRAINING.md), for numbers the bf16 Compressor never computes.
+    upcast_4bit_base: bool = False
     heads: tuple[Head, ...] | None = None  # None: the base model's shipped set
     max_minutes: float | None = None  # stop early (and save) past this wall time
     resume: bool = False
@@ -151,10 +155,10 @@ def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
     model = loaded.model
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if config.load_in_4bit:
+    if config.load_in_4bit and config.upcast_4bit_base:
         from peft import prepare_model_for_kbit_training
 
-        # Our forward stops at the deepest selected layer and saves little; no checkpointing.
+        # No gradient checkpointing: our own forward (window_token_scores) runs the layers.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     heads = list(config.heads) if config.heads else scoring_head_set(loaded.name)
     if not heads:
@@ -355,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=defaults.dtype)
     parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base through bitsandbytes (CUDA only)")
+    parser.add_argument("--upcast-4bit-base", action="store_true",
+                        help="QLoRA: embeddings and norms in float32 (peft's prepare_model_for_kbit_training)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) past this training time")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
@@ -368,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         defaults, out=args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         warmup_steps=args.warmup_steps, temperature=args.temperature, rank=args.rank, alpha=args.alpha,
         targets=tuple(args.targets), eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, source=args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, heads=args.heads,
+        seed=args.seed, source=args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
+        upcast_4bit_base=args.upcast_4bit_base, heads=args.heads,
         max_minutes=args.max_minutes, resume=args.resume,
     )
     data = build_training_data(
