@@ -301,10 +301,6 @@ def serving(logs: Path, data: Path, database_url: str | None = None) -> Iterator
     compressor = f"http://127.0.0.1:{compressor_port}"
     gateway = f"http://127.0.0.1:{gateway_port}"
     quiet = {"OMP_WAIT_POLICY": "PASSIVE", "BENTOML_DO_NOT_TRACK": "true"}
-    # Each `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts and keeps
-    # its metrics there: two servers on one host need homes of their own, or the second wipes
-    # the first's metrics and both /metrics pages show the same (the second's) series.
-    homes = {name: str(logs / f"bentoml-home-{name}") for name in ("compressor", "gateway")}
     with ExitStack() as stack:
         stack.enter_context(running(
             [sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)],
@@ -313,12 +309,11 @@ def serving(logs: Path, data: Path, database_url: str | None = None) -> Iterator
         print(f"load: fast upstream on {upstream}", flush=True)
         stack.enter_context(running(
             bentoml_serve(compressor_port, "service:Compressor"), probe_url=f"{compressor}/readyz",
-            log=logs / "compressor.log", env={**quiet, "BENTOML_HOME": homes["compressor"], "CCPROXY_COMPRESSOR_GPUS": "0"}, timeout_s=300,
+            log=logs / "compressor.log", env={**quiet, "CCPROXY_COMPRESSOR_GPUS": "0"}, timeout_s=300,
         ))
         print(f"load: Compressor on {compressor}", flush=True)
         env = {
             **quiet,
-            "BENTOML_HOME": homes["gateway"],
             "CCPROXY_UPSTREAM_URL": f"{upstream}/v1",
             "CCPROXY_UPSTREAM_API_KEY": UPSTREAM_KEY,
             "CCPROXY_COMPRESSOR_URL": compressor,
@@ -335,6 +330,14 @@ def serving(logs: Path, data: Path, database_url: str | None = None) -> Iterator
 
 
 # --- report -----------------------------------------------------------------------------------
+
+
+def work_folder(cleanup: ExitStack, keep: Path | None, prefix: str) -> Path:
+    """``keep`` (made if missing) when given, else a temporary folder removed when ``cleanup`` closes."""
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        return keep
+    return Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
 
 def machine() -> dict[str, str]:
@@ -535,11 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows: list[Row] = []
     with ExitStack() as cleanup:
-        if args.keep:
-            work = args.keep
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ccproxy-load-")))
+        work = work_folder(cleanup, args.keep, "ccproxy-load-")
         (work / "data").mkdir(exist_ok=True)
         stack = cleanup.enter_context(serving(work, work / "data"))
         for scenario in scenarios:

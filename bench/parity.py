@@ -25,7 +25,6 @@ import secrets
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -34,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.load import BENCHMARKS_MD, machine, write_section
+from bench.load import BENCHMARKS_MD, machine, work_folder, write_section
 from bench.nq import Item, contains_answer, hard_distractor_items, load_records
 from bench.stats import PairedDifference, levenshtein, paired_bootstrap, share_within
 from tests.e2e.servers import REPO, bentoml_serve, create_key, free_port, llama_cpp_server, running
@@ -82,7 +81,6 @@ def serving(work: Path, upstream: str | None, upstream_key: str | None, gateway_
         gateway = f"http://127.0.0.1:{gateway_port}"
         env = {
             **quiet,
-            "BENTOML_HOME": str(work / "bentoml-home"),
             "CCPROXY_UPSTREAM_URL": upstream,
             "CCPROXY_DATA_DIR": str(work / "data"),
             "CCPROXY_COMPRESSOR_GPUS": "0",
@@ -481,11 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"{len(items)} items, {todo} still to answer (full once, then ratios {', '.join(ratios)})")
         if todo:
             with ExitStack() as cleanup:
-                if args.keep:
-                    work = args.keep
-                    work.mkdir(parents=True, exist_ok=True)
-                else:
-                    work = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ccproxy-parity-")))
+                work = work_folder(cleanup, args.keep, "ccproxy-parity-")
                 gateway_env = dict(pair.split("=", 1) for pair in args.gateway_env)
                 stack = cleanup.enter_context(serving(work, args.upstream, args.upstream_key, gateway_env))
                 run_items(stack, args.model, items, ratios, args.max_tokens, rows,

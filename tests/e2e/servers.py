@@ -78,6 +78,9 @@ def running(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``command`` in its own process group until the block ends."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    # Each `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts: servers
+    # sharing one home would wipe each other's metrics, so each gets its own beside its log.
+    child_env["BENTOML_HOME"] = str(log.parent / f"{log.stem}-bentoml-home")
     child_env.update(env or {})
     with log.open("wb") as sink:
         process = subprocess.Popen(
