@@ -126,3 +126,23 @@ def test_summarise_counts_em_distance_ratio_and_header_identity() -> None:
     assert summary.kept_total == pytest.approx(250 / 401)
     assert summary.header_after_is_upstream == 2 and summary.header_sum_holds == 3
     assert summary.before_is_full_bill == 2 and summary.before_max_gap == 1
+
+
+def test_the_headline_calls_a_gain_or_a_loss_only_where_the_interval_excludes_zero() -> None:
+    from dataclasses import replace
+
+    from bench.parity import em_verdict, parity_holds, summarise
+    from bench.stats import PairedDifference
+
+    rows = [{"answers": ["Paris"], "full": _answer("Paris.", 100, 100, 100, "disabled"),
+             "compressed": {"0.5": _answer("Paris.", 100, 50, 50)}}]
+    base = summarise(rows, "0.5")
+    verdicts = {}
+    for low, high in ((0.005, 0.13), (-0.04, 0.05), (-0.09, -0.01)):
+        summary = replace(base, difference=PairedDifference(0.0, low, high, 0.95, 10_000))
+        verdicts[(low, high)] = (em_verdict(summary), parity_holds(summary))
+    assert verdicts == {
+        (0.005, 0.13): ("a measurable EM gain", True),
+        (-0.04, 0.05): ("no measurable EM difference", True),
+        (-0.09, -0.01): ("a measurable EM loss", False),
+    }
