@@ -13,11 +13,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from bench.gpu_check import build_random_checkpoint
+from training.data import build_training_data
+from training.train_qr_lora import TrainConfig, build_scorer, held_out_check, optimizer_step, trainable
 
 # Four layers up to 20: LoRA then adapts layers 0-20, the 21 layers TRAINING.md's estimate assumes.
 DEFAULT_HEADS = tuple((layer, head) for layer in (8, 12, 16, 20) for head in (0, 7, 15, 23))
@@ -33,8 +34,6 @@ def main() -> None:
     parser.add_argument("--upcast", type=lambda v: v == "float32", nargs="+", default=[True, False],
                         metavar="{float32,bf16}", help="the base's embeddings and norms during QLoRA")
     args = parser.parse_args()
-
-    from training.train_qr_lora import TrainConfig
 
     started = time.perf_counter()
     if not (args.workdir / "config.json").exists():
@@ -52,11 +51,8 @@ def main() -> None:
         measure(config, args.documents, args.steps)
 
 
-def measure(config: Any, documents: list[int], n_steps: int) -> None:
+def measure(config: TrainConfig, documents: list[int], n_steps: int) -> None:
     """One table row per item size: a fresh NF4 base with LoRA, one warm-up step, then ``n_steps`` timed."""
-    from training.data import build_training_data
-    from training.train_qr_lora import build_scorer, held_out_check, optimizer_step, trainable
-
     torch.cuda.empty_cache()
     scorer, _ = build_scorer(config)
     optimizer = torch.optim.AdamW(trainable(scorer), lr=config.learning_rate)
