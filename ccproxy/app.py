@@ -24,6 +24,7 @@ from ccproxy.auth import Authenticator, Principal
 from ccproxy.chat import ChatParts, complete_chat, limit_key
 from ccproxy.compression.gateway import compress_response
 from ccproxy.limits import ConcurrencyLimitMiddleware, RateLimiter
+from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
 from ccproxy.protocol import ProxyError, error_body, parse_compress_request
 from ccproxy.settings import Settings
@@ -124,13 +125,25 @@ def _state(request: Request, name: str) -> Any:
     return value
 
 
+def _observer(app: FastAPI) -> ChatObserver:
+    """The metrics of the wired parts; none before the service has wired them."""
+    parts: ChatParts | None = getattr(app.state, "parts", None)
+    return parts.metrics if parts is not None else NoMetrics()
+
+
 def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="ccproxy", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
     # Added first, so it runs inside the request-id middleware and its 503s carry the id too.
-    app.add_middleware(ConcurrencyLimitMiddleware, cap=settings.max_concurrent_requests, paths=LIMITED_PATHS)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware, cap=settings.max_concurrent_requests, paths=LIMITED_PATHS,
+        on_refused=lambda: _observer(app).refused("overloaded"),
+    )
     app.add_middleware(RequestContextMiddleware)
     # One per worker process: BentoML imports the service (and so builds this app) in each.
-    limiter = RateLimiter(settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute)
+    limiter = RateLimiter(
+        settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute,
+        on_refused=lambda kind: _observer(app).refused(f"{kind}_per_minute"),
+    )
 
     async def principal_of(request: Request) -> Principal:
         gate: Authenticator = _state(request, "gate")

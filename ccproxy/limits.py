@@ -108,21 +108,28 @@ class RateLimiter:
     """Requests per minute and tokens per minute per API key; a limit of 0 is off."""
 
     def __init__(
-        self, requests_per_minute: int, tokens_per_minute: int, clock: Callable[[], float] = time.monotonic
+        self,
+        requests_per_minute: int,
+        tokens_per_minute: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[Kind], None] = lambda kind: None,
     ) -> None:
         self._requests = _PerMinute(requests_per_minute, clock) if requests_per_minute else None
         self._tokens = _PerMinute(tokens_per_minute, clock) if tokens_per_minute else None
+        self._on_refused = on_refused
 
     def admit_request(self, key: str) -> None:
         if self._requests is not None:
             wait = self._requests.take(key, 1)
             if wait > 0:
+                self._on_refused("requests")
                 raise rate_limited("requests", self._requests.limit, wait)
 
     def admit_tokens(self, key: str, tokens: int) -> None:
         if self._tokens is not None:
             wait = self._tokens.take(key, tokens)
             if wait > 0:
+                self._on_refused("tokens")
                 raise rate_limited("tokens", self._tokens.limit, wait)
 
     def charge_tokens(self, key: str, tokens: int) -> None:
@@ -159,16 +166,20 @@ class ConcurrencyLimitMiddleware:
     It wraps the whole response, so a streamed answer holds its slot until its last byte.
     """
 
-    def __init__(self, app: ASGIApp, cap: int, paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, cap: int, paths: frozenset[str], on_refused: Callable[[], None] = lambda: None
+    ) -> None:
         self.app = app
         self.gate = ConcurrencyGate(cap)
         self._paths = paths
+        self._on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self._paths or not self.gate.cap:
             await self.app(scope, receive, send)
             return
         if not self.gate.enter():
+            self._on_refused()
             response = JSONResponse(
                 error_body(
                     "The server is handling too many requests right now; please retry shortly.",

@@ -29,6 +29,8 @@ class ChatObserver(Protocol):
 
     def compressed(self, outcome: str, seconds: float) -> None: ...
 
+    def refused(self, reason: str) -> None: ...
+
     def upstream_answered(self, seconds: float, status: int | None) -> None: ...
 
     def finished(
@@ -38,6 +40,9 @@ class ChatObserver(Protocol):
 
 class NoMetrics:
     def compressed(self, outcome: str, seconds: float) -> None:
+        return None
+
+    def refused(self, reason: str) -> None:
         return None
 
     def upstream_answered(self, seconds: float, status: int | None) -> None:
@@ -60,11 +65,15 @@ class GatewayMetrics:
     fail_open: Any
     upstream_latency: Any
     upstream_errors: Any
+    refused_requests: Any
 
     def compressed(self, outcome: str, seconds: float) -> None:
         self.compression_latency.labels(outcome=outcome).observe(seconds)
         if outcome == "failed":
             self.fail_open.inc()
+
+    def refused(self, reason: str) -> None:
+        self.refused_requests.labels(reason=reason).inc()
 
     def upstream_answered(self, seconds: float, status: int | None) -> None:
         self.upstream_latency.observe(seconds)
@@ -104,6 +113,12 @@ def gateway_metrics() -> GatewayMetrics:
         ),
         upstream_errors=Counter(
             "upstream_errors", "Upstream answers >= 400 and transport failures.", ["status_class"]
+        ),
+        refused_requests=Counter(
+            "requests_refused",
+            "Chat and compress requests refused before any work by a rate limit (requests_per_minute, "
+            "tokens_per_minute) or the concurrency cap (overloaded).",
+            ["reason"],
         ),
     )
 

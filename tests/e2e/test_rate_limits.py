@@ -62,10 +62,21 @@ def _assert_limited(response: httpx.Response, status: int, kind: str, code: str)
     return retry_after
 
 
+def _refused(base: str, reason: str) -> float:
+    """``requests_refused_total{reason=...}`` on the gateway's /metrics (0 before the first)."""
+    response = httpx.get(f"{base}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200
+    wanted = f'requests_refused_total{{reason="{reason}"}}'
+    values = [float(line.rpartition(" ")[2]) for line in response.text.splitlines() if line.startswith(wanted + " ")]
+    return values[0] if values else 0.0
+
+
 def test_requests_per_minute_per_key(limited_gateway: str, new_key, database_url: str) -> None:
     key, other = new_key("rpm-a"), new_key("rpm-b")
+    refused_before = _refused(limited_gateway, "requests_per_minute")
     assert [_chat(limited_gateway, key).status_code for _ in range(3)] == [200, 200, 200]
     retry_after = _assert_limited(_chat(limited_gateway, key), 429, "requests", "rate_limit_exceeded")
+    assert _refused(limited_gateway, "requests_per_minute") == refused_before + 1
     assert retry_after <= 20  # one request comes back every 60 / 3 s
     assert _chat(limited_gateway, other).status_code == 200  # another key is not affected
     time.sleep(1)  # a refused request is not usage: three events, not four
@@ -75,13 +86,16 @@ def test_requests_per_minute_per_key(limited_gateway: str, new_key, database_url
 def test_tokens_per_minute_per_key(limited_gateway: str, new_key) -> None:
     key = new_key("tpm")
     long_prompt = "word " * 300  # ~300 prompt tokens against a budget of 400 per minute
+    refused_before = _refused(limited_gateway, "tokens_per_minute")
     assert _chat(limited_gateway, key, long_prompt).status_code == 200
     retry_after = _assert_limited(_chat(limited_gateway, key, long_prompt), 429, "tokens", "rate_limit_exceeded")
+    assert _refused(limited_gateway, "tokens_per_minute") == refused_before + 1
     assert retry_after <= 60
 
 
 def test_concurrency_cap_per_worker(limited_gateway: str, new_key) -> None:
     key = new_key("concurrency")
+    refused_before = _refused(limited_gateway, "overloaded")
     results: list[httpx.Response] = []
 
     def slow() -> None:  # the upstream holds each of these for 3 s
@@ -96,4 +110,5 @@ def test_concurrency_cap_per_worker(limited_gateway: str, new_key) -> None:
         thread.join()
     _assert_limited(third, 503, "server_error", "server_overloaded")
     assert [r.status_code for r in results] == [200, 200]
+    assert _refused(limited_gateway, "overloaded") == refused_before + 1
     assert _chat(limited_gateway, key).status_code == 200  # the slots are free again

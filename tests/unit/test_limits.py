@@ -111,3 +111,52 @@ def test_concurrency_gate_admits_up_to_its_cap() -> None:
     assert gate.enter()
     unlimited = ConcurrencyGate(0)
     assert all(unlimited.enter() for _ in range(1000))
+
+
+def test_each_refusal_is_reported_once_with_its_limit() -> None:
+    refused: list[str] = []
+    limiter = RateLimiter(requests_per_minute=1, tokens_per_minute=60, clock=Clock(), on_refused=refused.append)
+    limiter.admit_request("a")
+    limiter.admit_tokens("a", 60)
+    assert refused == []  # admitted work is not a refusal
+    _refusal(lambda: limiter.admit_request("a"))
+    _refusal(lambda: limiter.admit_tokens("a", 1))
+    assert refused == ["requests", "tokens"]
+
+
+def test_the_concurrency_cap_reports_what_it_refuses() -> None:
+    import asyncio
+
+    from ccproxy.limits import ConcurrencyLimitMiddleware
+
+    release = asyncio.Event()
+    refusals: list[str] = []
+
+    async def slow_app(scope, receive, send) -> None:
+        if scope["path"] == "/v1/chat/completions":
+            await release.wait()
+
+    async def run() -> list[int]:
+        middleware = ConcurrencyLimitMiddleware(
+            slow_app, cap=1, paths=frozenset({"/v1/chat/completions"}), on_refused=lambda: refusals.append("overloaded")
+        )
+        statuses: list[int] = []
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": []}
+        holder = asyncio.create_task(middleware(scope, receive, send))
+        await asyncio.sleep(0)  # the first request takes the only slot
+        await middleware(scope, receive, send)
+        await middleware({**scope, "path": "/livez"}, receive, send)  # not a capped path
+        release.set()
+        await holder
+        return statuses
+
+    assert asyncio.run(run()) == [503]
+    assert refusals == ["overloaded"]
