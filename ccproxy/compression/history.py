@@ -58,6 +58,11 @@ from ccproxy.tokens import TokenCounter
 # the newest segments of a few hundred live chats per worker; an evicted one is recomputed with
 # the same result, so the bound trades scoring time, never correctness.
 MEMO_ENTRIES = 4096
+# A chat this worker has not seen has every turn to score. Sent all at once, a long one queues
+# whole at the Compressor, which goes on scoring it after the Gateway has given up on it
+# (CCPROXY_COMPRESSOR_TIMEOUT_S) and delays everyone else's requests; with a bounded fan-out at
+# most this many are left behind. 16 fills one batch at the default CCPROXY_COMPRESSOR_MAX_BATCH_SIZE.
+SEGMENTS_IN_FLIGHT = 16
 
 
 def _role(message: Any) -> Any:
@@ -159,9 +164,9 @@ async def compress_stable(
         k: skipped(s.segmentation, s.tokens, plan, raw_upto[k]) for k, s in enumerate(segments) if s.found is None
     }
     # Scoring a segment needs nothing from the others, so the misses (every segment, on a worker
-    # that has not seen this chat) go to the scorer at once, where they can share a batch.
+    # that has not seen this chat) go to the scorer together, where they can share a batch.
     to_score = [k for k, reason in reasons.items() if reason is None]
-    scored = await asyncio.gather(*(score_units(segments[k].segmentation, score) for k in to_score))
+    scored = await score_bounded([segments[k].segmentation for k in to_score], score, SEGMENTS_IN_FLIGHT)
     scores = dict(zip(to_score, scored))
 
     forwarded: list[dict[str, Any]] = []
@@ -194,6 +199,18 @@ async def compress_stable(
     if plan.budget_tokens is not None and kept_total + framing > plan.budget_tokens:
         return await compress_messages(messages, plan, count_tokens=count_tokens, score=score)
     return Compression(forwarded, "compressed", raw_total, kept_total, tuple(reports))
+
+
+async def score_bounded(segmentations: Sequence[Segmentation], score: Scorer, in_flight: int) -> list[list[float]]:
+    """``score_units`` of each, in order, with at most ``in_flight`` scorer calls at a time; when
+    the caller is cancelled (the compressor timeout), the calls not yet made are never made."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(segmentation: Segmentation) -> list[float]:
+        async with gate:
+            return await score_units(segmentation, score)
+
+    return list(await asyncio.gather(*(one(s) for s in segmentations)))
 
 
 def _look_up(

@@ -214,3 +214,51 @@ def test_the_gateway_picks_the_policy_from_the_settings() -> None:
 def test_the_history_setting_reads_the_environment(monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
     monkeypatch.setenv("CCPROXY_COMPRESSION_HISTORY", policy)
     assert Settings().compression_history == policy
+
+
+class SlowScorer:
+    """Counts the scorer calls started and the most at once; each takes ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = 0
+        self.running = 0
+        self.most = 0
+
+    async def __call__(self, query: str, units: Sequence[str]) -> list[float]:
+        self.started += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.seconds)
+            return await overlap_score(query, units)
+        finally:
+            self.running -= 1
+
+
+def test_a_new_long_chat_is_scored_a_few_turns_at_a_time() -> None:
+    from ccproxy.compression.history import SEGMENTS_IN_FLIGHT
+
+    compression_plan = plan(ratio=0.4, threshold_tokens=0)
+    messages = chat(12) * 3  # 34 turns (each copy's last question runs into the next copy), none seen
+    n_turns = len(turn_bounds(messages))
+    scorer = SlowScorer(0.001)
+    bounded = stable(messages, compression_plan, HistoryMemo(), scorer)
+    assert scorer.started == n_turns and scorer.most == SEGMENTS_IN_FLIGHT < n_turns
+    assert bounded == stable(messages, compression_plan, HistoryMemo())  # the same decisions
+
+
+def test_turns_not_yet_sent_to_the_scorer_are_dropped_when_the_gateway_gives_up() -> None:
+    from ccproxy.compression.history import SEGMENTS_IN_FLIGHT
+
+    scorer = SlowScorer(0.2)
+
+    async def timed_out() -> None:
+        work = compress_stable(chat(12) * 3, plan(threshold_tokens=0), count_tokens=words, score=scorer,
+                               memo=HistoryMemo())
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(work, timeout=0.05)
+        await asyncio.sleep(0.5)  # long enough for every call to have started, were any left queued
+
+    asyncio.run(timed_out())
+    assert scorer.started == SEGMENTS_IN_FLIGHT
