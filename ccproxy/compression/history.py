@@ -169,6 +169,15 @@ async def compress_stable(
     scored = await score_bounded([segments[k].segmentation for k in to_score], score, SEGMENTS_IN_FLIGHT)
     scores = dict(zip(to_score, scored))
 
+    # The chat's framing up to the end of turn k; the last turn's is the whole request's, which
+    # the budget check below needs again, so each is counted once.
+    framing_upto: dict[int, int] = {}
+
+    def framing_through(k: int) -> int:
+        if k not in framing_upto:
+            framing_upto[k] = framing_tokens(messages[: bounds[k][1]], raw_upto[k], plan, count_tokens)
+        return framing_upto[k]
+
     forwarded: list[dict[str, Any]] = []
     reports: list[UnitReport] = []
     kept_total = 0
@@ -182,8 +191,7 @@ async def compress_stable(
                 # A budget counts what was sent before as protected (the history's forms are
                 # fixed) and the framing of the chat up to this turn only, so that the decision
                 # never depends on later turns.
-                framing = framing_tokens(messages[: bounds[k][1]], raw_upto[k], plan, count_tokens)
-                decision = choose(s.segmentation, s.tokens, scores[k], plan, kept_total + framing)
+                decision = choose(s.segmentation, s.tokens, scores[k], plan, kept_total + framing_through(k))
             s.found = SegmentDecision(decision, s.tokens)
             memo.put(s.key, s.found)
         reports.extend(unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports)))
@@ -195,8 +203,7 @@ async def compress_stable(
     if "compressed" not in outcomes:
         # The threshold is on the raw chat so far, so the newest segment says why for the request.
         return Compression(messages, outcomes[-1], raw_total, raw_total, tuple(reports))
-    framing = framing_tokens(messages, raw_total, plan, count_tokens)
-    if plan.budget_tokens is not None and kept_total + framing > plan.budget_tokens:
+    if plan.budget_tokens is not None and kept_total + framing_through(len(segments) - 1) > plan.budget_tokens:
         return await compress_messages(messages, plan, count_tokens=count_tokens, score=score)
     return Compression(forwarded, "compressed", raw_total, kept_total, tuple(reports))
 
