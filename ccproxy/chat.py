@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -23,8 +23,10 @@ from fastapi.responses import Response, StreamingResponse
 from ccproxy.auth import Principal
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.pipeline import Compression
+from ccproxy.completion_tally import CompletionTally
 from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
+from ccproxy.image_urls import enforce_image_policy
 from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.protocol import ProxyError, compression_control, error_body, parse_chat_request, sse_event, sse_fields
 from ccproxy.tokens import PromptCounter
@@ -103,14 +105,27 @@ class _Ledger:
     usage: UpstreamUsage | None = None
     finished: bool = False
     settle: Callable[[int], None] | None = None
+    # Set once the upstream accepted the request (its answer started): from then on the
+    # provider bills it, whether or not the answer reaches its end.
+    upstream_accepted: bool = False
+    tally: CompletionTally | None = None  # a stream's completion so far
+    count_texts: Callable[[Sequence[str]], list[int]] | None = None
 
     def figures(self) -> TokenFigures:
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
         return token_figures(self.counted_before, self.counted_after, prompt_tokens)
 
+    def _cut_short_usage(self) -> UpstreamUsage:
+        """A stream that ended before its usage chunk: our prompt count and the completion
+        tokens that reached us."""
+        seen = self.tally.tokens(self.count_texts) if self.tally and self.count_texts else 0
+        return UpstreamUsage(None, seen)
+
     def event(self, status: int) -> UsageEvent:
-        # A refused request is not billed by the upstream, so it carries no tokens either.
-        figures = self.figures() if status < 400 else TokenFigures(0, 0, 0)
+        if status >= 400 and self.upstream_accepted and self.usage is None:
+            self.usage = self._cut_short_usage()
+        # A request the upstream refused is not billed by it, so it carries no tokens either.
+        figures = self.figures() if status < 400 or self.upstream_accepted else TokenFigures(0, 0, 0)
         return UsageEvent(
             event_id=new_event_id(),
             account_id=self.principal.account_id,
@@ -139,7 +154,7 @@ class _Ledger:
             event.tokens_before, event.tokens_saved, event.tokens_after,
         )
         log_request(self.request_id, event)
-        if self.settle is not None and status < 400:
+        if self.settle is not None and (status < 400 or self.upstream_accepted):
             self.settle(tokens_to_settle(self.counted_after, self.usage))
         return event
 
@@ -156,12 +171,19 @@ class _Ledger:
 
 
 async def _compressed(
-    parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], counter: PromptCounter
+    parts: ChatParts,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    counter: PromptCounter,
+    prompt_tokens: int | None,
+    account_id: str,
 ) -> tuple[dict[str, Any], Compression, float]:
     control, body = compression_control(headers, body)
     started = time.perf_counter()
     compressor = parts.compressor
-    compression = await compressor.compress_or_original(body["messages"], compressor.plan(control), counter)
+    compression = await compressor.compress_or_original(
+        body["messages"], compressor.plan(control), counter, prompt_tokens=prompt_tokens, scope=account_id
+    )
     elapsed = time.perf_counter() - started
     parts.metrics.compressed(compression.outcome, elapsed)
     if compression.outcome == "compressed":
@@ -201,23 +223,31 @@ async def complete_chat(
 ) -> Response:
     started = time.perf_counter()
     original, chat = parse_chat_request(raw)
+    enforce_image_policy(original)  # SSRF: which image URLs an upstream may be asked to fetch
     counter = await asyncio.to_thread(parts.counter_for, chat.model)
-    forwarded, compression, compression_ms = await _compressed(parts, original, headers, counter)
-    counted_before = await asyncio.to_thread(_count_prompt, counter, original)
+    # Counting is CPU work that grows with the prompt: a large one runs in a bounded thread.
+    heavy_work = parts.compressor.heavy_work
+    counted_before = await heavy_work(len(raw), _count_prompt, counter, original)
+    key = limit_key(principal)
+    if limiter is not None:
+        # On the raw count, before any scoring: a key over its limit costs no compression work.
+        limiter.admit_tokens(key, counted_before)
+    forwarded, compression, compression_ms = await _compressed(
+        parts, original, headers, counter, counted_before or None, principal.account_id
+    )
     counted_after = (
-        await asyncio.to_thread(_count_prompt, counter, forwarded)
+        await heavy_work(len(raw), _count_prompt, counter, forwarded)
         if compression.outcome == "compressed"
         else counted_before
     )
     settle = None
     if limiter is not None:
-        key = limit_key(principal)
-        limiter.admit_tokens(key, counted_after)  # after compression: the tokens that are sent
+        limiter.refund_tokens(key, counted_before - counted_after)  # dropped tokens are not sent
         settle = functools.partial(limiter.charge_tokens, key)
     stream = bool(chat.stream)
     ledger = _Ledger(
         parts, request_id, principal, chat.model, counter.name, stream, compression.outcome, compression_ms,
-        counted_before, counted_after, started, settle=settle,
+        counted_before, counted_after, started, settle=settle, count_texts=counter,
     )
     caller_asked = caller_asked_for_usage(forwarded)
     if stream:
@@ -228,6 +258,7 @@ async def complete_chat(
         await ledger.finish(exc.status)
         raise
     compression_header = {"x-compression": compression.outcome}
+    ledger.upstream_accepted = reply.status < 400
     if reply.events is None:
         if reply.status == 200:
             ledger.usage = usage_of_body(reply.body)
@@ -262,8 +293,10 @@ async def _relay(events: AsyncIterator[bytes], ledger: _Ledger, caller_asked: bo
     def learn(usage: UpstreamUsage) -> None:
         ledger.usage = usage
 
+    ledger.tally = tally = CompletionTally()
     try:
         async for event in tap_usage(events, caller_asked, learn):
+            tally.feed(event)
             if _is_done(event):
                 await ledger.finish(200)
             yield event

@@ -59,6 +59,13 @@ def debit(bucket: Bucket, cost: float, capacity: float, per_second: float, now: 
     return Bucket(current.level - cost, current.at)
 
 
+def credit(bucket: Bucket, amount: float, capacity: float, per_second: float, now: float) -> Bucket:
+    """Give back units taken for work that did not happen (prompt tokens compression dropped);
+    never above the capacity."""
+    current = refilled(bucket, capacity, per_second, now)
+    return Bucket(min(capacity, current.level + amount), current.at)
+
+
 def retry_after_header(seconds: float) -> str:
     """HTTP's Retry-After takes whole seconds; rounding down would invite a second refusal."""
     return str(max(1, math.ceil(seconds)))
@@ -90,6 +97,10 @@ class _PerMinute:
     def charge(self, key: str, cost: float) -> None:
         now = self._clock()
         self._buckets[key] = debit(self._bucket(key, now), cost, self.limit, self._per_second, now)
+
+    def refund(self, key: str, amount: float) -> None:
+        now = self._clock()
+        self._buckets[key] = credit(self._bucket(key, now), amount, self.limit, self._per_second, now)
 
 
 def rate_limited(kind: Kind, limit: int, wait_s: float) -> ProxyError:
@@ -135,6 +146,10 @@ class RateLimiter:
     def charge_tokens(self, key: str, tokens: int) -> None:
         if self._tokens is not None and tokens > 0:
             self._tokens.charge(key, tokens)
+
+    def refund_tokens(self, key: str, tokens: int) -> None:
+        if self._tokens is not None and tokens > 0:
+            self._tokens.refund(key, tokens)
 
 
 # --- concurrency cap --------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from pydantic import (
     field_validator,
 )
 
+from ccproxy.identifiers import EndUserId, ModelName
+
 
 class ProxyError(Exception):
     """An error that ccproxy itself answers with, in the OpenAI error shape."""
@@ -93,8 +95,9 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr = Field(min_length=1)
+    model: ModelName = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
+    user: EndUserId | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
 
@@ -169,7 +172,7 @@ class CompressRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     ratio: float | None = Field(default=None, gt=0, le=1)
     budget: int | None = Field(default=None, ge=1)
-    model: StrictStr | None = None  # accepted so a chat body can be sent as it is; unused
+    model: ModelName | None = None  # picks the tokenizer; recorded with the compress usage event
 
 
 _Request = TypeVar("_Request", bound=BaseModel)

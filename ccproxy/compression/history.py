@@ -40,6 +40,7 @@ from ccproxy.compression.pipeline import (
     Compression,
     CompressionPlan,
     Decision,
+    Execution,
     Outcome,
     Scorer,
     UnitReport,
@@ -153,12 +154,16 @@ async def compress_stable(
     count_tokens: TokenCounter,
     score: Scorer,
     memo: HistoryMemo,
+    execution: Execution = Execution(),
+    scope: str = "",
 ) -> Compression:
-    """The ``stable`` policy (module docstring); a single-segment chat is exactly ``rescore``."""
+    """The ``stable`` policy (module docstring); a single-segment chat is exactly ``rescore``.
+    ``scope`` (the account) is part of every memo key: one account's chat never reads another's
+    decisions, even for byte-identical messages."""
     bounds = turn_bounds(messages)
     if len(bounds) == 1 or not plan.enabled:
-        return await compress_messages(messages, plan, count_tokens=count_tokens, score=score)
-    segments = _look_up(messages, bounds, plan, count_tokens, memo)
+        return await compress_messages(messages, plan, count_tokens=count_tokens, score=score, execution=execution)
+    segments = await execution.run(_look_up, messages, bounds, plan, count_tokens, memo, execution, scope)
     raw_upto = list(accumulate(sum(s.tokens) for s in segments))
     reasons = {
         k: skipped(s.segmentation, s.tokens, plan, raw_upto[k]) for k, s in enumerate(segments) if s.found is None
@@ -173,9 +178,11 @@ async def compress_stable(
     # the budget check below needs again, so each is counted once.
     framing_upto: dict[int, int] = {}
 
-    def framing_through(k: int) -> int:
+    async def framing_through(k: int) -> int:
         if k not in framing_upto:
-            framing_upto[k] = framing_tokens(messages[: bounds[k][1]], raw_upto[k], plan, count_tokens)
+            framing_upto[k] = await execution.run(
+                framing_tokens, messages[: bounds[k][1]], raw_upto[k], plan, count_tokens
+            )
         return framing_upto[k]
 
     forwarded: list[dict[str, Any]] = []
@@ -191,7 +198,7 @@ async def compress_stable(
                 # A budget counts what was sent before as protected (the history's forms are
                 # fixed) and the framing of the chat up to this turn only, so that the decision
                 # never depends on later turns.
-                decision = choose(s.segmentation, s.tokens, scores[k], plan, kept_total + framing_through(k))
+                decision = choose(s.segmentation, s.tokens, scores[k], plan, kept_total + await framing_through(k))
             s.found = SegmentDecision(decision, s.tokens)
             memo.put(s.key, s.found)
         reports.extend(unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports)))
@@ -203,8 +210,8 @@ async def compress_stable(
     if "compressed" not in outcomes:
         # The threshold is on the raw chat so far, so the newest segment says why for the request.
         return Compression(messages, outcomes[-1], raw_total, raw_total, tuple(reports))
-    if plan.budget_tokens is not None and kept_total + framing_through(len(segments) - 1) > plan.budget_tokens:
-        return await compress_messages(messages, plan, count_tokens=count_tokens, score=score)
+    if plan.budget_tokens is not None and kept_total + await framing_through(len(segments) - 1) > plan.budget_tokens:
+        return await compress_messages(messages, plan, count_tokens=count_tokens, score=score, execution=execution)
     return Compression(forwarded, "compressed", raw_total, kept_total, tuple(reports))
 
 
@@ -226,16 +233,23 @@ def _look_up(
     plan: CompressionPlan,
     count_tokens: TokenCounter,
     memo: HistoryMemo,
+    execution: Execution,
+    scope: str,
 ) -> list[_Segment]:
-    """Each segment with its memoised decision where there is one; misses are counted here."""
+    """Each segment with its memoised decision where there is one; misses are counted here.
+    Blocking (segmentation, hashing): the caller runs it through ``execution``."""
     counter = counter_identity(count_tokens)
     digest = b""
     segments = []
+    units_left = execution.max_units
     for start, end in bounds:
         part = messages[start:end]
-        segmentation = segment(part, protect_system=plan.protect_system)
+        # The cap is on the whole request's units, whichever segments they fall in.
+        segmentation = segment(part, protect_system=plan.protect_system, max_units=units_left)
+        if units_left is not None:
+            units_left -= len(segmentation.units)
         digest = chain_digest(digest, part)
-        key = (digest, plan, counter)
+        key = (scope, digest, plan, counter)
         found = memo.get(key)
         tokens = found.tokens if found else tuple(count_tokens([unit.text for unit in segmentation.units]))
         segments.append(_Segment(segmentation, key, found, tokens))

@@ -8,14 +8,35 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from ccproxy.compression.offload import Offload, inline
 from ccproxy.compression.policy import allowance, select, should_compress
 from ccproxy.compression.units import Segmentation, Unit, UnitKind, rebuild, segment
 from ccproxy.tokens import TokenCounter
 
+T = TypeVar("T")
 Scorer = Callable[[str, Sequence[str]], Awaitable[list[float]]]
-Outcome = Literal["compressed", "disabled", "below_threshold", "nothing_to_drop", "failed"]
+Outcome = Literal["compressed", "disabled", "below_threshold", "nothing_to_drop", "too_large", "failed"]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where the CPU-heavy steps of one compression run and how far segmentation may go."""
+
+    offload: Offload = inline
+    size_chars: int = 0  # the request's size, which decides whether ``offload`` uses a thread
+    max_units: int | None = None  # units.TooManyUnits beyond this
+
+    def segment_and_count(
+        self, messages: list[dict[str, Any]], plan: CompressionPlan, count_tokens: TokenCounter
+    ) -> tuple[Segmentation, list[int]]:
+        """Blocking: segmentation and its unit token counts (call through ``run``)."""
+        segmentation = segment(messages, protect_system=plan.protect_system, max_units=self.max_units)
+        return segmentation, list(count_tokens([unit.text for unit in segmentation.units]))
+
+    def run(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]:
+        return self.offload(self.size_chars, fn, *args)
 
 
 @dataclass(frozen=True)
@@ -150,14 +171,14 @@ async def compress_messages(
     *,
     count_tokens: TokenCounter,
     score: Scorer,
+    execution: Execution = Execution(),
 ) -> Compression:
     """Every droppable unit of the request decided against its current question."""
-    segmentation = segment(messages, protect_system=plan.protect_system)
+    segmentation, tokens = await execution.run(execution.segment_and_count, messages, plan, count_tokens)
     units = segmentation.units
-    tokens = count_tokens([unit.text for unit in units])
     reason = skipped(segmentation, tokens, plan)
     if reason is None:
-        framing = framing_tokens(messages, sum(tokens), plan, count_tokens)
+        framing = await execution.run(framing_tokens, messages, sum(tokens), plan, count_tokens)
         decision = choose(segmentation, tokens, await score_units(segmentation, score), plan, framing)
     else:
         decision = keep_everything(units, reason)

@@ -1,0 +1,58 @@
+"""CPU-heavy steps of a request (segmenting, token counting) off the event loop, bounded.
+
+A worker's event loop serves every request on it, ``/readyz`` included; seconds of
+segmentation inside it stall them all, and ``asyncio.wait_for`` cannot interrupt code that
+never yields. Large inputs therefore run in a thread, at most ``concurrency`` at a time, and a
+slot is given back only when the thread has finished, not when its caller gave up on it, so
+abandoned work still counts against the bound. Small inputs run inline: a thread hop costs
+more than their work, and they never queue behind a large one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    def __call__(self, size_chars: int, fn: Callable[..., T], /, *args: object) -> Awaitable[T]: ...
+
+
+async def inline(size_chars: int, fn: Callable[..., T], /, *args: object) -> T:
+    """Runs ``fn`` in the caller's thread: for tests, scripts and the in-process compressor."""
+    return fn(*args)
+
+
+class HeavyWork:
+    """An ``Offload``: inputs of at least ``min_chars`` run in threads, ``concurrency`` at once."""
+
+    def __init__(self, concurrency: int, min_chars: int) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self._slots = asyncio.Semaphore(concurrency)
+        self._min_chars = min_chars
+        self.running = 0  # threads at work now; for tests and metrics
+
+    async def __call__(self, size_chars: int, fn: Callable[..., T], /, *args: object) -> T:
+        if size_chars < self._min_chars:
+            return fn(*args)
+        await self._slots.acquire()
+        self.running += 1
+
+        def finished(_: object) -> None:
+            self.running -= 1
+            self._slots.release()
+
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        except BaseException:
+            finished(None)
+            raise
+        future.add_done_callback(finished)
+        # shield: a cancelled caller must not cancel the future, whose callback frees the slot
+        # only once the thread is really done.
+        return await asyncio.shield(future)
