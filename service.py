@@ -20,13 +20,14 @@ from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.embedded import EmbeddedEngine
 from ccproxy.logs import configure_access_log
-from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_memory
+from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_memory, usage_metrics
 from ccproxy.settings import get_settings
 from ccproxy.tokens import counter_for
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
 from ccproxy.usage.flusher import UsageFlusher
 from ccproxy.usage.outbox import Outbox
 from ccproxy.usage.recorder import UsageRecorder
+from ccproxy.usage.spill import SpillFile
 from ccproxy.usage.store import UsageStore, open_store
 
 settings = get_settings()
@@ -94,7 +95,15 @@ class Gateway:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         outbox = Outbox(settings.data_dir / "usage-outbox.sqlite")
         self.flusher = UsageFlusher(
-            outbox, self.flusher_store, settings.usage_flush_interval_s, settings.usage_flush_batch_size
+            outbox,
+            self.flusher_store,
+            settings.usage_flush_interval_s,
+            settings.usage_flush_batch_size,
+            observer=usage_metrics(),
+        )
+        # Before the first request: events spilled by the last run go back to the outbox now.
+        recorder = UsageRecorder(
+            outbox, SpillFile(settings.data_dir / "usage-spill.jsonl"), on_drop=usage_metrics().dropped_event
         )
         self.flusher.start()
         counter_for(None, settings)  # load the default tokenizer now, not on the first request
@@ -102,7 +111,7 @@ class Gateway:
             upstream=self.upstream,
             compressor=ContextCompressor(self._score, settings),
             counter_for=lambda model: counter_for(model, settings),
-            recorder=UsageRecorder(outbox),
+            recorder=recorder,
             metrics=gateway_metrics(),
         )
         configure_access_log()

@@ -123,6 +123,51 @@ def gateway_metrics() -> GatewayMetrics:
     )
 
 
+@dataclass(frozen=True)
+class UsageMetrics:
+    """The usage pipeline's health: the flusher's FlushObserver and the recorder's drop count.
+    No labels, so every series exists (at 0) from the start and an alert's increase() sees the
+    first dead letter; the reasons are in the log and in the dead-letter table."""
+
+    dead_letters: Any
+    dropped: Any
+    outbox_pending: Any
+    outbox_oldest_age: Any
+
+    def dead_lettered(self, count: int) -> None:
+        self.dead_letters.inc(count)
+
+    def outbox_state(self, pending: int, oldest_age_s: float) -> None:
+        self.outbox_pending.set(pending)
+        self.outbox_oldest_age.set(oldest_age_s)
+
+    def dropped_event(self) -> None:
+        self.dropped.inc()
+
+
+@lru_cache(maxsize=1)
+def usage_metrics() -> UsageMetrics:
+    from prometheus_client import Counter, Gauge
+
+    # Every worker's flusher reads the same outbox file: the live workers' maximum is its state.
+    return UsageMetrics(
+        dead_letters=Counter(
+            "usage_dead_letters", "Usage events set aside in ccproxy_usage_dead_letters: never storable."
+        ),
+        dropped=Counter(
+            "usage_events_dropped", "Usage events lost: the outbox, the spill file and the memory bound all refused."
+        ),
+        outbox_pending=Gauge(
+            "usage_outbox_pending", "Usage events waiting in the outbox.", multiprocess_mode="livemax"
+        ),
+        outbox_oldest_age=Gauge(
+            "usage_outbox_oldest_age_seconds",
+            "Age of the oldest usage event waiting in the outbox (0 when empty).",
+            multiprocess_mode="livemax",
+        ),
+    )
+
+
 @lru_cache(maxsize=1)
 def _gpu_gauges() -> tuple[Any, Any]:
     from prometheus_client import Gauge

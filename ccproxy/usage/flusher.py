@@ -2,6 +2,12 @@
 
 Each batch is `write_events` (one transaction, idempotent) then `remove`: a crash between the
 two leaves the batch in the outbox, and its replay inserts nothing new.
+
+A transient error (database unreachable, busy) stops the flush and is retried with backoff. A
+row that can never be stored (ccproxy/usage/rejects.py: a NUL in a text column, a number out of
+range, a row that does not decode) must not hold up the rows behind it: the batch is halved
+until the bad rows are alone (ccproxy/usage/isolate.py), every other row is written, and the bad
+ones go to the dead-letter table, committed before any row leaves the outbox.
 """
 
 from __future__ import annotations
@@ -9,11 +15,52 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime, timezone
+from typing import Protocol
 
+from ccproxy.usage.deadletters import DeadLetter, dead_letter
+from ccproxy.usage.events import UsageEvent
+from ccproxy.usage.isolate import write_isolating
 from ccproxy.usage.outbox import Outbox
+from ccproxy.usage.rejects import rejection_reason, undecodable_reason
+from ccproxy.usage.shape import wrong_type_field
 from ccproxy.usage.store import UsageStore
 
 log = logging.getLogger(__name__)
+
+
+class FlushObserver(Protocol):
+    """What the flusher reports as it goes (ccproxy/metrics.py: UsageMetrics)."""
+
+    def dead_lettered(self, count: int) -> None: ...
+
+    def outbox_state(self, pending: int, oldest_age_s: float) -> None: ...
+
+
+class NoFlushMetrics:
+    def dead_lettered(self, count: int) -> None:
+        return None
+
+    def outbox_state(self, pending: int, oldest_age_s: float) -> None:
+        return None
+
+
+def _decode(rows: list[tuple[int, str]]) -> tuple[list[tuple[int, str, UsageEvent]], list[DeadLetter]]:
+    """The rows that decode into events, and dead letters for those that do not."""
+    events: list[tuple[int, str, UsageEvent]] = []
+    letters: list[DeadLetter] = []
+    for seq, raw in rows:
+        try:
+            event = UsageEvent.from_json(raw)
+        except Exception as exc:  # any way a row can fail to decode is the row's fault
+            letters.append(dead_letter(raw, undecodable_reason(exc)))
+            continue
+        wrong = wrong_type_field(event)
+        if wrong is None:
+            events.append((seq, raw, event))
+        else:
+            letters.append(dead_letter(raw, f"wrong_type:{wrong}", event))
+    return events, letters
 
 
 class UsageFlusher:
@@ -24,9 +71,11 @@ class UsageFlusher:
         interval_s: float = 1.0,
         batch_size: int = 500,
         max_backoff_s: float = 30.0,
+        observer: FlushObserver | None = None,
     ) -> None:
         self.outbox = outbox
         self.store = store
+        self.observer: FlushObserver = observer or NoFlushMetrics()
         self.interval_s = interval_s
         self.batch_size = batch_size
         self.max_backoff_s = max_backoff_s
@@ -41,24 +90,57 @@ class UsageFlusher:
 
     def flush_once(self, deadline: float | None = None) -> int:
         """Deliver batches until the outbox is empty (or `deadline`, a time.monotonic(), has
-        passed); returns how many events left the outbox. Store errors propagate."""
+        passed); returns how many rows left the outbox, dead letters included. Transient
+        store errors propagate."""
         wait_s = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._flush_lock.acquire(timeout=wait_s):
             return 0  # the thread's own flush is still running and did not end in time
         moved = 0
         try:
             while deadline is None or time.monotonic() < deadline:
-                batch = self.outbox.peek(self.batch_size)
+                batch = self.outbox.peek_raw(self.batch_size)
                 if not batch:
                     break
-                self.store.write_events([event for _, event in batch])
-                self.outbox.remove([seq for seq, _ in batch])
+                self._deliver(batch)
                 moved += len(batch)
                 if len(batch) < self.batch_size:
                     break
         finally:
             self._flush_lock.release()
         return moved
+
+    def _deliver(self, batch: list[tuple[int, str]]) -> None:
+        events, letters = _decode(batch)
+        rejected = write_isolating(
+            self.store.write_events, [event for _, _, event in events], rejection_reason
+        )
+        for index, reason in rejected:
+            _, raw, event = events[index]
+            letters.append(dead_letter(raw, reason, event))
+        if letters:
+            # Committed before the rows leave the outbox: a crash in between stores each
+            # letter once (by its letter_id) when the batch is replayed.
+            self.store.write_dead_letters(letters)
+            self.observer.dead_lettered(len(letters))
+            for letter in letters:
+                # The id and the reason only: the row itself can hold anything.
+                log.error(
+                    "usage event %s set aside in ccproxy_usage_dead_letters (%s)",
+                    letter.event_id,
+                    letter.reason,
+                )
+        self.outbox.remove([seq for seq, _ in batch])
+
+    def report(self) -> None:
+        """Tell the observer how many events wait and how old the oldest is (0 when none)."""
+        try:
+            pending = self.outbox.pending()
+            oldest = self.outbox.oldest_created_at()
+        except Exception as exc:  # the outbox busy: the next report will do
+            log.debug("outbox state unavailable (%s)", type(exc).__name__)
+            return
+        age_s = 0.0 if oldest is None else (datetime.now(timezone.utc) - oldest).total_seconds()
+        self.observer.outbox_state(pending, max(0.0, age_s))
 
     def start(self) -> None:
         if self._thread is not None:
@@ -83,6 +165,7 @@ class UsageFlusher:
 
     def _run(self) -> None:
         delay = self.interval_s
+        self.report()
         while not self._stop.wait(delay):
             try:
                 self.flush_once()
@@ -90,6 +173,7 @@ class UsageFlusher:
             except Exception as exc:
                 delay = min(max(delay * 2, 1.0), self.max_backoff_s)
                 self._warn(exc, retry_in_s=delay)
+            self.report()
 
     def _warn(self, exc: Exception, retry_in_s: float | None) -> None:
         # Counts and the error's type only: events carry no message text, but an error's own

@@ -15,6 +15,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -50,17 +51,37 @@ class Outbox:
 
     def append(self, event: UsageEvent) -> None:
         """Durable (against a crash of this process) once this returns."""
-        payload = event.to_json()
+        self.append_raw(event.to_json())
+
+    def append_raw(self, payload: str) -> None:
+        """Append a row as text, undecoded: replaying a spill file (ccproxy/usage/spill.py)
+        must not lose a torn line, which the flusher then sets aside as undecodable."""
         with self._lock:
             self._conn.execute("INSERT INTO usage_outbox (event) VALUES (?)", (payload,))
 
     def peek(self, limit: int) -> list[tuple[int, UsageEvent]]:
-        """Up to `limit` events, oldest first, with the seqs that `remove` takes."""
+        """Up to `limit` events, oldest first, with the seqs that `remove` takes. Raises when
+        a row does not decode; the flusher uses `peek_raw` and decodes row by row."""
+        return [(seq, UsageEvent.from_json(text)) for seq, text in self.peek_raw(limit)]
+
+    def peek_raw(self, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` rows as stored (event JSON), oldest first, with their seqs."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT seq, event FROM usage_outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
-        return [(seq, UsageEvent.from_json(text)) for seq, text in rows]
+        return [(int(seq), str(text)) for seq, text in rows]
+
+    def oldest_created_at(self) -> datetime | None:
+        """When the oldest pending event happened; None when the outbox is empty or that row
+        does not decode (the flusher is about to set it aside). By the primary key: cheap."""
+        rows = self.peek_raw(1)
+        if not rows:
+            return None
+        try:
+            return UsageEvent.from_json(rows[0][1]).created_at
+        except Exception:  # any undecodable row; reported by the flusher, not here
+            return None
 
     def remove(self, seqs: Sequence[int]) -> None:
         if not seqs:

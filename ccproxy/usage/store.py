@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from ccproxy.usage import sqlitedb
 from ccproxy.usage.events import TOTAL_FIELDS, HourlyTotals, UsageEvent, as_utc, hour_of
+from ccproxy.usage.deadletters import DeadLetter
 from ccproxy.usage.migrate import Dialect, apply_pending
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class KeyRecord:
 class UsageStore(Protocol):
     def migrate(self) -> None: ...
     def write_events(self, events: Sequence[UsageEvent]) -> int: ...
+    def write_dead_letters(self, letters: Sequence[DeadLetter]) -> int: ...
     def hourly(self, account_id: str, start: datetime, end: datetime) -> list[HourlyTotals]: ...
     def event_totals(self, account_id: str, start: datetime, end: datetime) -> HourlyTotals: ...
     def count_events(self, event_ids: Sequence[str] | None = None) -> int: ...
@@ -262,6 +264,27 @@ class SqlStore(ABC):
 
         return self._write(transaction)
 
+    def write_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Store outbox rows that can never be stored as events, in one transaction; returns
+        how many were new (a letter already stored, by its letter_id, is skipped)."""
+        columns = ("letter_id", "event_id", "account_id", "reason", "event", "event_chars")
+        now = self._ts(datetime.now(timezone.utc))
+        rows = [[getattr(letter, c) for c in columns] + [now] for letter in letters]
+        insert = (
+            f"INSERT INTO ccproxy_usage_dead_letters ({', '.join(columns)}, created_at) "
+            "VALUES {marks} ON CONFLICT (letter_id) DO NOTHING RETURNING letter_id"
+        )
+
+        def transaction(conn: Any) -> int:
+            new = 0
+            for chunk in _chunks(rows, _ROWS_PER_STATEMENT):
+                sql = insert.format(marks=self._marks(len(chunk), len(columns) + 1))
+                params = [value for row in chunk for value in row]
+                new += len(conn.execute(sql, params).fetchall())
+            return new
+
+        return self._write(transaction) if rows else 0
+
     def hourly(self, account_id: str, start: datetime, end: datetime) -> list[HourlyTotals]:
         """The account's hourly totals for the hours with start <= hour < end, oldest first."""
         sql = self._q(
@@ -445,9 +468,14 @@ class PostgresStore(SqlStore):
         return as_utc(value)
 
 
-def open_store(settings: Settings) -> UsageStore:
+def open_store(settings: Settings, pool_size: int = 0) -> UsageStore:
     """Postgres when CCPROXY_DATABASE_URL is set, else the SQLite file in the data directory.
-    Connects lazily; call `migrate()` once at startup."""
+    Connects lazily; call `migrate()` once at startup. `pool_size` > 0: Postgres through a
+    connection pool of that size (ccproxy/usage/pgpool.py), for callers on many threads."""
     if settings.database_url is not None:
+        if pool_size > 0:
+            from ccproxy.usage.pgpool import PooledPostgresStore
+
+            return PooledPostgresStore(settings.database_url.get_secret_value(), pool_size)
         return PostgresStore(settings.database_url.get_secret_value())
     return SqliteStore(Path(settings.data_dir) / "ccproxy.sqlite")

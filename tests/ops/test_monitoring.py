@@ -76,7 +76,8 @@ def test_every_alert_has_a_firing_test_and_a_quiet_test() -> None:
             (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
     names = {rule["alert"] for rule in alert_rules()}
     assert {"CcproxyLatencyP99High", "CcproxyGpuMemoryHigh", "CcproxyUpstreamErrors",
-            "CcproxyCompressionFailingOpen"} <= names
+            "CcproxyCompressionFailingOpen", "CcproxyUsageDeadLetters", "CcproxyUsageOutboxStale",
+            "CcproxyUsageEventsDropped"} <= names
     assert names - fired == set(), "alerts never shown to fire"
     assert names - quiet == set(), "alerts never shown to stay quiet"
 
@@ -98,6 +99,7 @@ import json
 from prometheus_client import REGISTRY
 import ccproxy.metrics as metrics
 metrics.gateway_metrics()
+metrics.usage_metrics()
 gpu = getattr(metrics, "_gpu_gauges", None)
 if gpu is not None:
     gpu()
@@ -115,9 +117,9 @@ print(json.dumps({family.name: family.type for family in REGISTRY.collect()}))
 def test_alerts_use_only_metrics_the_services_export() -> None:
     used = set()
     for rule in alert_rules():
-        used |= set(re.findall(r"\b[a-z][a-z0-9_]*_(?:total|bucket|count|sum|bytes)\b", rule["expr"]))
+        used |= set(re.findall(r"\b[a-z][a-z0-9_]*_(?:total|bucket|count|sum|bytes|seconds)\b", rule["expr"]))
     assert {"req_latency_seconds_bucket", "gpu_memory_used_bytes", "upstream_errors_total",
-            "compression_fail_open_total"} <= used
+            "compression_fail_open_total", "usage_dead_letters_total", "usage_events_dropped_total"} <= used
     assert used - _exported_metric_names() == set()
 
 

@@ -18,6 +18,7 @@ TABLES = (
     "ccproxy_accounts",
     "ccproxy_billing_batches",
     "ccproxy_billing_ledger",
+    "ccproxy_usage_dead_letters",
 )
 Query = Callable[[str], list[tuple[Any, ...]]]
 BASE = datetime(2024, 5, 1, 10, 0, tzinfo=timezone.utc)

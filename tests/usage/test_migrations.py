@@ -62,16 +62,25 @@ def test_concurrent_migrations_apply_each_file_once(fresh_store_factory: FreshFa
     assert _versions(query) == [m.version for m in load_migrations("sqlite")]
 
 
-def test_every_postgres_table_has_rls_and_no_policy(pg_url: str) -> None:
+def test_every_postgres_table_forces_rls_with_one_policy_for_the_migrating_role(pg_url: str) -> None:
     query = pg_query(pg_url)
     tables = query(
-        "SELECT c.relname, c.relrowsecurity FROM pg_class c "
+        "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY 1"
     )
-    assert [name for name, _ in tables] == sorted([*TABLES, "ccproxy_schema_migrations"])
-    assert all(rls for _, rls in tables), tables
-    assert query("SELECT count(*) FROM pg_policies WHERE tablename LIKE 'ccproxy_%'") == [(0,)]
+    names = [name for name, _, _ in tables]
+    assert names == sorted([*TABLES, "ccproxy_schema_migrations"])
+    assert all(rls and force for _, rls, force in tables), tables
+    policies = query(
+        "SELECT tablename, policyname, roles::text[] FROM pg_policies "
+        "WHERE tablename LIKE 'ccproxy_%' ORDER BY 1"
+    )
+    # The migrations ran as postgres here (tests/usage/conftest.py); tests/usage/test_rls.py
+    # runs them as an ordinary role.
+    assert policies == [(name, "ccproxy_service", ["postgres"]) for name in names]
+    assert query("SELECT count(*) FROM information_schema.role_table_grants "
+                 "WHERE table_name LIKE 'ccproxy_%' AND grantee = 'PUBLIC'") == [(0,)]
 
 
 def test_a_role_without_policies_sees_no_rows(pg_url: str) -> None:
