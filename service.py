@@ -87,9 +87,10 @@ class Gateway:
         self.upstream: Upstream = (
             HttpUpstream(settings) if settings.upstream_url else EmbeddedUpstream(self.embedded_llm)
         )
-        # Two connections: the flusher's writes may wait on an unreachable database, which
-        # must not hold up key checks and /usage reads on the request path.
-        self.store: UsageStore = open_store(settings)
+        # Apart: the flusher's writes may wait on an unreachable database, which must not hold
+        # up key checks and /usage reads on the request path. Those share a pool of 4 per
+        # worker (Postgres), so a slow read does not hold up the others either.
+        self.store: UsageStore = open_store(settings, pool_size=4)
         self.store.migrate()
         self.flusher_store: UsageStore = open_store(settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
