@@ -7,7 +7,8 @@
     python -m billing customers list
     python -m billing run --dry-run                          # what would be billed
     python -m billing run [--mode invoice-items] [--since 2026-11-01] [--until 2026-12-01]
-    python -m billing status                                 # pending and rejected batches
+    python -m billing status                                 # pending, held and rejected batches
+    python -m billing review --batch ID --delivered|--resend # resolve a batch held for review
 
 Reads the same database as the Gateway (CCPROXY_DATABASE_URL or the SQLite file) and the
 CCPROXY_BILLING_* / CCPROXY_STRIPE_* settings. Exit status: 0 all billed (accounts without a
@@ -30,14 +31,15 @@ from billing.job import (
     MODES,
     Batch,
     BillingAccount,
-    amount_minor,
     as_dict,
+    format_micro,
     format_minor,
     hour_label,
 )
 from billing.ledger import BillingLedger
 from billing.runner import RunConfig, RunReport, run
 from billing.stripe_client import StripeClient, StripeError
+from ccproxy.pricing import PriceTableError
 from ccproxy.settings import Settings
 from ccproxy.usage.store import SqlStore, open_store
 
@@ -69,7 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "setup", help="create the Stripe meter, product and metered price (idempotent)"
     )
-    commands.add_parser("status", help="list batches that are pending or were rejected")
+    commands.add_parser("status", help="list batches that are pending, held or rejected")
+    review = commands.add_parser(
+        "review", help="resolve a batch held for review (a meter event past Stripe's window)"
+    )
+    review.add_argument("--batch", required=True, help="the batch id (from `status`)")
+    verdict = review.add_mutually_exclusive_group(required=True)
+    verdict.add_argument(
+        "--delivered", action="store_true", help="Stripe has it: mark the batch sent"
+    )
+    verdict.add_argument(
+        "--resend", action="store_true", help="Stripe does not have it: resend on the next run"
+    )
 
     customers = commands.add_parser("customers", help="Stripe customers of accounts")
     sub = customers.add_subparsers(dest="action", required=True)
@@ -137,7 +150,7 @@ def main(
             return client
 
         return _dispatch(args, settings, ledger, stripe, now)
-    except UsageError as exc:
+    except (UsageError, PriceTableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (StripeError, LookupError) as exc:
@@ -182,9 +195,9 @@ def _dispatch(
         lines = [
             f"meter   {result.meter_id} (event name {settings.billing_meter_event_name})",
             f"product {result.product_id}",
-            f"price   {result.price_id}: {result.unit_amount_decimal} cents per token "
-            f"({settings.billing_price_per_million_tokens} {settings.billing_currency.upper()} "
-            "per million), metered, monthly",
+            f"price   {result.price_id}: {result.unit_amount_decimal} cents per unit (a "
+            f"millionth of a {settings.billing_currency.upper()}), metered, monthly; meter "
+            "event values are priced with the price table (CCPROXY_BILLING_PRICES)",
             "created: " + (", ".join(result.created) or "nothing (all were there)"),
             *(f"note: {n}" for n in result.notes),
         ]
@@ -202,12 +215,16 @@ def _dispatch(
             for r in records
         ]
         text = "\n".join(
-            f"{r['state']:8} {r['batch_id']}  {r['account_id']}  {r['tokens_after']:,} tokens"
+            f"{'review' if r['review_reason'] else r['state']:8} {r['batch_id']}  "
+            f"{r['account_id']}  {r['tokens']:,} tokens"
+            + (f"  held: {r['review_reason']}" if r["review_reason"] else "")
             + (f"  last error: {r['last_error']}" if r["last_error"] else "")
             for r in rows
         )
         _emit(args.json, rows, text or "no pending or rejected batches")
         return 0
+    if args.command == "review":
+        return _review(args, ledger)
     return _customers(args, settings, ledger, stripe)
 
 
@@ -251,6 +268,24 @@ def _customers(
     return 0
 
 
+def _review(args: argparse.Namespace, ledger: BillingLedger) -> int:
+    held = [
+        r
+        for r in ledger.batches(state="pending")
+        if r.batch.batch_id == args.batch and r.batch.review_reason
+    ]
+    if not held:
+        raise UsageError(f"no batch {args.batch!r} is held for review (see `status`)")
+    if args.delivered:
+        ledger.mark_sent(args.batch, stripe_object_id=held[0].batch.batch_id)
+        verdict = "marked sent"
+    else:
+        ledger.release_for_resend(args.batch)
+        verdict = "released: the next run resends it"
+    _emit(args.json, {"batch_id": args.batch, "result": verdict}, f"{args.batch}: {verdict}")
+    return 0
+
+
 def _account(ledger: BillingLedger, name: str) -> BillingAccount:
     account = ledger.account(name)
     if account is None:
@@ -264,7 +299,6 @@ def _catalog_config(settings: Settings) -> catalog.CatalogConfig:
     return catalog.CatalogConfig(
         meter_event_name=settings.billing_meter_event_name,
         price_lookup_key=settings.billing_price_lookup_key,
-        price_per_million=settings.billing_price_per_million_tokens,
         currency=settings.billing_currency.lower(),
     )
 
@@ -288,7 +322,7 @@ def _report_json(report: RunReport) -> dict[str, Any]:
                 "account": s.account_name,
                 "reason": s.reason,
                 "hours": s.hours,
-                "tokens_after": s.tokens_after,
+                "tokens": s.tokens,
             }
             for s in report.plan.skipped
         ],
@@ -306,6 +340,8 @@ _REASONS = {
     "unknown-account": "the account id is not in ccproxy_accounts",
     "under-one-cent": "less than one cent so far; billed when it adds up",
     "pending-batch": "an earlier batch is still pending; billed after it goes through",
+    "no-subscription": "no active subscription to the metered price "
+    "(python -m billing customers subscribe); Stripe would not invoice it",
 }
 
 
@@ -332,17 +368,16 @@ def _report_text(report: RunReport, config: RunConfig) -> str:
         if b.amount_minor is not None:
             money = format_minor(b.amount_minor, b.currency)
         else:
-            estimate = amount_minor(b.quantity, config.price_per_million)
-            money = f"~{format_minor(estimate, b.currency)} (Stripe prices it)"
+            money = f"{format_micro(b.quantity, b.currency)} (Stripe rounds the month)"
         name = report.account_names.get(b.account_id, b.account_id)
         out.append(
             f"  {status:10} {name} ({b.stripe_customer_id})  {_period(b)}  "
-            f"{b.quantity:,} tokens  {money}"
+            f"{b.tokens:,} tokens  {money}"
             + (f"  error: {outcome.error}" if outcome and outcome.error else "")
         )
     for s in report.plan.skipped:
         who = s.account_name or s.account_id
-        tokens = f"{s.hours} hour(s), {s.tokens_after:,} tokens"
+        tokens = f"{s.hours} hour(s), {s.tokens:,} tokens"
         out.append(f"  skipped    {who}: {tokens}: {_REASONS[s.reason]}")
     counts: dict[str, int] = {}
     for o in report.outcomes:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from billing.job import BillingAccount, post_request, unit_amount_decimal
+from billing.job import MICRO_UNIT_AMOUNT_DECIMAL, BillingAccount, post_request
 from billing.ledger import BillingLedger
 from billing.stripe_client import StripeClient, StripeError
 
@@ -26,7 +26,6 @@ VALUE_KEY = "value"
 class CatalogConfig:
     meter_event_name: str
     price_lookup_key: str
-    price_per_million: Decimal
     currency: str
 
 
@@ -67,7 +66,9 @@ def find_price(client: StripeClient, lookup_key: str) -> dict[str, Any] | None:
 def setup(client: StripeClient, config: CatalogConfig) -> SetupResult:
     created: list[str] = []
     notes: list[str] = []
-    unit = unit_amount_decimal(config.price_per_million)
+    # The meter sums the cost of usage in millionths of the main unit (billing/job.py), so
+    # the price is fixed, 0.0001 cents per unit, whatever the price table says per model.
+    unit = MICRO_UNIT_AMOUNT_DECIMAL
 
     meter = find_meter(client, config.meter_event_name)
     if meter is None:
@@ -75,7 +76,7 @@ def setup(client: StripeClient, config: CatalogConfig) -> SetupResult:
             post_request(
                 "/v1/billing/meters",
                 {
-                    "display_name": "ccproxy tokens after compression",
+                    "display_name": "ccproxy usage (millionths of the currency unit)",
                     "event_name": config.meter_event_name,
                     "default_aggregation": {"formula": "sum"},
                     "customer_mapping": {"type": "by_id", "event_payload_key": CUSTOMER_KEY},
@@ -98,7 +99,7 @@ def setup(client: StripeClient, config: CatalogConfig) -> SetupResult:
         client.send(
             post_request(
                 "/v1/products",
-                {"id": product_id, "name": "ccproxy tokens after compression"},
+                {"id": product_id, "name": "ccproxy usage"},
                 f"ccproxy-setup-product-{product_id}",
             )
         )
@@ -135,6 +136,18 @@ def setup(client: StripeClient, config: CatalogConfig) -> SetupResult:
         price_id = str(new["id"])
         created.append("price")
     return SetupResult(str(meter["id"]), product_id, price_id, unit, tuple(created), tuple(notes))
+
+
+# Subscription states in which Stripe invoices metered usage.
+ACTIVE_SUBSCRIPTION_STATES = frozenset({"active", "trialing", "past_due"})
+
+
+def has_active_subscription(client: StripeClient, customer_id: str, price_id: str) -> bool:
+    """Whether the customer has a subscription to the metered price that Stripe would invoice
+    usage under. Stripe lists all but canceled subscriptions by default; the status is checked
+    here because `incomplete`, `unpaid` and `paused` ones invoice nothing."""
+    page = client.get("/v1/subscriptions", {"customer": customer_id, "price": price_id, "limit": 100})
+    return any(s.get("status") in ACTIVE_SUBSCRIPTION_STATES for s in page.get("data") or [])
 
 
 def _price_matches(price: dict[str, Any], meter_id: str, unit: str, currency: str) -> bool:

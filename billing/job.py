@@ -1,13 +1,17 @@
-"""What to bill: closed hours of usage -> batches of billable tokens, and the Stripe requests
-that report them. Pure functions: no database, no network, no clock.
+"""What to bill: closed hours of usage -> batches of priced lines, and the Stripe requests that
+report them. Pure functions: no database, no network, no clock.
 
-Money is Decimal and integers, never floats. Two modes, two rounding rules:
-- `meters`: a meter event carries the token count only; Stripe's metered price
-  (`unit_amount_decimal`, in cents per token) turns the month's sum into money and rounds the
-  invoice line to the cent. Nothing is rounded here.
-- `invoice-items`: an invoice item carries an amount in cents, computed here once per batch
-  as tokens x price, rounded half-up to the cent. A batch whose amount rounds to zero is not
-  billed yet; its tokens stay unbilled and join the next run's batch.
+Every usage row (one account, hour, model and kind) is priced with the price table
+(ccproxy/pricing.py): input, cached input and output tokens of chat, tokens scored by
+/v1/compress. Money is Decimal and integers, never floats. Two modes, two rounding rules:
+- `meters`: one meter event per account-hour whose value is the hour's cost in millionths of
+  the currency's main unit: the exact sum of its priced lines, rounded half-up once per event
+  (at most half a millionth off per event). Stripe's metered price is 0.0001 cents per unit,
+  so Stripe's monthly sum is the money, rounded by Stripe to the cent on the invoice.
+- `invoice-items`: one invoice item per priced line (model x token class over the batch's
+  hours), its amount the exact line amount rounded half-up to the cent, once per line. A line
+  that rounds to 0 cents is not sent (its tokens are covered: at most half a cent per line and
+  batch); a batch whose lines add up to 0 cents is not billed yet and joins the next run.
 """
 
 from __future__ import annotations
@@ -15,20 +19,29 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any, Literal
 
+from ccproxy.pricing import (
+    MICRO_PER_MAJOR,
+    MINOR_PER_MAJOR,
+    TOKENS_PER_PRICE,
+    PriceTable,
+    TokenClass,
+    to_micro,
+    to_minor,
+)
 from ccproxy.usage.events import as_utc, hour_of
 
 Mode = Literal["meters", "invoice-items"]
 MODES: tuple[Mode, ...] = ("meters", "invoice-items")
-SkipReason = Literal["no-customer", "unknown-account", "under-one-cent", "pending-batch"]
+SkipReason = Literal[
+    "no-customer", "unknown-account", "under-one-cent", "pending-batch", "no-subscription"
+]
 
 HOUR = timedelta(hours=1)
-TOKENS_PER_PRICE = 1_000_000  # the price is per million tokens
-MINOR_PER_MAJOR = 100  # cents per dollar (a currency with cents is assumed)
 # Stripe accepts unit_amount_decimal with at most 12 decimal places.
 _STRIPE_DECIMAL_PLACES = 12
 # Stripe limits a meter event's identifier to 100 characters.
@@ -37,13 +50,12 @@ _MAX_IDENTIFIER = 100
 
 # --- money -----------------------------------------------------------------------------------
 def amount_minor(tokens: int, price_per_million: Decimal) -> int:
-    """tokens x price in cents, rounded half-up once (the invoice-items amount)."""
-    exact = Decimal(tokens) * price_per_million * MINOR_PER_MAJOR / TOKENS_PER_PRICE
-    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    """tokens x price in cents, rounded half-up once (one invoice line's amount)."""
+    return to_minor(Decimal(tokens) * price_per_million / TOKENS_PER_PRICE)
 
 
 def unit_amount_decimal(price_per_million: Decimal) -> str:
-    """The metered price per token in cents, as Stripe's `unit_amount_decimal` string."""
+    """A price per million units as Stripe's `unit_amount_decimal`: cents per unit."""
     per_token = (price_per_million * MINOR_PER_MAJOR / TOKENS_PER_PRICE).normalize()
     exponent = per_token.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > _STRIPE_DECIMAL_PLACES:
@@ -54,8 +66,16 @@ def unit_amount_decimal(price_per_million: Decimal) -> str:
     return format(per_token, "f")
 
 
+# The meters mode's metered price: one unit is a millionth of the main unit, 0.0001 cents.
+MICRO_UNIT_AMOUNT_DECIMAL = unit_amount_decimal(Decimal(TOKENS_PER_PRICE) / MICRO_PER_MAJOR)
+
+
 def format_minor(amount: int, currency: str) -> str:
     return f"{Decimal(amount) / MINOR_PER_MAJOR:.2f} {currency.upper()}"
+
+
+def format_micro(amount: int, currency: str) -> str:
+    return f"{Decimal(amount) / MICRO_PER_MAJOR:.6f} {currency.upper()}"
 
 
 # --- time ------------------------------------------------------------------------------------
@@ -77,23 +97,78 @@ class BillingAccount:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """The summed columns of hourly rows that billing prices (or a difference of two sums)."""
+
+    tokens_before: int = 0
+    tokens_after: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.tokens_before + other.tokens_before,
+            self.tokens_after + other.tokens_after,
+            self.cached_tokens + other.cached_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+    def minus(self, billed: Usage) -> Usage:
+        """What is left after `billed`; never negative (the totals only grow)."""
+        return Usage(
+            max(0, self.tokens_before - billed.tokens_before),
+            max(0, self.tokens_after - billed.tokens_after),
+            max(0, self.cached_tokens - billed.cached_tokens),
+            max(0, self.completion_tokens - billed.completion_tokens),
+        )
+
+    def any(self) -> bool:
+        return any((self.tokens_before, self.tokens_after, self.cached_tokens, self.completion_tokens))
+
+
+@dataclass(frozen=True)
 class Unbilled:
-    """Tokens of one account-hour not yet in the ledger. `seq` is the ledger sequence number the
-    report will take: 0 for an hour never billed, n > 0 for usage recorded after n reports."""
+    """Usage of one account-hour, model and kind not yet in the ledger. `seq` is the report
+    number the account-hour's next batch takes: 0 for an hour never billed, n > 0 after n."""
 
     account_id: str
     hour: datetime
     seq: int
-    tokens_after: int
+    model: str
+    kind: str
+    usage: Usage
 
 
 @dataclass(frozen=True)
 class Line:
-    """One ledger row: part of an account-hour, billed by one batch."""
+    """One ledger row: the usage of an account-hour, model and kind that one batch billed."""
 
     hour: datetime
     seq: int
-    tokens_after: int
+    model: str
+    kind: str
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class PricedLine:
+    """One token class of one model (or of compression) over a batch's lines, priced. Stored
+    with the batch, so a resend carries these numbers even if the price table has changed."""
+
+    line_no: int
+    model: str
+    kind: str
+    token_class: TokenClass
+    priced_as: str
+    tokens: int
+    price_per_million: Decimal
+    amount_minor: int | None  # invoice items: the item's cents; meters: None
+    stripe_object_id: str | None = None  # invoice items: the item, once Stripe made it
+
+    @property
+    def amount(self) -> Decimal:
+        """The exact amount in the main unit."""
+        return Decimal(self.tokens) * self.price_per_million / TOKENS_PER_PRICE
 
 
 @dataclass(frozen=True)
@@ -107,14 +182,30 @@ class Batch:
     stripe_customer_id: str
     period_start: datetime
     period_end: datetime
+    # meters: the meter event's value (millionths of the main unit); invoice items: tokens.
     quantity: int
-    amount_minor: int | None
+    amount_minor: int | None  # invoice items: the sum of the lines' cents
     currency: str
     meter_event_name: str | None
     lines: tuple[Line, ...]
+    priced: tuple[PricedLine, ...] = ()
     # Progress of an invoice-items batch, recorded after each Stripe call.
     stripe_object_id: str | None = None
     stripe_invoice_id: str | None = None
+    review_reason: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(x.tokens for x in self.priced)
+
+    @property
+    def in_stripe(self) -> bool:
+        """Whether Stripe holds any object of this batch (as far as the ledger knows)."""
+        return bool(
+            self.stripe_object_id
+            or self.stripe_invoice_id
+            or any(x.stripe_object_id for x in self.priced)
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +214,7 @@ class Skipped:
     account_name: str | None
     reason: SkipReason
     hours: int
-    tokens_after: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -135,7 +226,7 @@ class Plan:
 @dataclass(frozen=True)
 class PlanConfig:
     mode: Mode
-    price_per_million: Decimal
+    prices: PriceTable
     currency: str
     meter_event_name: str
 
@@ -147,17 +238,58 @@ def _digest(text: str, length: int = 16) -> str:
 
 def meter_identifier(account_id: str, hour: datetime, seq: int) -> str:
     """Deterministic per account-hour report: a retry or a resumed run sends the same one, and
-    Stripe refuses a second event with it."""
+    Stripe refuses a second event with it (for at least 24 hours: see runner.py)."""
     account = account_id if len(account_id) <= 60 else _digest(account_id, 32)
     identifier = f"ccproxy-{account}-{as_utc(hour):%Y%m%dT%H}-{seq}"
     assert len(identifier) <= _MAX_IDENTIFIER
     return identifier
 
 
+def _line_key(x: Line) -> str:
+    u = x.usage
+    return (
+        f"{hour_label(x.hour)}/{x.seq}/{x.model}/{x.kind}/"
+        f"{u.tokens_before}/{u.tokens_after}/{u.cached_tokens}/{u.completion_tokens}"
+    )
+
+
 def invoice_batch_id(account_id: str, lines: Sequence[Line]) -> str:
     """Deterministic per set of lines, so that re-planning the same hours gives the same id."""
-    content = ",".join(f"{hour_label(x.hour)}/{x.seq}/{x.tokens_after}" for x in lines)
+    content = ",".join(_line_key(x) for x in lines)
     return f"ccproxy-ii-{_digest(account_id + '|' + content, 24)}"
+
+
+# --- pricing ---------------------------------------------------------------------------------
+def price_lines(
+    lines: Sequence[Line], prices: PriceTable, *, to_cents: bool
+) -> tuple[PricedLine, ...]:
+    """The lines' usage summed per (kind, model), priced per token class; classes with no
+    tokens are left out. Sorted (kind, model, class), so the order is stable across runs."""
+    by_model: dict[tuple[str, str], Usage] = {}
+    for x in lines:
+        key = (x.kind, x.model)
+        by_model[key] = by_model.get(key, Usage()) + x.usage
+    priced: list[PricedLine] = []
+    for (kind, model), u in sorted(by_model.items()):
+        cost = prices.usage_cost(
+            kind, model, u.tokens_before, u.tokens_after, u.cached_tokens, u.completion_tokens
+        )
+        for c in cost.lines:
+            if c.tokens <= 0:
+                continue
+            priced.append(
+                PricedLine(
+                    line_no=len(priced),
+                    model=model,
+                    kind=kind,
+                    token_class=c.token_class,
+                    priced_as=c.priced_as,
+                    tokens=c.tokens,
+                    price_per_million=c.price_per_million,
+                    amount_minor=to_minor(c.amount) if to_cents else None,
+                )
+            )
+    return tuple(priced)
 
 
 # --- planning --------------------------------------------------------------------------------
@@ -166,18 +298,21 @@ def plan(
     accounts: Mapping[str, BillingAccount],
     config: PlanConfig,
     busy_accounts: frozenset[str] = frozenset(),
+    unsubscribed: frozenset[str] = frozenset(),
 ) -> Plan:
-    """Batches for the unbilled account-hours. Accounts that cannot be billed are reported in
-    `skipped` and their hours stay unbilled. `busy_accounts` (invoice-items mode: accounts with
-    a batch still pending) wait, so one invoice never sweeps up another batch's item."""
+    """Batches for the unbilled usage. Accounts that cannot be billed are reported in
+    `skipped` and their usage stays unbilled. `busy_accounts` (invoice-items mode: accounts
+    with a batch still pending) wait, so one invoice never sweeps up another batch's items.
+    `unsubscribed` (meters mode: customers without an active subscription to the metered
+    price, whose meter events Stripe would never invoice) wait too."""
     by_account: dict[str, list[Unbilled]] = {}
     for row in unbilled:
-        if row.tokens_after > 0:
+        if row.usage.any():
             by_account.setdefault(row.account_id, []).append(row)
     batches: list[Batch] = []
     skipped: list[Skipped] = []
     for account_id in sorted(by_account):
-        rows = sorted(by_account[account_id], key=lambda r: (r.hour, r.seq))
+        rows = sorted(by_account[account_id], key=lambda r: (r.hour, r.seq, r.kind, r.model))
         account = accounts.get(account_id)
         made: list[Batch] = []
         reason: SkipReason
@@ -187,42 +322,63 @@ def plan(
             reason = "no-customer"
         elif config.mode == "invoice-items" and account_id in busy_accounts:
             reason = "pending-batch"
+        elif config.mode == "meters" and account_id in unsubscribed:
+            reason = "no-subscription"
         else:
             made = _batches(account_id, account.stripe_customer_id, rows, config)
             reason = "under-one-cent"
-        if made:
-            batches.extend(made)
-            continue
-        hours = len({r.hour for r in rows})
-        tokens = sum(r.tokens_after for r in rows)
-        name = account.name if account else None
-        skipped.append(Skipped(account_id, name, reason, hours, tokens))
+        batches.extend(made)
+        covered = {(x.hour, x.model, x.kind) for b in made for x in b.lines}
+        left = [r for r in rows if (r.hour, r.model, r.kind) not in covered]
+        if left:
+            hours = len({r.hour for r in left})
+            tokens = sum(
+                r.usage.tokens_before if r.kind == "compress" else r.usage.tokens_after
+                + r.usage.completion_tokens
+                for r in left
+            )
+            name = account.name if account else None
+            skipped.append(Skipped(account_id, name, reason, hours, tokens))
     return Plan(tuple(batches), tuple(skipped))
+
+
+def _as_line(r: Unbilled) -> Line:
+    return Line(r.hour, r.seq, r.model, r.kind, r.usage)
 
 
 def _batches(
     account_id: str, customer_id: str, rows: Sequence[Unbilled], config: PlanConfig
 ) -> list[Batch]:
     if config.mode == "meters":
-        return [
-            Batch(
-                batch_id=meter_identifier(account_id, r.hour, r.seq),
-                mode="meters",
-                account_id=account_id,
-                stripe_customer_id=customer_id,
-                period_start=r.hour,
-                period_end=r.hour + HOUR,
-                quantity=r.tokens_after,
-                amount_minor=None,
-                currency=config.currency,
-                meter_event_name=config.meter_event_name,
-                lines=(Line(r.hour, r.seq, r.tokens_after),),
+        by_hour: dict[tuple[datetime, int], list[Line]] = {}
+        for r in rows:
+            by_hour.setdefault((r.hour, r.seq), []).append(_as_line(r))
+        made = []
+        for (hour, seq), lines in sorted(by_hour.items()):
+            priced = price_lines(lines, config.prices, to_cents=False)
+            value = to_micro(sum((x.amount for x in priced), Decimal(0)))
+            if value <= 0:
+                continue  # free or under a millionth so far: waits for more usage
+            made.append(
+                Batch(
+                    batch_id=meter_identifier(account_id, hour, seq),
+                    mode="meters",
+                    account_id=account_id,
+                    stripe_customer_id=customer_id,
+                    period_start=hour,
+                    period_end=hour + HOUR,
+                    quantity=value,
+                    amount_minor=None,
+                    currency=config.currency,
+                    meter_event_name=config.meter_event_name,
+                    lines=tuple(lines),
+                    priced=priced,
+                )
             )
-            for r in rows
-        ]
-    lines = tuple(Line(r.hour, r.seq, r.tokens_after) for r in rows)
-    quantity = sum(x.tokens_after for x in lines)
-    amount = amount_minor(quantity, config.price_per_million)
+        return made
+    lines = tuple(_as_line(r) for r in rows)
+    priced = price_lines(lines, config.prices, to_cents=True)
+    amount = sum(x.amount_minor or 0 for x in priced)
     if amount <= 0:
         return []
     return [
@@ -233,13 +389,23 @@ def _batches(
             stripe_customer_id=customer_id,
             period_start=min(x.hour for x in lines),
             period_end=max(x.hour for x in lines) + HOUR,
-            quantity=quantity,
+            quantity=sum(x.tokens for x in priced),
             amount_minor=amount,
             currency=config.currency,
             meter_event_name=None,
             lines=lines,
+            priced=priced,
         )
     ]
+
+
+def with_line_object(batch: Batch, line_no: int, stripe_object_id: str) -> Batch:
+    """The batch after Stripe made the invoice item of line `line_no`."""
+    priced = tuple(
+        replace(x, stripe_object_id=stripe_object_id) if x.line_no == line_no else x
+        for x in batch.priced
+    )
+    return replace(batch, priced=priced)
 
 
 # --- the Stripe requests ---------------------------------------------------------------------
@@ -263,8 +429,8 @@ def _ts(value: datetime) -> int:
 
 
 def meter_event_request(batch: Batch) -> StripeRequest:
-    """The hour's tokens as one meter event, timestamped at the hour's start so that Stripe
-    counts it in the billing period the hour belongs to."""
+    """The hour's cost (in millionths) as one meter event, timestamped at the hour's start so
+    that Stripe counts it in the billing period the hour belongs to."""
     assert batch.mode == "meters" and batch.meter_event_name
     params = {
         "event_name": batch.meter_event_name,
@@ -279,26 +445,52 @@ def _metadata(batch: Batch) -> dict[str, str]:
     return {
         "ccproxy_batch_id": batch.batch_id,
         "ccproxy_account_id": batch.account_id,
-        "tokens_after": str(batch.quantity),
+        "tokens": str(batch.tokens),
     }
 
 
-def invoice_item_request(batch: Batch) -> StripeRequest:
-    # Built from the batch alone (not from settings), so a resend is the same request.
-    assert batch.mode == "invoice-items" and batch.amount_minor is not None
-    description = (
-        f"ccproxy: {batch.quantity:,} tokens after compression, "
+_CLASS_LABEL = {
+    "input": "input tokens",
+    "cached_input": "cached input tokens",
+    "output": "output tokens",
+    "compress": "tokens compressed (/v1/compress)",
+}
+
+
+def line_description(batch: Batch, line: PricedLine) -> str:
+    what = "ccproxy" if line.kind == "compress" else f"{line.model or 'unknown model'}"
+    price = f"{line.price_per_million.normalize():f} {batch.currency.upper()}/M"
+    return (
+        f"{what}: {line.tokens:,} {_CLASS_LABEL[line.token_class]} at {price}, "
         f"{hour_label(batch.period_start)} to {hour_label(batch.period_end)}"
     )
+
+
+def invoice_lines(batch: Batch) -> tuple[PricedLine, ...]:
+    """The lines that become invoice items: those of at least one cent."""
+    return tuple(x for x in batch.priced if (x.amount_minor or 0) > 0)
+
+
+def invoice_item_request(batch: Batch, line: PricedLine) -> StripeRequest:
+    # Built from the batch alone (not from settings), so a resend is the same request.
+    assert batch.mode == "invoice-items" and line.amount_minor is not None
     params = {
         "customer": batch.stripe_customer_id,
-        "amount": batch.amount_minor,
+        "amount": line.amount_minor,
         "currency": batch.currency,
-        "description": description,
+        "description": line_description(batch, line),
         "period": {"start": _ts(batch.period_start), "end": _ts(batch.period_end)},
-        "metadata": _metadata(batch),
+        "metadata": {
+            **_metadata(batch),
+            "ccproxy_line": str(line.line_no),
+            "model": line.model[:200],
+            "kind": line.kind,
+            "token_class": line.token_class,
+            "tokens": str(line.tokens),
+            "price_per_million": str(line.price_per_million),
+        },
     }
-    return post_request("/v1/invoiceitems", params, f"{batch.batch_id}-item")
+    return post_request("/v1/invoiceitems", params, f"{batch.batch_id}-item-{line.line_no}")
 
 
 def invoice_request(batch: Batch) -> StripeRequest:
@@ -320,6 +512,21 @@ def finalize_request(batch: Batch, invoice_id: str) -> StripeRequest:
     return post_request(f"/v1/invoices/{invoice_id}/finalize", params, f"{batch.batch_id}-finalize")
 
 
+def priced_as_dict(line: PricedLine) -> dict[str, Any]:
+    return {
+        "line_no": line.line_no,
+        "model": line.model,
+        "kind": line.kind,
+        "token_class": line.token_class,
+        "priced_as": line.priced_as,
+        "tokens": line.tokens,
+        "price_per_million": str(line.price_per_million),
+        "amount": str(line.amount),
+        "amount_minor": line.amount_minor,
+        "stripe_object_id": line.stripe_object_id,
+    }
+
+
 def as_dict(batch: Batch) -> dict[str, Any]:
     """A batch for --json output and logs: ids and numbers only."""
     return {
@@ -330,9 +537,12 @@ def as_dict(batch: Batch) -> dict[str, Any]:
         "period_start": as_utc(batch.period_start).isoformat(),
         "period_end": as_utc(batch.period_end).isoformat(),
         "hours": len({x.hour for x in batch.lines}),
-        "tokens_after": batch.quantity,
+        "tokens": batch.tokens,
+        "quantity": batch.quantity,
         "amount_minor": batch.amount_minor,
         "currency": batch.currency,
+        "lines": [priced_as_dict(x) for x in batch.priced],
         "stripe_object_id": batch.stripe_object_id,
         "stripe_invoice_id": batch.stripe_invoice_id,
+        "review_reason": batch.review_reason,
     }

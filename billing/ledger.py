@@ -18,12 +18,21 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from billing.job import Batch, BillingAccount, Line, Unbilled
+from decimal import Decimal
+
+from billing.job import Batch, BillingAccount, Line, PricedLine, Unbilled, Usage
 from ccproxy.usage.store import SqlStore
 
 _BATCH_COLUMNS = (
     "batch_id, mode, account_id, stripe_customer_id, period_start, period_end, quantity, "
-    "amount_minor, currency, meter_event_name, stripe_object_id, stripe_invoice_id"
+    "amount_minor, currency, meter_event_name, stripe_object_id, stripe_invoice_id, "
+    "review_reason"
+)
+_USAGE = ("tokens_before", "tokens_after", "cached_tokens", "completion_tokens")
+_LEDGER_COLUMNS = ("account_id", "hour", "seq", "model", "kind", *_USAGE, "batch_id")
+_PRICED_COLUMNS = (
+    "batch_id, line_no, model, kind, token_class, priced_as, tokens, price_per_million, "
+    "amount_minor, stripe_object_id"
 )
 
 
@@ -75,40 +84,64 @@ class BillingLedger:
 
     # --- what is left to bill ------------------------------------------------------------------
     def unbilled(self, start: datetime, end: datetime) -> list[Unbilled]:
-        """Per account-hour in [start, end): the tokens_after that the ledger does not cover
-        yet (all of them, or what was recorded after the hour was last billed)."""
+        """Per account-hour, model and kind in [start, end): the usage that the ledger does not
+        cover yet (all of it, or what was recorded after the hour was last billed), with the
+        report number (seq) the account-hour's next batch takes."""
         ts = self._store._ts
+        sums = ", ".join(f"SUM({c}) AS {c}" for c in _USAGE)
         rows = self._read(
-            "SELECT h.account_id, h.hour, h.tokens_after, COALESCE(l.billed, 0), "
-            "COALESCE(l.next_seq, 0) "
-            "FROM ccproxy_usage_hourly h LEFT JOIN ("
-            "  SELECT account_id, hour, SUM(tokens_after) AS billed, MAX(seq) + 1 AS next_seq "
-            "  FROM ccproxy_billing_ledger WHERE hour >= ? AND hour < ? "
-            "  GROUP BY account_id, hour"
-            ") l ON l.account_id = h.account_id AND l.hour = h.hour "
-            "WHERE h.hour >= ? AND h.hour < ? AND h.tokens_after > COALESCE(l.billed, 0) "
-            "ORDER BY h.account_id, h.hour",
-            (ts(start), ts(end), ts(start), ts(end)),
+            f"SELECT h.account_id, h.hour, h.model, h.kind, "
+            + ", ".join(f"h.{c}" for c in _USAGE)
+            + ", "
+            + ", ".join(f"COALESCE(l.{c}, 0)" for c in _USAGE)
+            + ", COALESCE(n.next_seq, 0) FROM ("
+            f"  SELECT account_id, hour, model, kind, {sums} FROM ccproxy_usage_hourly "
+            "  WHERE hour >= ? AND hour < ? GROUP BY account_id, hour, model, kind"
+            ") h LEFT JOIN ("
+            f"  SELECT account_id, hour, model, kind, {sums} FROM ccproxy_billing_ledger "
+            "  WHERE hour >= ? AND hour < ? GROUP BY account_id, hour, model, kind"
+            ") l ON l.account_id = h.account_id AND l.hour = h.hour AND l.model = h.model "
+            "  AND l.kind = h.kind "
+            "LEFT JOIN ("
+            "  SELECT account_id, hour, MAX(seq) + 1 AS next_seq FROM ccproxy_billing_ledger "
+            "  WHERE hour >= ? AND hour < ? GROUP BY account_id, hour"
+            ") n ON n.account_id = h.account_id AND n.hour = h.hour "
+            "ORDER BY h.account_id, h.hour, h.model, h.kind",
+            (ts(start), ts(end)) * 3,
         )
-        return [
-            Unbilled(r[0], self._store._dt(r[1]), int(r[4]), int(r[2]) - int(r[3])) for r in rows
-        ]
+        found = []
+        for r in rows:
+            total = Usage(*(int(v) for v in r[4:8]))
+            billed = Usage(*(int(v) for v in r[8:12]))
+            left = total.minus(billed)
+            if left.any():
+                found.append(Unbilled(r[0], self._store._dt(r[1]), int(r[12]), r[2], r[3], left))
+        return found
 
     # --- batches -----------------------------------------------------------------------------
     def reserve(self, batch: Batch) -> bool:
-        """Store the batch as pending with its ledger rows, in one transaction. False when one
-        of its account-hour rows is taken (another run reserved it first): send nothing."""
+        """Store the batch as pending with its ledger rows and priced lines, in one transaction.
+        False when one of its ledger rows is taken (another run reserved it first): send
+        nothing."""
         ts = self._store._ts
         q = self._store._q
         insert_batch = q(
             f"INSERT INTO ccproxy_billing_batches ({_BATCH_COLUMNS}, state, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
         )
+        marks = ", ".join(["?"] * len(_LEDGER_COLUMNS))
         insert_line = q(
-            "INSERT INTO ccproxy_billing_ledger (account_id, hour, seq, tokens_after, batch_id) "
-            "VALUES (?, ?, ?, ?, ?)"
+            f"INSERT INTO ccproxy_billing_ledger ({', '.join(_LEDGER_COLUMNS)}) VALUES ({marks})"
+        )
+        insert_priced = q(
+            f"INSERT INTO ccproxy_billing_lines ({_PRICED_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         # A rejected batch with this id left its hours free; its row goes, the new one replaces it.
+        drop_rejected_lines = q(
+            "DELETE FROM ccproxy_billing_lines WHERE batch_id IN (SELECT batch_id FROM "
+            "ccproxy_billing_batches WHERE batch_id = ? AND state = 'rejected')"
+        )
         drop_rejected = q(
             "DELETE FROM ccproxy_billing_batches WHERE batch_id = ? AND state = 'rejected'"
         )
@@ -126,15 +159,43 @@ class BillingLedger:
             b.meter_event_name,
             b.stripe_object_id,
             b.stripe_invoice_id,
+            b.review_reason,
             self._now(),
         )
 
         def transaction(conn: Any) -> None:
+            conn.execute(drop_rejected_lines, (b.batch_id,))
             conn.execute(drop_rejected, (b.batch_id,))
             conn.execute(insert_batch, batch_row)
             for line in b.lines:
-                row = (b.account_id, ts(line.hour), line.seq, line.tokens_after, b.batch_id)
+                u = line.usage
+                row = (
+                    b.account_id,
+                    ts(line.hour),
+                    line.seq,
+                    line.model,
+                    line.kind,
+                    u.tokens_before,
+                    u.tokens_after,
+                    u.cached_tokens,
+                    u.completion_tokens,
+                    b.batch_id,
+                )
                 conn.execute(insert_line, row)
+            for x in b.priced:
+                priced = (
+                    b.batch_id,
+                    x.line_no,
+                    x.model,
+                    x.kind,
+                    x.token_class,
+                    x.priced_as,
+                    x.tokens,
+                    str(x.price_per_million),
+                    x.amount_minor,
+                    x.stripe_object_id,
+                )
+                conn.execute(insert_priced, priced)
 
         try:
             self._store._write(transaction)
@@ -166,6 +227,34 @@ class BillingLedger:
             (self._now(), stripe_object_id, batch_id),
         )
 
+    def record_line(self, batch_id: str, line_no: int, stripe_object_id: str) -> None:
+        """Remember the invoice item of one priced line as soon as Stripe made it."""
+        self._execute(
+            "UPDATE ccproxy_billing_lines SET stripe_object_id = ? "
+            "WHERE batch_id = ? AND line_no = ?",
+            (stripe_object_id, batch_id, line_no),
+        )
+
+    def hold_for_review(self, batch_id: str, reason: str) -> None:
+        """Keep a pending batch out of automatic resends until a person resolves it."""
+        self._execute(
+            "UPDATE ccproxy_billing_batches SET review_reason = ? "
+            "WHERE batch_id = ? AND state = 'pending'",
+            (reason[:2000], batch_id),
+        )
+
+    def release_for_resend(self, batch_id: str) -> bool:
+        """A person checked Stripe and found the batch missing: resend it on the next run,
+        counting its identifier window from now. False if no held batch has this id."""
+        return (
+            self._execute(
+                "UPDATE ccproxy_billing_batches SET review_reason = NULL, created_at = ? "
+                "WHERE batch_id = ? AND state = 'pending' AND review_reason IS NOT NULL",
+                (self._now(), batch_id),
+            )
+            > 0
+        )
+
     def note_error(self, batch_id: str, error: str) -> None:
         """The batch stays pending (Stripe may hold part of it); the next run re-sends it."""
         self._execute(
@@ -190,8 +279,9 @@ class BillingLedger:
         self._store._write(transaction)
 
     def pending(self) -> list[Batch]:
-        """Batches a crashed or failed run left behind, oldest first, as they were stored."""
-        return [r.batch for r in self.batches(state="pending")]
+        """Batches a crashed or failed run left behind, oldest first, as they were stored
+        (those held for review excluded)."""
+        return [r.batch for r in self.batches(state="pending") if r.batch.review_reason is None]
 
     def batches(self, state: str | None = None, account_id: str | None = None) -> list[BatchRecord]:
         where, params = [], []
@@ -207,7 +297,9 @@ class BillingLedger:
             f"FROM ccproxy_billing_batches {clause}ORDER BY created_at, batch_id",
             params,
         )
-        lines = self._lines([r[0] for r in rows])
+        ids = [r[0] for r in rows]
+        lines = self._lines(ids)
+        priced = self._priced(ids)
         dt = self._store._dt
         return [
             BatchRecord(
@@ -223,30 +315,64 @@ class BillingLedger:
                     currency=r[8],
                     meter_event_name=r[9],
                     lines=lines.get(r[0], ()),
+                    priced=priced.get(r[0], ()),
                     stripe_object_id=r[10],
                     stripe_invoice_id=r[11],
+                    review_reason=r[12],
                 ),
-                state=r[12],
-                last_error=r[13],
-                created_at=dt(r[14]),
-                sent_at=None if r[15] is None else dt(r[15]),
+                state=r[13],
+                last_error=r[14],
+                created_at=dt(r[15]),
+                sent_at=None if r[16] is None else dt(r[16]),
             )
             for r in rows
         ]
 
-    def _lines(self, batch_ids: Sequence[str]) -> dict[str, tuple[Line, ...]]:
-        if not batch_ids:
-            return {}
-        found: dict[str, list[Line]] = {}
+    def _by_batch(
+        self, batch_ids: Sequence[str], columns: str, table: str, order: str
+    ) -> dict[str, list[tuple[Any, ...]]]:
+        found: dict[str, list[tuple[Any, ...]]] = {}
         # Chunked: both drivers cap the parameters of one statement.
         for i in range(0, len(batch_ids), 500):
             chunk = list(batch_ids[i : i + 500])
             marks = ", ".join(["?"] * len(chunk))
             rows = self._read(
-                "SELECT batch_id, hour, seq, tokens_after FROM ccproxy_billing_ledger "
-                f"WHERE batch_id IN ({marks}) ORDER BY hour, seq",
+                f"SELECT batch_id, {columns} FROM {table} "
+                f"WHERE batch_id IN ({marks}) ORDER BY {order}",
                 chunk,
             )
             for r in rows:
-                found.setdefault(r[0], []).append(Line(self._store._dt(r[1]), int(r[2]), int(r[3])))
-        return {k: tuple(v) for k, v in found.items()}
+                found.setdefault(r[0], []).append(tuple(r[1:]))
+        return found
+
+    def _lines(self, batch_ids: Sequence[str]) -> dict[str, tuple[Line, ...]]:
+        columns = "hour, seq, model, kind, " + ", ".join(_USAGE)
+        rows = self._by_batch(batch_ids, columns, "ccproxy_billing_ledger", "hour, seq, kind, model")
+        dt = self._store._dt
+        return {
+            k: tuple(
+                Line(dt(r[0]), int(r[1]), r[2], r[3], Usage(*(int(v) for v in r[4:8]))) for r in v
+            )
+            for k, v in rows.items()
+        }
+
+    def _priced(self, batch_ids: Sequence[str]) -> dict[str, tuple[PricedLine, ...]]:
+        columns = _PRICED_COLUMNS.removeprefix("batch_id, ")
+        rows = self._by_batch(batch_ids, columns, "ccproxy_billing_lines", "line_no")
+        return {
+            k: tuple(
+                PricedLine(
+                    line_no=int(r[0]),
+                    model=r[1],
+                    kind=r[2],
+                    token_class=r[3],
+                    priced_as=r[4],
+                    tokens=int(r[5]),
+                    price_per_million=Decimal(r[6]),
+                    amount_minor=None if r[7] is None else int(r[7]),
+                    stripe_object_id=r[8],
+                )
+                for r in v
+            )
+            for k, v in rows.items()
+        }

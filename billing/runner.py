@@ -5,25 +5,30 @@ plan to Stripe, and say what happened. The only module that talks to both the le
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from decimal import Decimal
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Literal
 
+from billing.catalog import find_price, has_active_subscription
 from billing.job import (
     Batch,
+    BillingAccount,
     Mode,
     Plan,
     PlanConfig,
     closed_before,
     finalize_request,
     invoice_item_request,
+    invoice_lines,
     invoice_request,
     meter_event_request,
     plan,
+    with_line_object,
 )
 from billing.ledger import BillingLedger
 from billing.stripe_client import StripeClient, StripeError
+from ccproxy.pricing import PriceTable, load_table
 from ccproxy.usage.events import as_utc, hour_of
 
 if TYPE_CHECKING:
@@ -31,15 +36,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("billing")
 
-Status = Literal["sent", "rejected", "failed", "taken"]
+Status = Literal["sent", "rejected", "failed", "taken", "review"]
+
+# Stripe keeps a meter event's identifier unique "within a rolling period of at least 24
+# hours"; after that, a resend with the same identifier may be counted a second time. A
+# pending meter event older than this (with an hour's margin for clock skew and a slow run)
+# is never resent automatically: it is held for a person, who checks Stripe's meter event
+# summaries and resolves it with `python -m billing review`.
+METER_IDENTIFIER_WINDOW = timedelta(hours=24)
+RESEND_LIMIT = METER_IDENTIFIER_WINDOW - timedelta(hours=1)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     mode: Mode
-    price_per_million: Decimal
+    prices: PriceTable
     currency: str
     meter_event_name: str
+    price_lookup_key: str = "ccproxy_usage_micro"
     close_delay_s: int = 600
     lookback_hours: int = 816
 
@@ -47,15 +61,16 @@ class RunConfig:
     def from_settings(cls, settings: Settings, mode: Mode | None = None) -> RunConfig:
         return cls(
             mode=mode or settings.billing_mode,
-            price_per_million=settings.billing_price_per_million_tokens,
+            prices=load_table(settings.billing_prices, settings.billing_price_per_million_tokens),
             currency=settings.billing_currency.lower(),
             meter_event_name=settings.billing_meter_event_name,
+            price_lookup_key=settings.billing_price_lookup_key,
             close_delay_s=settings.billing_close_delay_s,
             lookback_hours=settings.billing_lookback_hours,
         )
 
     def plan_config(self) -> PlanConfig:
-        return PlanConfig(self.mode, self.price_per_million, self.currency, self.meter_event_name)
+        return PlanConfig(self.mode, self.prices, self.currency, self.meter_event_name)
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,7 @@ class RunReport:
     @property
     def ok(self) -> bool:
         """False when something was not billed for a reason that needs a person."""
-        bad = any(o.status in ("failed", "rejected") for o in self.outcomes)
+        bad = any(o.status in ("failed", "rejected", "review") for o in self.outcomes)
         return not bad and self.aborted is None
 
 
@@ -105,21 +120,44 @@ def run(
     dry_run: bool = False,
     since: datetime | None = None,
     until: datetime | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> RunReport:
+    """`now` places the billing window; `clock` is the wall clock that the ledger's created_at
+    times come from (the identifier-window check compares against it)."""
     start, end = billing_window(now, config, since, until)
     pending = tuple(ledger.pending())
     report = RunReport(config.mode, start, end, dry_run, Plan(), pending)
     if not dry_run:
         if client is None:
             raise ValueError("a run that sends needs a Stripe client")
+        created = {r.batch.batch_id: r.created_at for r in ledger.batches(state="pending")}
         for batch in pending:
+            age = clock() - created[batch.batch_id]
+            if batch.mode == "meters" and age > RESEND_LIMIT:
+                reason = (
+                    f"meter event first sent {age.total_seconds() / 3600:.1f} h ago, past "
+                    "Stripe's 24 h identifier window: a resend could be counted twice. Check the "
+                    "customer's meter event summaries for this hour, then `python -m billing "
+                    "review --batch ID --delivered` or `--resend`"
+                )
+                ledger.hold_for_review(batch.batch_id, reason)
+                report.outcomes.append(Outcome(batch, "review", True, reason))
+                continue
             if not _deliver(client, ledger, batch, report, resumed=True):
                 return report
         pending = tuple(ledger.pending())
     busy = frozenset(b.account_id for b in pending if b.mode == "invoice-items")
     accounts = ledger.accounts()
     report.account_names = {a.id: a.name for a in accounts.values()}
-    report.plan = plan(ledger.unbilled(start, end), accounts, config.plan_config(), busy)
+    unbilled = ledger.unbilled(start, end)
+    unsubscribed: frozenset[str] = frozenset()
+    if config.mode == "meters" and client is not None and unbilled:
+        try:
+            unsubscribed = _unsubscribed(client, config, accounts, {r.account_id for r in unbilled})
+        except (StripeError, LookupError) as exc:
+            report.aborted = str(exc)
+            return report
+    report.plan = plan(unbilled, accounts, config.plan_config(), busy, unsubscribed)
     if dry_run:
         return report
     assert client is not None
@@ -131,6 +169,34 @@ def run(
         if not _deliver(client, ledger, batch, report, resumed=False):
             break
     return report
+
+
+def _unsubscribed(
+    client: StripeClient,
+    config: RunConfig,
+    accounts: dict[str, BillingAccount],
+    account_ids: set[str],
+) -> frozenset[str]:
+    """Accounts whose customer has no active subscription to the metered price: Stripe
+    accepts their meter events but never invoices them, so they are not sent."""
+    customers = {
+        account_id: account.stripe_customer_id
+        for account_id in sorted(account_ids)
+        if (account := accounts.get(account_id)) is not None and account.stripe_customer_id
+    }
+    if not customers:
+        return frozenset()  # nothing to check: plan() reports these accounts for other reasons
+    price = find_price(client, config.price_lookup_key)
+    if price is None:
+        raise LookupError(
+            f"no active Stripe price with lookup key {config.price_lookup_key!r}: "
+            "run `python -m billing setup`"
+        )
+    return frozenset(
+        account_id
+        for account_id, customer_id in customers.items()
+        if not has_active_subscription(client, customer_id, str(price["id"]))
+    )
 
 
 def _deliver(
@@ -147,7 +213,7 @@ def _deliver(
     except StripeError as exc:
         error = str(exc)
         log.error("batch %s (account %s): %s", batch.batch_id, batch.account_id, error)
-        nothing_in_stripe = not in_stripe and batch.stripe_object_id is None
+        nothing_in_stripe = not in_stripe and not batch.in_stripe
         if exc.refused and nothing_in_stripe:
             ledger.reject(batch.batch_id, error)
             report.outcomes.append(Outcome(batch, "rejected", resumed, error))
@@ -166,7 +232,8 @@ def _send_meter_event(client: StripeClient, ledger: BillingLedger, batch: Batch)
     try:
         client.send(meter_event_request(batch))
     except StripeError as exc:
-        # The identifier is the account-hour report itself: Stripe holding it means delivered.
+        # The identifier is the account-hour report itself: Stripe holding it means delivered
+        # (a batch older than the identifier window never gets here: see run()).
         if not exc.duplicate_meter_event:
             raise
         log.info("meter event %s was already delivered", batch.batch_id)
@@ -180,21 +247,39 @@ def _send_invoice(
     in_stripe: list[str],
     resumed: bool,
 ) -> None:
-    """Invoice item, then an invoice that takes it in, then finalize; each Stripe id is written
-    to the ledger before the next call, so a resumed run picks up at the step that is missing.
-    A resumed batch first looks for the object in Stripe (by the batch id in its metadata): a
-    crash may have come after Stripe created it and after the idempotency key expired."""
-    item_id = batch.stripe_object_id
-    if item_id is None and resumed:
-        item_id = _find(client, "/v1/invoiceitems", batch)
-    if item_id is None:
-        item_id = str(client.send(invoice_item_request(batch))["id"])
-    if batch.stripe_object_id is None:
-        in_stripe.append(item_id)
-        ledger.record(batch.batch_id, stripe_object_id=item_id)
+    """One invoice item per priced line, then an invoice that takes them in, then finalize;
+    each Stripe id is written to the ledger before the next call, so a resumed run picks up at
+    the step that is missing. A resumed batch first looks for each object in Stripe (by the
+    batch id and line number in its metadata): a crash may have come after Stripe created it
+    and after the idempotency key expired."""
+    items: list[dict[str, Any]] | None = None
+    for line in invoice_lines(batch):
+        item_id = line.stripe_object_id
+        if item_id is None and resumed:
+            if items is None:
+                items = _mine(client, "/v1/invoiceitems", batch)
+            item_id = next(
+                (
+                    str(o["id"])
+                    for o in items
+                    if (o.get("metadata") or {}).get("ccproxy_line") == str(line.line_no)
+                ),
+                None,
+            )
+        if item_id is None:
+            item_id = str(client.send(invoice_item_request(batch, line))["id"])
+        if line.stripe_object_id is None:
+            in_stripe.append(item_id)
+            ledger.record_line(batch.batch_id, line.line_no, item_id)
+            batch = with_line_object(batch, line.line_no, item_id)
+        if batch.stripe_object_id is None:
+            # The batch row names its first item too: `status` shows it.
+            ledger.record(batch.batch_id, stripe_object_id=item_id)
+            batch = replace(batch, stripe_object_id=item_id)
     invoice_id = batch.stripe_invoice_id
     if invoice_id is None and resumed:
-        invoice_id = _find(client, "/v1/invoices", batch)
+        found = _mine(client, "/v1/invoices", batch)
+        invoice_id = str(found[0]["id"]) if found else None
     if invoice_id is None:
         invoice_id = str(client.send(invoice_request(batch))["id"])
     if batch.stripe_invoice_id is None:
@@ -209,13 +294,14 @@ def _send_invoice(
     ledger.mark_sent(batch.batch_id)
 
 
-def _find(client: StripeClient, path: str, batch: Batch) -> str | None:
-    """The id of the customer's most recent object (of 100) made for this batch, if any."""
+def _mine(client: StripeClient, path: str, batch: Batch) -> list[dict[str, Any]]:
+    """The customer's most recent objects (of 100) made for this batch, newest first."""
     page = client.get(path, {"customer": batch.stripe_customer_id, "limit": 100})
-    for obj in page.get("data") or []:
-        if (obj.get("metadata") or {}).get("ccproxy_batch_id") == batch.batch_id:
-            return str(obj["id"])
-    return None
+    return [
+        obj
+        for obj in page.get("data") or []
+        if (obj.get("metadata") or {}).get("ccproxy_batch_id") == batch.batch_id
+    ]
 
 
 def _finalized(client: StripeClient, invoice_id: str) -> bool:

@@ -242,8 +242,16 @@ class Settings(BaseSettings):
     billing_price_per_million_tokens: Decimal = Field(
         default=Decimal("2.50"),
         ge=0,
-        description="Price of one million billed tokens (tokens after compression) in "
-        "CCPROXY_BILLING_CURRENCY's main unit; a currency with cents is assumed.",
+        description="Price of one million billed tokens in CCPROXY_BILLING_CURRENCY's main "
+        "unit (a currency with cents is assumed), for every token class and model, when "
+        "CCPROXY_BILLING_PRICES is unset.",
+    )
+    billing_prices: str | None = Field(
+        default=None,
+        description="The price table (ccproxy/pricing.py): inline JSON, or the path of a .json "
+        "or .toml file. Per model, and a required `default` row: `input`, `cached_input` and "
+        "`output` prices per million tokens; `compress` prices /v1/compress per million tokens "
+        "scored. Read by the billing job and the spend cap. Unset: the flat price above.",
     )
     billing_currency: str = Field(
         default="usd",
@@ -252,12 +260,13 @@ class Settings(BaseSettings):
         description="Three-letter ISO currency code of the Stripe price and invoice items.",
     )
     billing_meter_event_name: str = Field(
-        default="ccproxy_tokens_after",
+        default="ccproxy_usage_micro",
         description="Event name of the Stripe billing meter (created by `python -m billing "
-        "setup`) that meter events are sent to.",
+        "setup`) that meter events are sent to; their value is the cost of usage in millionths "
+        "of the currency's main unit.",
     )
     billing_price_lookup_key: str = Field(
-        default="ccproxy_tokens_after",
+        default="ccproxy_usage_micro",
         description="Lookup key of the metered Stripe price that `setup` creates and "
         "`customers subscribe` subscribes customers to.",
     )
@@ -290,6 +299,26 @@ class Settings(BaseSettings):
     stripe_api_base: str = Field(
         default="https://api.stripe.com",
         description="Base URL of Stripe's API; point it at localstripe or a fake for tests.",
+    )
+
+    # --- spending (ccproxy/spend.py) ---------------------------------------------------------
+    allowed_models: list[str] | None = Field(
+        default=None,
+        description="JSON list of the models callers may use (a name ending in `*` allows every "
+        "model that starts with it); others get 403 `model_not_allowed`. Unset: any model.",
+    )
+    spend_cap_per_key_monthly: Decimal | None = Field(
+        default=None,
+        ge=0,
+        description="Most a key may spend per calendar month (UTC), in CCPROXY_BILLING_CURRENCY's "
+        "main unit, priced with the price table; over it, requests get 429 `spend_cap_reached`. "
+        "A soft cap: usage reaches it after the usage flush and the cache below. Unset: no cap.",
+    )
+    spend_cap_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a key's month-to-date spend is reused before the database is asked "
+        "again.",
     )
 
     # --- operations --------------------------------------------------------------------------

@@ -21,6 +21,12 @@ TOTAL_FIELDS = (
     "completion_tokens",
 )
 
+# What an hourly row sums (TOTAL_FIELDS, which /usage reports, plus what billing needs).
+HOURLY_SUM_FIELDS = (*TOTAL_FIELDS, "cached_tokens")
+# The hourly row's key beside account and hour.
+HOURLY_KEY_FIELDS = ("key_id", "model", "kind")
+MAX_HOURLY_MODEL = 200
+
 
 def new_event_id() -> str:
     return str(uuid.uuid4())
@@ -54,6 +60,13 @@ class UsageEvent:
     status: int
     stream: bool
     created_at: datetime
+    # Added by migration 0004, with defaults so that events written to the outbox by an older
+    # version still decode. `cached_tokens`: the upstream's
+    # usage.prompt_tokens_details.cached_tokens (None: not reported). `kind`: what was metered,
+    # "chat" (a proxied completion) or "compress" (POST /v1/compress: tokens_before = tokens
+    # scored); the price table (ccproxy/pricing.py) prices each kind its own way.
+    cached_tokens: int | None = None
+    kind: str = "chat"
 
     def __post_init__(self) -> None:
         # Normalised once here so every store and the outbox see one representation.
@@ -69,6 +82,22 @@ class UsageEvent:
             self.prompt_tokens or 0,
             self.completion_tokens or 0,
         )
+
+    def hourly_key(self) -> tuple[str, str, str]:
+        """(key_id, model, kind): with account and hour, the key of its hourly row. The model
+        is cut to MAX_HOURLY_MODEL characters: it is part of an index, and a longer name is
+        still priced by its prefix."""
+        return (self.key_id or "", self.model[:MAX_HOURLY_MODEL], self.kind)
+
+    def billable_cached_tokens(self) -> int:
+        """Cached prompt tokens as the hourly totals sum them: at most tokens_after (the
+        upstream counts the prompt with its own tokenizer), so that the uncached input
+        (tokens_after - cached) of every event, and of every sum of events, is never negative."""
+        return max(0, min(self.cached_tokens or 0, self.tokens_after))
+
+    def hourly_counts(self) -> tuple[int, ...]:
+        """What this event adds to its hourly row, in HOURLY_SUM_FIELDS order."""
+        return (*self.counts(), self.billable_cached_tokens())
 
     def to_json(self) -> str:
         data: dict[str, Any] = asdict(self)

@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from ccproxy.usage import sqlitedb
-from ccproxy.usage.events import TOTAL_FIELDS, HourlyTotals, UsageEvent, as_utc, hour_of
+from ccproxy.usage.events import (
+    HOURLY_KEY_FIELDS,
+    HOURLY_SUM_FIELDS,
+    TOTAL_FIELDS,
+    HourlyTotals,
+    UsageEvent,
+    as_utc,
+    hour_of,
+)
 from ccproxy.usage.deadletters import DeadLetter
 from ccproxy.usage.migrate import Dialect, apply_pending
 
@@ -31,7 +39,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _EVENT_COLUMNS = tuple(f.name for f in fields(UsageEvent))
-_HOURLY_COLUMNS = ("account_id", "hour", *TOTAL_FIELDS, "updated_at")
+# One hourly row per account, hour, key, model and kind (migration 0004): what billing prices.
+_HOURLY_COLUMNS = ("account_id", "hour", *HOURLY_KEY_FIELDS, *HOURLY_SUM_FIELDS, "updated_at")
 # Rows per multi-row statement: 15 parameters x 500 rows stays far below both drivers' limits.
 _ROWS_PER_STATEMENT = 500
 _KEY_SELECT = (
@@ -98,11 +107,12 @@ def _is_sha256_hex(value: str) -> bool:
     return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def _hourly_sums(events: Sequence[UsageEvent]) -> dict[tuple[str, datetime], list[int]]:
-    sums: dict[tuple[str, datetime], list[int]] = {}
+def _hourly_sums(events: Sequence[UsageEvent]) -> dict[tuple[Any, ...], list[int]]:
+    sums: dict[tuple[Any, ...], list[int]] = {}
     for e in events:
-        row = sums.setdefault((e.account_id, hour_of(e.created_at)), [0] * len(TOTAL_FIELDS))
-        for i, value in enumerate(e.counts()):
+        key = (e.account_id, hour_of(e.created_at), *e.hourly_key())
+        row = sums.setdefault(key, [0] * len(HOURLY_SUM_FIELDS))
+        for i, value in enumerate(e.hourly_counts()):
             row[i] += value
     return sums
 
@@ -239,8 +249,10 @@ class SqlStore(ABC):
         )
         upsert = (
             f"INSERT INTO ccproxy_usage_hourly ({', '.join(_HOURLY_COLUMNS)}) VALUES {{marks}} "
-            "ON CONFLICT (account_id, hour) DO UPDATE SET "
-            + ", ".join(f"{c} = ccproxy_usage_hourly.{c} + excluded.{c}" for c in TOTAL_FIELDS)
+            f"ON CONFLICT (account_id, hour, {', '.join(HOURLY_KEY_FIELDS)}) DO UPDATE SET "
+            + ", ".join(
+                f"{c} = ccproxy_usage_hourly.{c} + excluded.{c}" for c in HOURLY_SUM_FIELDS
+            )
             + ", updated_at = excluded.updated_at"
         )
 
@@ -254,8 +266,8 @@ class SqlStore(ABC):
             new = [e for e in batch if e.event_id in inserted]
             now = self._ts(datetime.now(timezone.utc))
             rows = [
-                (account_id, self._ts(hour), *sums, now)
-                for (account_id, hour), sums in sorted(_hourly_sums(new).items())
+                (account_id, self._ts(hour), *key, *sums, now)
+                for (account_id, hour, *key), sums in sorted(_hourly_sums(new).items())
             ]
             for chunk_rows in _chunks(rows, _ROWS_PER_STATEMENT):
                 sql = upsert.format(marks=self._marks(len(chunk_rows), len(_HOURLY_COLUMNS)))
@@ -286,10 +298,13 @@ class SqlStore(ABC):
         return self._write(transaction) if rows else 0
 
     def hourly(self, account_id: str, start: datetime, end: datetime) -> list[HourlyTotals]:
-        """The account's hourly totals for the hours with start <= hour < end, oldest first."""
+        """The account's hourly totals for the hours with start <= hour < end, oldest first
+        (summed over the hour's keys, models and kinds)."""
+        sums = ", ".join(f"SUM({c})" for c in TOTAL_FIELDS)
         sql = self._q(
-            f"SELECT account_id, hour, {', '.join(TOTAL_FIELDS)} FROM ccproxy_usage_hourly "
-            "WHERE account_id = ? AND hour >= ? AND hour < ? ORDER BY hour"
+            f"SELECT account_id, hour, {sums} FROM ccproxy_usage_hourly "
+            "WHERE account_id = ? AND hour >= ? AND hour < ? "
+            "GROUP BY account_id, hour ORDER BY hour"
         )
         params = (account_id, self._ts(start), self._ts(end))
         rows = self._read(lambda conn: conn.execute(sql, params).fetchall())

@@ -18,7 +18,7 @@ from tests.billing.fake_stripe import FakeStripe
 from tests.usage.conftest import Backend, backend, pg_databases, pg_url  # noqa: F401
 from tests.usage.helpers import free_port
 
-BILLING_TABLES = ("ccproxy_billing_ledger", "ccproxy_billing_batches")
+BILLING_TABLES = ("ccproxy_billing_ledger", "ccproxy_billing_lines", "ccproxy_billing_batches")
 LOCALSTRIPE = Path(__file__).with_name("localstripe_server.py")
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from billing.__main__ import main
 from ccproxy.settings import Settings
 from ccproxy.usage.store import SqliteStore
 from tests.billing.fake_stripe import FakeStripe
-from tests.billing.helpers import NOW, client, seed
+from tests.billing.helpers import NOW, client, seed, subscribe_in_fake
 
 Cli = Callable[..., tuple[int, str]]
 
@@ -54,11 +53,12 @@ def _json(cli: Cli, *argv: str) -> Any:
 def test_setup_creates_the_meter_product_and_price_once(cli: Cli, fake_stripe: FakeStripe) -> None:
     first = _json(cli, "setup")
     assert first["created"] == ["meter", "product", "price"]
-    assert first["unit_amount_decimal"] == "0.00025"
+    # The meter sums millionths of a dollar: 0.0001 cents each, whatever the price table says.
+    assert first["unit_amount_decimal"] == "0.0001"
     (meter_call,) = fake_stripe.calls("POST", "/v1/billing/meters")
     assert meter_call.params == {
-        "display_name": "ccproxy tokens after compression",
-        "event_name": "ccproxy_tokens_after",
+        "display_name": "ccproxy usage (millionths of the currency unit)",
+        "event_name": "ccproxy_usage_micro",
         "default_aggregation": {"formula": "sum"},
         "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
         "value_settings": {"event_payload_key": "value"},
@@ -69,22 +69,25 @@ def test_setup_creates_the_meter_product_and_price_once(cli: Cli, fake_stripe: F
         "usage_type": "metered",
         "meter": first["meter_id"],
     }
-    assert price_call.params["lookup_key"] == "ccproxy_tokens_after"
+    assert price_call.params["lookup_key"] == "ccproxy_usage_micro"
 
     again = _json(cli, "setup")
     assert again["created"] == [] and again["price_id"] == first["price_id"]
     assert len([r for r in fake_stripe.requests if r.method == "POST"]) == 3
 
 
-def test_setup_makes_a_new_price_when_the_price_changes(
+def test_setup_replaces_a_price_that_is_not_per_millionth(
     cli: Cli, settings: Settings, fake_stripe: FakeStripe
 ) -> None:
     first = _json(cli, "setup")
-    dearer = settings.model_copy(update={"billing_price_per_million_tokens": Decimal("3")})
-    code, out = cli("--json", "setup", settings_=dearer)
+    # A per-token price left under the lookup key (e.g. by hand): setup makes a right one.
+    old = fake_stripe.objects("price")[0]
+    old["unit_amount_decimal"] = "0.00025"
+    fake_stripe.expire_idempotency_keys()  # a later day
+    code, out = cli("--json", "setup")
     second = json.loads(out)
     assert code == 0 and second["created"] == ["price"]
-    assert second["price_id"] != first["price_id"] and second["unit_amount_decimal"] == "0.0003"
+    assert second["price_id"] != first["price_id"] and second["unit_amount_decimal"] == "0.0001"
     assert "subscriptions on the old one keep it" in second["notes"][0]
 
 
@@ -141,18 +144,22 @@ def test_dry_run_then_run_then_nothing_left(
     seed(store, "beta", {0: 10})
     store.close()
     cli("customers", "set", "--account", "acme", "--customer", "cus_A")
+    subscribe_in_fake(fake_stripe, "cus_A")
 
     code, out = cli("run", "--dry-run")
     assert code == 0
     assert "2 batch(es) would be sent; nothing was sent" in out
-    assert "1,000,000 tokens  ~2.50 USD (Stripe prices it)" in out
+    assert "1,000,000 tokens  2.500000 USD (Stripe rounds the month)" in out
     assert "skipped    beta" in out and "no Stripe customer" in out
     assert fake_stripe.requests == []
 
     report = _json(cli, "run")
     assert report["ok"] and [o["status"] for o in report["outcomes"]] == ["sent", "sent"]
     assert [s["reason"] for s in report["skipped"]] == ["no-customer"]
-    assert len(fake_stripe.meter_events) == 2
+    assert sorted(e["payload"]["value"] for e in fake_stripe.meter_events.values()) == [
+        "2500000",  # 1,000,000 x 2.50 per million, in millionths
+        "8",  # 3 x 2.50 = 7.5 millionths, rounded half-up
+    ]
 
     code, out = cli("run")
     assert code == 0 and "nothing to bill" in out
@@ -168,7 +175,8 @@ def test_a_failed_run_exits_1_and_status_shows_the_pending_batch(
     seed(store, "acme", {0: 1_000_000})
     store.close()
     cli("customers", "set", "--account", "acme", "--customer", "cus_A")
-    fake_stripe.fail(500, times=10)
+    subscribe_in_fake(fake_stripe, "cus_A")
+    fake_stripe.fail(500, times=10, path="/v1/billing/meter_events")
     code, out = cli("run")
     assert code == 1 and "failed" in out and "HTTP 500" in out
     code, out = cli("status")
@@ -193,3 +201,32 @@ def test_python_dash_m_billing_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["dry_run"] is True
+
+
+def test_the_price_table_comes_from_the_settings_and_a_bad_one_is_a_usage_error(
+    cli: Cli, settings: Settings, tmp_path: Path
+) -> None:
+    store = SqliteStore(Path(settings.data_dir) / "ccproxy.sqlite")
+    store.migrate()
+    seed(store, "acme", {0: 1_000_000}, model="gpt-4o", completion_tokens=1_000)
+    store.close()
+    cli("customers", "set", "--account", "acme", "--customer", "cus_A")
+    table = tmp_path / "prices.toml"
+    table.write_text(
+        'default = {input = "1", output = "2"}\n'
+        '[models."gpt-4o"]\ninput = "5.00"\ncached_input = "2.50"\noutput = "15.00"\n'
+    )
+    priced = settings.model_copy(update={"billing_prices": str(table)})
+    code, out = cli("--json", "run", "--dry-run", settings_=priced)
+    assert code == 0, out
+    report = json.loads(out)
+    (batch,) = report["planned"]
+    # 1,000,000 x 5.00 + 2 events x 1,000 x 15.00 per million = 5.03 USD = 5,030,000 millionths
+    assert batch["quantity"] == 5_030_000
+    assert [(x["token_class"], x["priced_as"], x["tokens"]) for x in batch["lines"]] == [
+        ("input", "gpt-4o", 1_000_000),
+        ("output", "gpt-4o", 2_000),
+    ]
+    broken = settings.model_copy(update={"billing_prices": '{"models": {}}'})
+    code, out = cli("run", "--dry-run", settings_=broken)
+    assert code == 2 and "'default' row" in out

@@ -57,7 +57,7 @@ def test_localstripe_invoice_total_is_tokens_after_times_price(
         assert invoice["currency"] == "usd"
         (line,) = invoice["lines"]["data"]
         assert line["amount"] == invoice["total"]
-        assert f"{tokens:,} tokens" in line["description"]
+        assert f"{tokens:,} input tokens" in line["description"]
     # 3,235,566 tokens x 2.50 USD per million = 808.8915 cents -> 809
     assert amount_minor(sum(usage["acme"].values()), PRICE) == 809
     records = {r.batch.account_id: r for r in ledger.batches()}

@@ -5,15 +5,23 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from billing.job import Batch, Line, Unbilled, plan
+from billing.job import Batch, Line, Unbilled, Usage, plan
 from billing.ledger import BillingLedger
 from tests.billing.helpers import at, config, seed
 from tests.usage.conftest import Backend
 from tests.usage.helpers import make_event
 
 
+MINI = "gpt-4o-mini"  # make_event's model
+
+
 def _order(row: Unbilled) -> tuple[str, object]:
     return row.account_id, row.hour
+
+
+def _u(account_id: str, hour: int, seq: int, tokens_after: int) -> Unbilled:
+    """seed()'s usage: tokens_before = 2 x tokens_after, no cached or completion tokens."""
+    return Unbilled(account_id, at(hour), seq, MINI, "chat", Usage(2 * tokens_after, tokens_after))
 
 
 def _batches(ledger: BillingLedger, mode: str = "meters") -> list[Batch]:
@@ -26,15 +34,15 @@ def test_unbilled_is_what_the_ledger_does_not_cover(db: Backend, ledger: Billing
     b = seed(db.store, "beta", {1: 77})
     assert sorted(ledger.unbilled(at(0), at(4)), key=_order) == sorted(
         [
-            Unbilled(a, at(0), 0, 900),
-            Unbilled(a, at(1), 0, 1200),
-            Unbilled(a, at(3), 0, 30),
-            Unbilled(b, at(1), 0, 77),
+            _u(a, 0, 0, 900),
+            _u(a, 1, 0, 1200),
+            _u(a, 3, 0, 30),
+            _u(b, 1, 0, 77),
         ],
         key=_order,
     )
     assert sorted(ledger.unbilled(at(1), at(3)), key=_order) == sorted(
-        [Unbilled(a, at(1), 0, 1200), Unbilled(b, at(1), 0, 77)], key=_order
+        [_u(a, 1, 0, 1200), _u(b, 1, 0, 77)], key=_order
     )
 
 
@@ -47,12 +55,19 @@ def test_reserved_hours_drop_out_and_late_usage_comes_back_as_the_next_seq(
     assert all(ledger.reserve(b) for b in first)
     assert ledger.unbilled(at(0), at(4)) == []
     # Usage recorded after the hour was billed (an outbox replay): only the difference.
-    db.store.write_events(
-        [make_event(a, created_at=at(0) + timedelta(minutes=59), tokens_after=55)]
+    late_event = make_event(
+        a, created_at=at(0) + timedelta(minutes=59), tokens_after=55, cached_tokens=20
     )
-    assert ledger.unbilled(at(0), at(4)) == [Unbilled(a, at(0), 1, 55)]
+    db.store.write_events([late_event])
+    left = Usage(1000, 55, 20, 25)  # make_event: 1000 before, 25 completion tokens
+    assert ledger.unbilled(at(0), at(4)) == [Unbilled(a, at(0), 1, MINI, "chat", left)]
     (late,) = _batches(ledger)
-    assert late.lines == (Line(at(0), 1, 55),)
+    assert late.lines == (Line(at(0), 1, MINI, "chat", left),)
+    assert [(x.token_class, x.tokens) for x in late.priced] == [
+        ("input", 35),
+        ("cached_input", 20),
+        ("output", 25),
+    ]
     assert ledger.reserve(late)
     assert ledger.unbilled(at(0), at(4)) == []
 
@@ -92,7 +107,7 @@ def test_a_rejected_batch_frees_its_hours(db: Backend, ledger: BillingLedger) ->
     assert ledger.batches()[0].last_error == "Stripe HTTP 500: boom"
     ledger.reject(batch.batch_id, "Stripe HTTP 400: No such customer")
     assert ledger.pending() == []
-    assert ledger.unbilled(at(0), at(4)) == [Unbilled(a, at(0), 0, 900)]
+    assert ledger.unbilled(at(0), at(4)) == [_u(a, 0, 0, 900)]
     (record,) = ledger.batches(state="rejected")
     assert record.last_error == "Stripe HTTP 400: No such customer"
     # The same report can be planned and reserved again (the rejected row makes way).

@@ -12,7 +12,7 @@ from billing.job import meter_identifier
 from billing.ledger import BillingLedger
 from billing.runner import run
 from tests.billing.fake_stripe import FakeStripe
-from tests.billing.helpers import NOW, Sleeps, at, client, config, seed
+from tests.billing.helpers import NOW, Sleeps, at, client, config, seed, subscribe_in_fake
 from tests.usage.conftest import Backend
 from tests.usage.helpers import make_event
 
@@ -23,18 +23,21 @@ class Crash(BaseException):
     """The process dies: nothing below the raise runs, no handler catches it."""
 
 
-def _seed_two(db: Backend, ledger: BillingLedger) -> tuple[str, str]:
+def _seed_two(db: Backend, ledger: BillingLedger, fake: FakeStripe) -> tuple[str, str]:
+    """gpt-4o-mini (the table's default row, 2.50 per million input tokens), prompts only:
+    a meter event's value is tokens x 2.5 millionths."""
     a = seed(db.store, "acme", {0: 900, 1: 1200, 4: 50})  # hour 4 is still open at NOW
     b = seed(db.store, "beta", {2: 333})
     ledger.set_customer("acme", "cus_A")
     ledger.set_customer("beta", "cus_B")
+    subscribe_in_fake(fake, "cus_A", "cus_B")
     return a, b
 
 
 def test_one_meter_event_per_closed_account_hour_and_a_rerun_sends_nothing(
     db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
 ) -> None:
-    a, b = _seed_two(db, ledger)
+    a, b = _seed_two(db, ledger, fake_stripe)
     with client(fake_stripe.url) as stripe:
         report = run(ledger, stripe, config(), NOW)
     assert report.ok and [o.status for o in report.outcomes] == ["sent"] * 3
@@ -46,10 +49,11 @@ def test_one_meter_event_per_closed_account_hour_and_a_rerun_sends_nothing(
     }
     one = sent[meter_identifier(a, at(1), 0)]
     assert one.params == {
-        "event_name": "ccproxy_tokens_after",
+        "event_name": "ccproxy_usage_micro",
         "identifier": meter_identifier(a, at(1), 0),
         "timestamp": str(int(at(1).timestamp())),
-        "payload": {"stripe_customer_id": "cus_A", "value": "1200"},
+        # 1,200 tokens x 2.50 per million = 0.003 USD = 3,000 millionths
+        "payload": {"stripe_customer_id": "cus_A", "value": "3000"},
     }
     assert one.idempotency_key and one.idempotency_key.startswith(one.params["identifier"])
     records = ledger.batches()
@@ -65,27 +69,29 @@ def test_one_meter_event_per_closed_account_hour_and_a_rerun_sends_nothing(
 def test_the_next_hour_and_late_usage_are_billed_by_later_runs(
     db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
 ) -> None:
-    a, _ = _seed_two(db, ledger)
+    a, _ = _seed_two(db, ledger, fake_stripe)
     with client(fake_stripe.url) as stripe:
         run(ledger, stripe, config(), NOW)
         # Usage for hour 0 that reached the database late, and hour 4 closing.
         db.store.write_events(
-            [make_event(a, created_at=at(0) + timedelta(minutes=30), tokens_after=7)]
+            [
+                make_event(
+                    a, created_at=at(0) + timedelta(minutes=30), tokens_after=7, completion_tokens=25
+                )
+            ]
         )
         report = run(ledger, stripe, config(), NOW + timedelta(hours=1))
-    assert [(o.batch.batch_id, o.batch.quantity) for o in report.outcomes] == [
-        (meter_identifier(a, at(0), 1), 7),
-        (meter_identifier(a, at(4), 0), 50),
+    assert [(o.batch.batch_id, o.batch.tokens, o.batch.quantity) for o in report.outcomes] == [
+        # 7 x 2.50 + 25 x 10.00 per million = 267.5 millionths, rounded half-up once
+        (meter_identifier(a, at(0), 1), 32, 268),
+        (meter_identifier(a, at(4), 0), 50, 125),
     ]
     totals: dict[tuple[str, int], int] = {}
     for event in fake_stripe.meter_events.values():
         key = (event["payload"]["stripe_customer_id"], event["timestamp"])
         totals[key] = totals.get(key, 0) + int(event["payload"]["value"])
-    assert (
-        totals[("cus_A", int(at(0).timestamp()))]
-        == 907
-        == db.store.hourly(a, at(0), at(1))[0].tokens_after
-    )
+    assert db.store.hourly(a, at(0), at(1))[0].tokens_after == 907
+    assert totals[("cus_A", int(at(0).timestamp()))] == 2250 + 268
 
 
 def test_a_429_is_retried_with_the_same_identifier_and_key(
@@ -93,6 +99,7 @@ def test_a_429_is_retried_with_the_same_identifier_and_key(
 ) -> None:
     seed(db.store, "acme", {0: 900})
     ledger.set_customer("acme", "cus_A")
+    subscribe_in_fake(fake_stripe, "cus_A")
     fake_stripe.fail(429, retry_after="1", path=EVENTS)
     sleeps = Sleeps()
     with client(fake_stripe.url, sleeps) as stripe:
@@ -109,7 +116,7 @@ def test_a_429_is_retried_with_the_same_identifier_and_key(
 def test_a_500_that_outlasts_the_retries_is_reported_and_resumed_next_run(
     db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
 ) -> None:
-    _seed_two(db, ledger)
+    _seed_two(db, ledger, fake_stripe)
     fake_stripe.fail(500, times=4, path=EVENTS)  # 1 try + 3 retries, all on the first event
     with client(fake_stripe.url, max_retries=3) as stripe:
         report = run(ledger, stripe, config(), NOW)
@@ -141,7 +148,7 @@ def test_a_crash_between_the_stripe_call_and_the_ledger_write_bills_once(
     monkeypatch: pytest.MonkeyPatch,
     keys_expired: bool,
 ) -> None:
-    _seed_two(db, ledger)
+    _seed_two(db, ledger, fake_stripe)
     real_mark_sent = BillingLedger.mark_sent
     calls = 0
 
@@ -186,13 +193,14 @@ def test_accounts_without_a_customer_are_reported_and_billed_once_they_have_one(
         report = run(ledger, stripe, config(), NOW)
         assert report.ok and report.outcomes == []
         ((skipped),) = report.plan.skipped
-        assert (skipped.account_name, skipped.reason, skipped.tokens_after) == (
+        assert (skipped.account_name, skipped.reason, skipped.tokens) == (
             "acme",
             "no-customer",
             900,
         )
-        assert fake_stripe.requests == []
+        assert fake_stripe.calls("POST", EVENTS) == []
         ledger.set_customer("acme", "cus_A")
+        subscribe_in_fake(fake_stripe, "cus_A")
         later = run(ledger, stripe, config(), NOW + timedelta(hours=1))
     assert [o.batch.batch_id for o in later.outcomes] == [meter_identifier(a, at(0), 0)]
 
@@ -200,7 +208,7 @@ def test_accounts_without_a_customer_are_reported_and_billed_once_they_have_one(
 def test_a_dry_run_sends_and_writes_nothing(
     db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
 ) -> None:
-    _seed_two(db, ledger)
+    _seed_two(db, ledger, fake_stripe)
     report = run(ledger, None, config(), NOW, dry_run=True)
     assert report.dry_run and len(report.plan.batches) == 3 and report.outcomes == []
     assert fake_stripe.requests == [] and ledger.batches() == []
@@ -209,13 +217,13 @@ def test_a_dry_run_sends_and_writes_nothing(
 def test_a_refused_api_key_stops_the_run(
     db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
 ) -> None:
-    _seed_two(db, ledger)
+    _seed_two(db, ledger, fake_stripe)
     fake_stripe.fail(401)
     with client(fake_stripe.url) as stripe:
         report = run(ledger, stripe, config(), NOW)
     assert report.aborted and "HTTP 401" in report.aborted and not report.ok
-    assert len(fake_stripe.requests) == 1
-    assert [r.state for r in ledger.batches()] == ["pending"]  # retried by the next run
+    assert len(fake_stripe.requests) == 1  # the subscription check: nothing reserved or sent
+    assert ledger.batches() == [] and fake_stripe.calls("POST", EVENTS) == []
 
 
 def test_the_window_is_closed_hours_within_the_lookback() -> None:

@@ -18,6 +18,7 @@ TABLES = (
     "ccproxy_accounts",
     "ccproxy_billing_batches",
     "ccproxy_billing_ledger",
+    "ccproxy_billing_lines",
     "ccproxy_usage_dead_letters",
 )
 Query = Callable[[str], list[tuple[Any, ...]]]
