@@ -125,6 +125,13 @@ class Usage:
     def any(self) -> bool:
         return any((self.tokens_before, self.tokens_after, self.cached_tokens, self.completion_tokens))
 
+    def billable(self, kind: str) -> bool:
+        """Whether any column that the price table prices for `kind` is non-zero (chat does
+        not price tokens_before, compress prices nothing else)."""
+        if kind == "compress":
+            return self.tokens_before > 0
+        return any((self.tokens_after, self.cached_tokens, self.completion_tokens))
+
 
 @dataclass(frozen=True)
 class Unbilled:
@@ -264,10 +271,11 @@ def price_lines(
     lines: Sequence[Line], prices: PriceTable, *, to_cents: bool
 ) -> tuple[PricedLine, ...]:
     """The lines' usage summed per (kind, model), priced per token class; classes with no
-    tokens are left out. Sorted (kind, model, class), so the order is stable across runs."""
+    tokens are left out. Sorted (kind, model, class), so the order is stable across runs.
+    Compression is priced whatever the model, so all of it is one line (model "")."""
     by_model: dict[tuple[str, str], Usage] = {}
     for x in lines:
-        key = (x.kind, x.model)
+        key = (x.kind, "" if x.kind == "compress" else x.model)
         by_model[key] = by_model.get(key, Usage()) + x.usage
     priced: list[PricedLine] = []
     for (kind, model), u in sorted(by_model.items()):
@@ -307,7 +315,7 @@ def plan(
     price, whose meter events Stripe would never invoice) wait too."""
     by_account: dict[str, list[Unbilled]] = {}
     for row in unbilled:
-        if row.usage.any():
+        if row.usage.billable(row.kind):
             by_account.setdefault(row.account_id, []).append(row)
     batches: list[Batch] = []
     skipped: list[Skipped] = []

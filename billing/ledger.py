@@ -114,7 +114,7 @@ class BillingLedger:
             total = Usage(*(int(v) for v in r[4:8]))
             billed = Usage(*(int(v) for v in r[8:12]))
             left = total.minus(billed)
-            if left.any():
+            if left.billable(r[3]):
                 found.append(Unbilled(r[0], self._store._dt(r[1]), int(r[12]), r[2], r[3], left))
         return found
 

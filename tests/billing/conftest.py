@@ -15,7 +15,13 @@ import pytest
 
 from billing.ledger import BillingLedger
 from tests.billing.fake_stripe import FakeStripe
-from tests.usage.conftest import Backend, backend, pg_databases, pg_url  # noqa: F401
+from tests.usage.conftest import (  # noqa: F401
+    Backend,
+    backend,
+    fresh_store_factory,
+    pg_databases,
+    pg_url,
+)
 from tests.usage.helpers import free_port
 
 BILLING_TABLES = ("ccproxy_billing_ledger", "ccproxy_billing_lines", "ccproxy_billing_batches")

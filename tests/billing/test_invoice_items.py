@@ -4,6 +4,7 @@ its crash and refusal paths against the recording fake (localstripe ignores idem
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import httpx
@@ -14,8 +15,9 @@ from billing.job import amount_minor
 from billing.ledger import BillingLedger
 from billing.runner import run
 from tests.billing.fake_stripe import FakeStripe
-from tests.billing.helpers import NOW, PRICE, client, config, seed
+from tests.billing.helpers import NOW, PRICE, PRICES, at, client, config, seed
 from tests.usage.conftest import Backend
+from tests.usage.helpers import make_event
 
 INVOICES = config("invoice-items")
 
@@ -166,3 +168,72 @@ def test_a_failed_invoice_step_is_resumed_and_holds_back_new_batches(
     totals = sorted(i["total"] for i in fake_stripe.objects("invoice"))
     assert totals == [250, 500]
     assert {r.batch.account_id for r in ledger.batches()} == {a}
+
+
+def test_localstripe_a_mixed_month_is_invoiced_line_by_line_from_the_price_table(
+    db: Backend, ledger: BillingLedger, localstripe_url: str
+) -> None:
+    """Several models with completions, a cached-input row, a cut stream (prompt and the
+    completion tokens seen) and /v1/compress calls, over a month: every invoice line is the
+    price table applied to the rows."""
+    account = db.store.ensure_account("mixed")
+    month = at(0) - timedelta(days=20)
+
+    def event(day: int, model: str, **fields: Any) -> Any:
+        return make_event(account, created_at=month + timedelta(days=day), model=model, **fields)
+
+    events = [
+        event(0, "gpt-4o-2024-08-06", tokens_after=1_200_000, completion_tokens=300_000),
+        event(1, "gpt-4o", tokens_after=800_000, cached_tokens=600_000, completion_tokens=50_000),
+        event(2, "o1", tokens_after=90_000, completion_tokens=120_000),
+        event(3, "gpt-4o-mini", tokens_after=2_000_000, completion_tokens=0, status=200),
+        # A stream cut after it started: the prompt and the completion tokens seen.
+        event(4, "o1", tokens_after=10_000, completion_tokens=777, stream=True, status=499),
+        event(5, "", kind="compress", tokens_before=3_000_000, tokens_after=600_000,
+              completion_tokens=0),
+        event(6, "gpt-4o", kind="compress", tokens_before=1_000_000, tokens_after=200_000,
+              completion_tokens=0),
+    ]
+    db.store.write_events(events)
+    with client(localstripe_url) as stripe:
+        customer = create_customer(stripe, ledger, ledger.account("mixed"))  # type: ignore[arg-type]
+        report = run(ledger, stripe, INVOICES, NOW, since=month)
+    assert report.ok and [o.status for o in report.outcomes] == ["sent"]
+
+    # The expected lines, computed here from the rows and the table, independently of the job.
+    def cents(tokens: int, price: str) -> int:
+        exact = Decimal(tokens) * Decimal(price) / 1_000_000 * 100
+        return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+    gpt4o, o1, default = PRICES.models["gpt-4o"], PRICES.models["o1"], PRICES.default
+    expected = {
+        # (model, class): (tokens, cents)
+        # day 1: 800k prompt tokens after compression, 600k of them cached
+        ("gpt-4o", "input"): (200_000, cents(200_000, str(gpt4o.input))),
+        ("gpt-4o", "cached_input"): (600_000, cents(600_000, str(gpt4o.cached_input))),
+        ("gpt-4o", "output"): (50_000, cents(50_000, str(gpt4o.output))),
+        ("gpt-4o-2024-08-06", "input"): (1_200_000, cents(1_200_000, str(gpt4o.input))),
+        ("gpt-4o-2024-08-06", "output"): (300_000, cents(300_000, str(gpt4o.output))),
+        # o1: day 2 and the stream cut on day 4 (its prompt and the completion tokens seen)
+        ("o1", "input"): (100_000, cents(100_000, str(o1.input))),
+        ("o1", "output"): (120_777, cents(120_777, str(o1.output))),
+        ("gpt-4o-mini", "input"): (2_000_000, cents(2_000_000, str(default.input))),
+        # both /v1/compress calls, one line whatever their model: tokens scored
+        ("compress", "compress"): (4_000_000, cents(4_000_000, str(PRICES.compress))),
+    }
+
+    (invoice,) = _get(localstripe_url, "/v1/invoices", customer=customer)["data"]
+    assert invoice["status"] == "open"
+    lines = invoice["lines"]["data"]
+    items = _get(localstripe_url, "/v1/invoiceitems", customer=customer)["data"]
+    assert items == [] or all(i.get("invoice") for i in items)  # all taken by the invoice
+    got = {}
+    (record,) = ledger.batches()
+    by_item = {x.stripe_object_id: x for x in record.batch.priced}
+    for line in lines:
+        priced = by_item[line.get("invoice_item") or line["id"]]
+        key = ("compress" if priced.kind == "compress" else priced.model, priced.token_class)
+        got[key] = (priced.tokens, line["amount"])
+        assert f"{priced.tokens:,}" in line["description"]
+    assert got == expected
+    assert invoice["total"] == sum(c for _, c in expected.values()) == record.batch.amount_minor

@@ -3,7 +3,7 @@ request shapes, reruns, retries, resumption after failures and after a crash."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -233,3 +233,95 @@ def test_the_window_is_closed_hours_within_the_lookback() -> None:
         NOW, config(), since=at(1), until=at(3) + timedelta(minutes=5)
     )
     assert (start, end) == (at(1), at(3))
+
+
+def test_customers_without_an_active_subscription_are_skipped_and_reported(
+    db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
+) -> None:
+    seed(db.store, "acme", {0: 900})
+    seed(db.store, "beta", {0: 900})
+    seed(db.store, "gamma", {0: 900})
+    for name, customer in (("acme", "cus_A"), ("beta", "cus_B"), ("gamma", "cus_C")):
+        ledger.set_customer(name, customer)
+    subscribe_in_fake(fake_stripe, "cus_A")
+    subscribe_in_fake(fake_stripe, "cus_B", status="incomplete_expired")  # invoices nothing
+    with client(fake_stripe.url) as stripe:
+        report = run(ledger, stripe, config(), NOW)
+    assert [o.batch.stripe_customer_id for o in report.outcomes] == ["cus_A"]
+    assert sorted((s.account_name, s.reason) for s in report.plan.skipped) == [
+        ("beta", "no-subscription"),
+        ("gamma", "no-subscription"),
+    ]
+    assert {e["payload"]["stripe_customer_id"] for e in fake_stripe.meter_events.values()} == {
+        "cus_A"
+    }
+    # Once subscribed, the waiting hour is billed.
+    subscribe_in_fake(fake_stripe, "cus_C")
+    with client(fake_stripe.url) as stripe:
+        later = run(ledger, stripe, config(), NOW + timedelta(hours=1))
+    assert [o.batch.stripe_customer_id for o in later.outcomes] == ["cus_C"]
+
+
+def test_a_run_without_the_metered_price_stops_before_sending(
+    db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
+) -> None:
+    seed(db.store, "acme", {0: 900})
+    ledger.set_customer("acme", "cus_A")
+    with client(fake_stripe.url) as stripe:
+        report = run(ledger, stripe, config(), NOW)
+    assert not report.ok and "python -m billing setup" in (report.aborted or "")
+    assert fake_stripe.calls("POST", EVENTS) == [] and ledger.batches() == []
+
+
+def test_a_pending_meter_event_past_the_identifier_window_is_held_not_resent(
+    db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
+) -> None:
+    _seed_two(db, ledger, fake_stripe)
+    fake_stripe.fail(500, times=4, path=EVENTS)
+    with client(fake_stripe.url, max_retries=3) as stripe:
+        run(ledger, stripe, config(), NOW)
+    (stuck,) = ledger.pending()
+
+    def tries() -> int:
+        calls = fake_stripe.calls("POST", EVENTS)
+        return len([c for c in calls if c.params["identifier"] == stuck.batch_id])
+
+    assert tries() == 4
+    # The next run comes 25 hours later: Stripe may have forgotten the identifier, and the
+    # failed tries may have reached it (a 500 after commit), so a resend could bill twice.
+    later = lambda: datetime.now(timezone.utc) + timedelta(hours=25)  # noqa: E731
+    with client(fake_stripe.url) as stripe:
+        report = run(ledger, stripe, config(), NOW + timedelta(hours=25), clock=later)
+    assert not report.ok
+    (held,) = [o for o in report.outcomes if o.status == "review"]
+    assert held.batch.batch_id == stuck.batch_id and "identifier window" in (held.error or "")
+    assert tries() == 4  # not resent
+    assert ledger.pending() == []  # held batches are not resumed...
+    (record,) = ledger.batches(state="pending")
+    assert record.batch.review_reason  # ...and stay visible
+    with client(fake_stripe.url) as stripe:  # a later run leaves it alone too
+        again = run(ledger, stripe, config(), NOW + timedelta(hours=26), clock=later)
+    assert again.outcomes == [] and tries() == 4
+
+    # A person checked Stripe: not there. Released, the next run sends it once.
+    assert ledger.release_for_resend(stuck.batch_id)
+    with client(fake_stripe.url) as stripe:
+        resent = run(ledger, stripe, config(), NOW + timedelta(hours=27))
+    assert [(o.batch.batch_id, o.status, o.resumed) for o in resent.outcomes] == [
+        (stuck.batch_id, "sent", True)
+    ]
+    assert stuck.batch_id in fake_stripe.meter_events
+
+
+def test_within_the_window_a_pending_meter_event_is_resent(
+    db: Backend, ledger: BillingLedger, fake_stripe: FakeStripe
+) -> None:
+    _seed_two(db, ledger, fake_stripe)
+    fake_stripe.fail(500, times=4, path=EVENTS)
+    with client(fake_stripe.url, max_retries=3) as stripe:
+        run(ledger, stripe, config(), NOW)
+    (stuck,) = ledger.pending()
+    soon = lambda: datetime.now(timezone.utc) + timedelta(hours=22)  # noqa: E731
+    with client(fake_stripe.url) as stripe:
+        report = run(ledger, stripe, config(), NOW + timedelta(hours=22), clock=soon)
+    assert (stuck.batch_id, "sent") in [(o.batch.batch_id, o.status) for o in report.outcomes]

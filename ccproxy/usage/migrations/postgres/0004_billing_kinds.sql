@@ -6,8 +6,9 @@
 -- row): the hourly table never knew their models, and rebuilding it from the events could
 -- take long on a large table.
 -- Ledger: the hourly columns a batch covered, per model and kind. Hours billed before this
--- migration billed tokens_after only, at one price: their completion tokens are marked
--- covered here, so upgrading does not bill past hours a second time under the new rules.
+-- migration billed tokens_after only, at one price: their completion tokens (and tokens
+-- before compression) are marked covered here, so upgrading does not bill past hours a
+-- second time under the new rules.
 -- Batches: review_reason (held for a person, never re-sent automatically), and the priced
 -- lines of each batch (the invoice items, or the parts of a meter event's value), stored so
 -- that a resumed batch sends exactly what was planned, whatever the price table says now.
@@ -36,7 +37,8 @@ ALTER TABLE ccproxy_billing_ledger ADD CONSTRAINT ccproxy_billing_ledger_counts_
 );
 ALTER TABLE ccproxy_billing_ledger DROP CONSTRAINT ccproxy_billing_ledger_pkey;
 ALTER TABLE ccproxy_billing_ledger ADD PRIMARY KEY (account_id, hour, seq, model, kind);
-UPDATE ccproxy_billing_ledger l SET completion_tokens = h.completion_tokens
+UPDATE ccproxy_billing_ledger l
+    SET completion_tokens = h.completion_tokens, tokens_before = h.tokens_before
     FROM ccproxy_usage_hourly h
     WHERE h.account_id = l.account_id AND h.hour = l.hour AND h.model = '' AND h.kind = 'chat'
       AND h.key_id = '' AND l.seq = (

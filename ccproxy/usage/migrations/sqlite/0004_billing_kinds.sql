@@ -49,8 +49,8 @@ DROP TABLE ccproxy_billing_ledger;
 ALTER TABLE ccproxy_billing_ledger_0004 RENAME TO ccproxy_billing_ledger;
 CREATE INDEX ccproxy_billing_ledger_batch ON ccproxy_billing_ledger (batch_id);
 CREATE INDEX ccproxy_billing_ledger_hour ON ccproxy_billing_ledger (hour);
-UPDATE ccproxy_billing_ledger SET completion_tokens = (
-    SELECT h.completion_tokens FROM ccproxy_usage_hourly h
+UPDATE ccproxy_billing_ledger SET (completion_tokens, tokens_before) = (
+    SELECT h.completion_tokens, h.tokens_before FROM ccproxy_usage_hourly h
     WHERE h.account_id = ccproxy_billing_ledger.account_id
       AND h.hour = ccproxy_billing_ledger.hour
       AND h.model = '' AND h.kind = 'chat' AND h.key_id = ''
