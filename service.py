@@ -14,14 +14,25 @@ from typing import Any
 import bentoml
 
 from ccproxy.app import create_app
-from ccproxy.auth import OPEN_ACCOUNT, Authenticator, KeyAuthenticator, KeyVerifier, OpenAccess, Principal
+from ccproxy.auth import (
+    OPEN_ACCOUNT,
+    Authenticator,
+    FailedAuthLimiter,
+    KeyAuthenticator,
+    KeyVerifier,
+    OpenAccess,
+    Principal,
+)
 from ccproxy.chat import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
+from ccproxy.compressor_auth import CompressorTokenMiddleware, authorize_client
 from ccproxy.embedded import EmbeddedEngine
+from ccproxy.http_metrics import bound_endpoint_labels, static_paths
 from ccproxy.logs import configure_access_log
 from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_memory, usage_metrics
 from ccproxy.settings import get_settings
+from ccproxy.startup_checks import refuse_unsafe_start
 from ccproxy.tokens import counter_for
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
 from ccproxy.usage.flusher import UsageFlusher
@@ -31,6 +42,8 @@ from ccproxy.usage.spill import SpillFile
 from ccproxy.usage.store import UsageStore, open_store
 
 settings = get_settings()
+refuse_unsafe_start(settings)  # production mode: no open /metrics, no unauthenticated Compressor
+compressor_token = settings.compressor_token.get_secret_value() if settings.compressor_token else None
 traffic = {"timeout": settings.request_timeout_s}
 compressor_resources = (
     {"gpu": settings.compressor_gpus} if settings.compressor_gpus else {"cpu": "2"}
@@ -84,6 +97,8 @@ class Gateway:
         embedded_llm = bentoml.depends(EmbeddedLLM)
 
     def __init__(self) -> None:
+        if compressor_token:  # X-Compressor-Token on every call, set before the first one
+            authorize_client(self.compressor.to_async, compressor_token)
         self.upstream: Upstream = (
             HttpUpstream(settings) if settings.upstream_url else EmbeddedUpstream(self.embedded_llm)
         )
@@ -122,8 +137,17 @@ class Gateway:
     def _gate(self) -> Authenticator:
         if settings.auth_mode == "open":
             return OpenAccess(Principal(self.store.ensure_account(OPEN_ACCOUNT), OPEN_ACCOUNT, None))
-        verifier = KeyVerifier(self.store.find_key, settings.key_cache_ttl_s)
-        return KeyAuthenticator(verifier, server_holds_upstream_key=settings.upstream_api_key is not None)
+        verifier = KeyVerifier(
+            self.store.find_key,
+            settings.key_cache_ttl_s,
+            max_stale_s=settings.key_cache_max_stale_s,
+            negative_ttl_s=settings.key_negative_cache_ttl_s,
+        )
+        return KeyAuthenticator(
+            verifier,
+            server_holds_upstream_key=settings.upstream_api_key is not None,
+            failures=FailedAuthLimiter(settings.auth_failures_per_minute),
+        )
 
     async def _score(self, query: str, units: Sequence[str]) -> list[float]:
         [scores] = await self.compressor.to_async.score([ScoreRequest(query=query, units=list(units))])
@@ -144,3 +168,6 @@ class Gateway:
 metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
 for protected in (Gateway, Compressor, EmbeddedLLM):
     protected.add_asgi_middleware(MetricsTokenMiddleware, token=metrics_token)
+Compressor.add_asgi_middleware(CompressorTokenMiddleware, token=compressor_token)
+# BentoML labels its request metrics with the raw path: unknown paths become endpoint="other".
+bound_endpoint_labels(static_paths(app))

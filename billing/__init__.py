@@ -1,5 +1,7 @@
-"""The billing job: usage rows (ccproxy_usage_hourly) -> Stripe, via Billing Meters (one meter
-event per account-hour) or invoice items (one per account and run, on a finalized invoice).
+"""The billing job: usage rows (ccproxy_usage_hourly), priced per model and token class with the
+price table (ccproxy/pricing.py) -> Stripe, via Billing Meters (one meter event per account-hour,
+valued in millionths of the currency) or invoice items (one per model and token class, on a
+finalized invoice per account and run).
 
     job.py            what to bill and the Stripe requests for it (pure)
     ledger.py         which account-hours were reported, when, with which Stripe ids (SQL)

@@ -375,6 +375,17 @@ def _report_text(report: RunReport, config: RunConfig) -> str:
             f"{b.tokens:,} tokens  {money}"
             + (f"  error: {outcome.error}" if outcome and outcome.error else "")
         )
+        for x in b.priced:
+            money_line = (
+                format_minor(x.amount_minor, b.currency)
+                if x.amount_minor is not None
+                else f"{x.amount.normalize():f} {b.currency.upper()}"
+            )
+            what = "compression" if x.kind == "compress" else (x.model or "(no model)")
+            out.append(
+                f"      {what} {x.token_class}: {x.tokens:,} x {x.price_per_million:f}/M "
+                f"({x.priced_as}) = {money_line}"
+            )
     for s in report.plan.skipped:
         who = s.account_name or s.account_id
         tokens = f"{s.hours} hour(s), {s.tokens:,} tokens"

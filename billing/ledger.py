@@ -1,5 +1,6 @@
-"""The billing ledger (migrations/*/0002_billing.sql): which account-hours were reported to
-Stripe, when, and with which Stripe ids.
+"""The billing ledger (migrations/*/0002_billing.sql, 0004_billing_kinds.sql): which usage
+(per account-hour, model and kind) was reported to Stripe, at which prices, when, and with
+which Stripe ids.
 
 The billing SQL lives here, not in ccproxy/usage/store.py: it runs on the store's connection,
 transactions and dialect hooks (placeholder, timestamp conversion), so one text serves SQLite

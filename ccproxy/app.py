@@ -29,7 +29,7 @@ from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
 from ccproxy.protocol import ProxyError, error_body, parse_compress_request
 from ccproxy.settings import Settings
 from ccproxy.upstream import UpstreamReply
-from ccproxy.usage.report import build_report, parse_range
+from ccproxy.usage.report import build_report, check_buckets, parse_range
 from ccproxy.usage.store import UsageStore
 
 logger = logging.getLogger("ccproxy")
@@ -147,7 +147,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def principal_of(request: Request) -> Principal:
         gate: Authenticator = _state(request, "gate")
-        return await gate.admit(request.headers)
+        # The TCP peer's address: the failed-auth budget is kept per address.
+        return await gate.admit(request.headers, request.client.host if request.client else None)
 
     async def admitted(request: Request) -> Principal:
         principal = await principal_of(request)
@@ -213,6 +214,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise ProxyError(400, "granularity must be 'hour' or 'day'.", param="granularity")
         try:
             window = parse_range(start, end, datetime.now(timezone.utc))
+            check_buckets(*window, granularity)  # a range too long is a 400, not a 500 later
         except ValueError as exc:
             raise ProxyError(400, str(exc), param="from") from None
         store: UsageStore = _state(request, "store")
@@ -231,6 +233,7 @@ def create_app(settings: Settings) -> FastAPI:
     # of /v1 so that unknown endpoints get an OpenAI-shaped 404 instead of plain text.
     @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def unknown_endpoint(request: Request, path: str) -> Response:
-        raise ProxyError(404, f"Invalid URL ({request.method} /v1/{path})", code="not_found")
+        # The path is not quoted back: error bodies never repeat request content.
+        raise ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
 
     return app

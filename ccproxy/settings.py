@@ -198,7 +198,28 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds a verified key is trusted before the database is asked again "
         "(also how long a revocation can take to bite). A cached key keeps working while the "
-        "database is down.",
+        "database is down, for at most CCPROXY_KEY_CACHE_MAX_STALE_S.",
+    )
+    key_cache_max_stale_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Longest a cached key is still accepted while the database cannot be "
+        "reached, counted from its last successful check; after that its requests get 503 "
+        "(`key_store_unavailable`). Bounds how long a key revoked just before an outage keeps working.",
+    )
+    key_negative_cache_ttl_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds an unknown key id is remembered as unknown (per worker, at most "
+        "100,000 ids), so a bogus key sent again costs no database lookup. 0: not remembered.",
+    )
+    auth_failures_per_minute: int = Field(
+        default=60,
+        ge=0,
+        description="Requests with a wrong, unknown or revoked key that one client address may "
+        "send per minute (per Gateway worker); beyond that, its requests get 429 with Retry-After "
+        "before any key lookup, except keys already verified in the cache. The address is the TCP "
+        "peer: behind a proxy all callers share one, so raise the limit or set 0 (off) there.",
     )
     database_url: SecretStr | None = Field(
         default=None,
@@ -325,6 +346,32 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = Field(
         default=None,
         description="When set, /metrics answers only requests with 'Authorization: Bearer <token>'.",
+    )
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="`production` makes the services refuse to start with settings that expose "
+        "something: /metrics without CCPROXY_METRICS_TOKEN (unless CCPROXY_METRICS_ALLOW_OPEN), a "
+        "remote Compressor without CCPROXY_COMPRESSOR_TOKEN. `development` allows both.",
+    )
+    metrics_allow_open: bool = Field(
+        default=False,
+        description="In production, allow /metrics without CCPROXY_METRICS_TOKEN (when a network "
+        "policy already keeps it private).",
+    )
+    compressor_token: SecretStr | None = Field(
+        default=None,
+        description="Shared secret of the Gateway and the Compressor: when set, the Compressor "
+        "answers only requests carrying it in 'X-Compressor-Token' (401 otherwise; health checks "
+        "and /metrics excepted) and the Gateway sends it. Set the same value on both hosts.",
+    )
+    image_url_hosts: list[str] | None = Field(
+        default=None,
+        description="Where `image_url` parts of a chat request may point (others get 400 "
+        "`invalid_image_url`). A JSON list: `[]` only `data:` URLs, `[\"img.example.com\", "
+        "\"*.cdn.example\"]` also http(s) URLs on those hosts, `[\"*\"]` any URL. Unset: any URL when "
+        "CCPROXY_UPSTREAM_URL is a public provider's API (api.openai.com and others, whose servers "
+        "fetch the image), only `data:` URLs otherwise: a self-hosted upstream (vLLM, Ollama, …) "
+        "would fetch the URL from inside your network.",
     )
 
     # --- serving ----------------------------------------------------------------------------

@@ -22,6 +22,14 @@ from ccproxy.settings import Settings
 # Response headers worth relaying to the caller: rate-limit state and retry hints.
 _RELAYED_HEADER_PREFIXES = ("x-ratelimit-", "openai-")
 _RELAYED_HEADERS = {"retry-after", "retry-after-ms"}
+# With a server-held key, the upstream's account is the server's: its organization, project
+# and rate-limit state (x-ratelimit-*, quotas shared by every caller) are not the caller's to
+# see. Only these pass then: the retry hints and the request's own timing.
+_SERVER_KEY_RELAYED = {"retry-after", "retry-after-ms", "openai-processing-ms", "openai-version"}
+# Relayed bytes must be what the headers say: the upstream's content-encoding is not relayed,
+# and a compressed stream would reach the caller undecodable. So ask for none (and decode
+# whatever comes anyway, in _sse_events).
+_UPSTREAM_DEFAULT_HEADERS = {"accept-encoding": "identity"}
 # Caller headers that only make sense together with the caller's own provider key.
 _CALLER_ACCOUNT_HEADERS = ("authorization", "openai-organization", "openai-project")
 
@@ -48,12 +56,17 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def relayed_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    kept = {
-        name.lower(): value
-        for name, value in headers.items()
-        if name.lower() in _RELAYED_HEADERS or name.lower().startswith(_RELAYED_HEADER_PREFIXES)
-    }
+def relayed_headers(headers: Mapping[str, str], server_holds_key: bool = False) -> dict[str, str]:
+    """The upstream's response headers the caller gets: rate-limit state and retry hints of
+    its own provider account, or only the retry hints when the server's key was used."""
+    if server_holds_key:
+        kept = {name.lower(): value for name, value in headers.items() if name.lower() in _SERVER_KEY_RELAYED}
+    else:
+        kept = {
+            name.lower(): value
+            for name, value in headers.items()
+            if name.lower() in _RELAYED_HEADERS or name.lower().startswith(_RELAYED_HEADER_PREFIXES)
+        }
     if "x-request-id" in headers:
         kept["x-upstream-request-id"] = headers["x-request-id"]
     return kept
@@ -128,6 +141,7 @@ class HttpUpstream:
                 max_keepalive_connections=settings.upstream_max_connections,
             ),
             transport=transport,  # tests inject httpx.MockTransport; None is the real network
+            headers=_UPSTREAM_DEFAULT_HEADERS,
         )
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
@@ -144,7 +158,7 @@ class HttpUpstream:
                 raise transport_error(exc) from exc
 
     def _relayed(self, headers: Mapping[str, str]) -> dict[str, str]:
-        kept = relayed_headers(headers)
+        kept = relayed_headers(headers, server_holds_key=self._api_key is not None)
         if self._api_key is None:
             return kept
         return {name: value.replace(self._api_key, _REDACTED.decode()) for name, value in kept.items()}
@@ -208,7 +222,9 @@ class HttpUpstream:
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
     try:
-        async for event in split_sse(response.aiter_raw()):
+        # aiter_bytes, not aiter_raw: an upstream that compresses despite "identity" is decoded
+        # here, since no content-encoding header goes to the caller.
+        async for event in split_sse(response.aiter_bytes()):
             yield event
     except httpx.HTTPError as exc:
         raise transport_error(exc) from exc

@@ -52,7 +52,8 @@ def _parse(text: str, name: str, *, date_is_inclusive_end: bool) -> datetime:
             text = text[:-1] + "+00:00"
         value = datetime.fromisoformat(text)
     except (ValueError, OverflowError):
-        raise ValueError(f"invalid '{name}' {text!r}: expected {hint}") from None
+        # The value itself is not quoted: error bodies never repeat request content.
+        raise ValueError(f"invalid '{name}': expected {hint}") from None
     # Naive means UTC.
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else as_utc(value)
 
@@ -76,8 +77,21 @@ def parse_range(
     except OverflowError:
         raise ValueError("'from'/'to' out of range") from None
     if start >= end:
-        raise ValueError(f"'from' ({_iso(start)}) must be before 'to' ({_iso(end)})")
+        raise ValueError("'from' must be before 'to'")
     return start, end
+
+
+def check_buckets(start: datetime, end: datetime, granularity: str) -> None:
+    """ValueError when [start, end) holds more than MAX_BUCKETS buckets of ``granularity``:
+    checked before the database is asked, and answered with a 400, not left to build_report."""
+    if granularity not in _STEP:
+        raise ValueError("granularity must be 'hour' or 'day'")
+    n_buckets = math.ceil((as_utc(end) - _floor(start, granularity)) / _STEP[granularity])
+    if n_buckets > MAX_BUCKETS:
+        raise ValueError(
+            f"the range holds {n_buckets} {granularity} buckets, more than {MAX_BUCKETS}: "
+            "narrow it or use granularity=day"
+        )
 
 
 def _fields(counts: Sequence[int], price_per_million_input_tokens_usd: float) -> dict[str, Any]:

@@ -230,3 +230,32 @@ def test_the_price_table_comes_from_the_settings_and_a_bad_one_is_a_usage_error(
     broken = settings.model_copy(update={"billing_prices": '{"models": {}}'})
     code, out = cli("run", "--dry-run", settings_=broken)
     assert code == 2 and "'default' row" in out
+
+
+def test_review_resolves_a_held_meter_event(
+    cli: Cli, settings: Settings, fake_stripe: FakeStripe
+) -> None:
+    from billing.ledger import BillingLedger
+
+    store = SqliteStore(Path(settings.data_dir) / "ccproxy.sqlite")
+    store.migrate()
+    seed(store, "acme", {0: 1_000_000, 1: 1_000})
+    cli("customers", "set", "--account", "acme", "--customer", "cus_A")
+    subscribe_in_fake(fake_stripe, "cus_A")
+    fake_stripe.fail(500, times=20, path="/v1/billing/meter_events")
+    assert cli("run")[0] == 1
+    ledger = BillingLedger(store)
+    first, second = (b.batch_id for b in ledger.pending())
+    ledger.hold_for_review(first, "past the window")
+    ledger.hold_for_review(second, "past the window")
+    code, out = cli("status")
+    assert code == 0 and out.count("review") == 2 and "held: past the window" in out
+    code, out = cli("review", "--batch", "nope", "--resend")
+    assert code == 2 and "held for review" in out
+    assert _json(cli, "review", "--batch", first, "--delivered")["result"] == "marked sent"
+    assert cli("review", "--batch", second, "--resend")[0] == 0
+    fake_stripe.faults.clear()
+    report = _json(cli, "run")
+    assert [(o["batch_id"], o["status"]) for o in report["outcomes"]] == [(second, "sent")]
+    assert {r.state for r in ledger.batches()} == {"sent"}
+    store.close()

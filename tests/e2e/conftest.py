@@ -12,6 +12,8 @@ from tests.e2e.servers import bentoml_serve, create_key, free_port, llama_cpp_se
 from tests.postgres import fresh_database
 
 UPSTREAM_KEY = "sk-upstream-test-key"
+# The remote Compressor takes only calls with this shared secret; every gateway sends it.
+COMPRESSOR_TOKEN = "compressor-test-token-5f2a9c"
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +71,8 @@ def remote_compressor(logs_dir: Path) -> Iterator[str]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with running(
-        bentoml_serve(port, "service:Compressor"), probe_url=f"{base}/readyz", log=logs_dir / "compressor.log"
+        bentoml_serve(port, "service:Compressor"), probe_url=f"{base}/readyz", log=logs_dir / "compressor.log",
+        env={"CCPROXY_COMPRESSOR_TOKEN": COMPRESSOR_TOKEN},
     ):
         yield base
 
@@ -78,6 +81,7 @@ def gateway_env(upstream_url: str, compressor_url: str, database_url: str, data_
     return {
         "CCPROXY_UPSTREAM_URL": upstream_url,
         "CCPROXY_COMPRESSOR_URL": compressor_url,
+        "CCPROXY_COMPRESSOR_TOKEN": COMPRESSOR_TOKEN,
         "CCPROXY_DATABASE_URL": database_url,
         "CCPROXY_DATA_DIR": str(data_dir),
         "CCPROXY_USAGE_FLUSH_INTERVAL_S": "0.2",

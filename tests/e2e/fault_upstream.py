@@ -6,13 +6,14 @@ picks the behaviour, so a test selects a fault through the gateway without any s
 ===========================  ==========================================================
 ``fault-hang-headers``       reads the request, then sends nothing (timeout before headers)
 ``fault-hang-mid-stream``    200 and the first chunk (SSE or JSON), then silence
-``fault-429``                429 with Retry-After: 7 and x-ratelimit-* headers
+``fault-429``                429 with Retry-After: 7, x-ratelimit-* and openai-organization/-project
 ``fault-500`` / ``-503``     that status with an OpenAI-shaped body (503 adds Retry-After)
 ``fault-reset-headers``      resets the TCP connection before any response byte
 ``fault-reset-mid-stream``   200 and the first chunk, then a TCP reset (SO_LINGER 0)
 ``fault-invalid-json``       200 ``application/json`` with a truncated JSON body
 ``fault-malformed-sse``      a stream with a non-JSON event and an invalid UTF-8 event
 ``fault-echo-auth``          401 whose body and ``openai-echo`` header repeat the credentials
+``fault-gzip``               the normal answer, gzip-compressed when the request accepts gzip
 ``fault-slow``               the normal answer after 3 s
 ``<fault>:<label>``          the fault, with a model name of its own in the usage events
 anything else                the normal answer, which carries the received body as
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import socket
 import struct
@@ -52,6 +54,9 @@ def _usage_chunk(model: str) -> bytes:
     payload = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": int(time.time()),
                "model": model, "choices": [], "usage": USAGE}
     return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+LARGE_BODY_BYTES = 1 << 16
 
 
 def _completion(model: str, received: Any) -> bytes:
@@ -112,7 +117,7 @@ async def _read_body(receive: Receive) -> bytes:
 
 async def _normal(send: Send, model: str, body: dict[str, Any], stream: bool) -> None:
     if not stream:
-        await _whole(send, 200, _completion(model, body))
+        await _whole(send, 200, await asyncio.to_thread(_completion, model, body))
         return
     await _start(send, 200, b"text/event-stream")
     await _part(send, _chunk(model, {"role": "assistant", "content": ""}))
@@ -122,6 +127,26 @@ async def _normal(send: Send, model: str, body: dict[str, Any], stream: bool) ->
     if (body.get("stream_options") or {}).get("include_usage"):
         await _part(send, _usage_chunk(model))
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+async def _gzipped(scope: Scope, send: Send, model: str, body: dict[str, Any], stream: bool) -> None:
+    """The normal answer, gzip-compressed whenever the request accepts gzip, as a CDN or an
+    nginx with `gzip_types text/event-stream` in front of an upstream does."""
+    accepted = dict(scope["headers"]).get(b"accept-encoding", b"").decode("latin-1")
+    if "gzip" not in accepted:
+        await _normal(send, model, body, stream)
+        return
+    parts: list[bytes] = []
+
+    async def collect(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], (b"content-encoding", b"gzip")]
+            await send(message)
+        else:
+            parts.append(message.get("body", b""))
+
+    await _normal(collect, model, body, stream)
+    await send({"type": "http.response.body", "body": gzip.compress(b"".join(parts))})
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,7 +164,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await _whole(send, 200, json.dumps(models).encode())
         return
     try:
-        body = json.loads(raw)
+        # Large bodies (tests/e2e/test_hostile_input.py) are parsed in a thread, so that this
+        # upstream stays quick for the probe requests sent beside them.
+        body = json.loads(raw) if len(raw) < LARGE_BODY_BYTES else await asyncio.to_thread(json.loads, raw)
     except ValueError:
         await _whole(send, 400, _error("fault upstream: body is not JSON", "invalid_request_error"))
         return
@@ -154,7 +181,10 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await asyncio.sleep(HANG_S)
     elif model == "fault-429":
         await _whole(send, 429, _error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
-                     [(b"retry-after", b"7"), (b"x-ratelimit-remaining-requests", b"0")])
+                     [(b"retry-after", b"7"), (b"x-ratelimit-remaining-requests", b"0"),
+                      (b"openai-organization", b"org-fault-upstream"), (b"openai-project", b"proj_fault_upstream")])
+    elif model == "fault-gzip":
+        await _gzipped(scope, send, model, body, stream)
     elif model in ("fault-500", "fault-503"):
         status = int(model[-3:])
         extra = [(b"retry-after", b"2")] if status == 503 else []

@@ -71,9 +71,35 @@ def test_net_saving() -> None:
     assert net_saving(120.0, 100.0) == pytest.approx(-0.2)
 
 
-def test_profiles_discount_cached_input() -> None:
-    assert GPT_4O.cached_input == GPT_4O.input / 2
-    assert all(p.cached_input < p.input for p in PROFILES)
+# The published list prices (USD per million tokens: input, cached input, output), written here
+# independently of bench/cost_model.py so that a typo there fails this test.
+PUBLISHED = {
+    "gpt-4o": (2.50, 1.25, 10.00),
+    "gpt-4.1": (2.00, 0.50, 8.00),
+    "90 % cache discount": (3.00, 0.30, 15.00),  # Claude Sonnet 4's prices
+}
+
+
+def test_profiles_match_the_published_prices() -> None:
+    assert {p.name: (p.input, p.cached_input, p.output) for p in PROFILES} == PUBLISHED
+
+
+def test_each_profile_agrees_with_the_discount_its_source_states() -> None:
+    """The ``source`` note states the discount in words; the numbers must say the same."""
+    import re
+
+    for profile in PROFILES:
+        off = re.search(r"cached input (\d+) % off", profile.source)
+        reads = re.search(r"cache reads ([\d.]+)x", profile.source)
+        writes = re.search(r"cache writes ([\d.]+)x", profile.source)
+        assert off or reads, profile.name
+        if off:
+            assert profile.cached_input == pytest.approx(profile.input * (1 - int(off.group(1)) / 100)), profile.name
+            assert profile.cache_write is None
+        if reads:
+            assert profile.cached_input == pytest.approx(profile.input * float(reads.group(1))), profile.name
+        if writes:
+            assert profile.cache_write == pytest.approx(profile.input * float(writes.group(1))), profile.name
 
 
 def test_rendered_prompt_has_the_cookbook_token_count_and_is_prefix_stable() -> None:

@@ -91,10 +91,18 @@ def test_tokens_per_minute_charge_up_front_and_settle_after() -> None:
 
 
 def test_limits_of_zero_are_off() -> None:
-    limiter = RateLimiter(0, 0)
+    refused: list[str] = []
+    limiter = RateLimiter(0, 0, clock=Clock(), on_refused=refused.append)
+    admitted = 0
     for _ in range(10_000):
-        limiter.admit_request("a")
+        limiter.admit_request("a")  # raises ProxyError(429) if a limit applied
         limiter.admit_tokens("a", 10**9)
+        admitted += 1
+    assert admitted == 10_000 and refused == []
+    # The same loop under a limit of 1 is refused at once: the loop above could have failed.
+    limited = RateLimiter(1, 0, clock=Clock(), on_refused=refused.append)
+    limited.admit_request("a")
+    assert _refusal(lambda: limited.admit_request("a")).status == 429 and refused == ["requests"]
 
 
 def test_settlement_charges_completion_and_prompt_beyond_the_count() -> None:

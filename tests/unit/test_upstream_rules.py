@@ -90,3 +90,23 @@ def test_llama_options_refuse_what_the_embedded_model_cannot_do(body: dict) -> N
     with pytest.raises(ProxyError) as caught:
         llama_options(body)
     assert caught.value.status == 400
+
+
+def test_a_server_held_key_keeps_its_accounts_headers_from_callers() -> None:
+    upstream = {
+        "x-ratelimit-remaining-tokens": "10",
+        "x-ratelimit-limit-requests": "5000",
+        "openai-organization": "org-server",
+        "openai-project": "proj_server",
+        "openai-processing-ms": "12",
+        "retry-after": "3",
+        "x-request-id": "up-1",
+    }
+    assert relayed_headers(upstream, server_holds_key=True) == {
+        "openai-processing-ms": "12",
+        "retry-after": "3",
+        "x-upstream-request-id": "up-1",
+    }
+    # With the caller's own key they are the caller's own account's: relayed.
+    passed = {name: value for name, value in upstream.items() if name != "x-request-id"}
+    assert relayed_headers(upstream, server_holds_key=False) == {**passed, "x-upstream-request-id": "up-1"}
