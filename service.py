@@ -25,6 +25,7 @@ from ccproxy.auth import (
 )
 from ccproxy.chat import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
+from ccproxy.compression.offload import favour_the_event_loop
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.compressor_auth import CompressorTokenMiddleware, authorize_client
 from ccproxy.embedded import EmbeddedEngine
@@ -32,6 +33,7 @@ from ccproxy.http_metrics import bound_endpoint_labels, static_paths
 from ccproxy.logs import configure_access_log
 from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_memory, usage_metrics
 from ccproxy.settings import get_settings
+from ccproxy.spend import SpendGuard
 from ccproxy.startup_checks import refuse_unsafe_start
 from ccproxy.tokens import counter_for
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
@@ -129,10 +131,14 @@ class Gateway:
             counter_for=lambda model: counter_for(model, settings),
             recorder=recorder,
             metrics=gateway_metrics(),
+            allowed_models=settings.allowed_models,
+            # Built even without a cap: it reads the price table, so a bad one fails the start.
+            spend_guard=SpendGuard.from_settings(self.store, settings),
         )
         configure_access_log()
         app.state.gate = self._gate()
         app.state.store = self.store
+        favour_the_event_loop()  # last: large requests' work in threads must not stall the others
 
     def _gate(self) -> Authenticator:
         if settings.auth_mode == "open":

@@ -22,11 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccproxy.auth import Authenticator, Principal
 from ccproxy.chat import ChatParts, complete_chat, limit_key
-from ccproxy.compression.gateway import compress_response
+from ccproxy.compress_endpoint import serve_compress
 from ccproxy.limits import ConcurrencyLimitMiddleware, RateLimiter
 from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
-from ccproxy.protocol import ProxyError, error_body, parse_compress_request
+from ccproxy.protocol import ProxyError, error_body
 from ccproxy.settings import Settings
 from ccproxy.upstream import UpstreamReply
 from ccproxy.usage.report import build_report, check_buckets, parse_range
@@ -177,24 +177,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/compress", openapi_extra=COMPRESS)
     async def compress(request: Request) -> JSONResponse:
-        await admitted(request)
+        principal = await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
-        body, asked = parse_compress_request(raw)
-        parts: ChatParts = _state(request, "parts")
-        try:
-            counter = await asyncio.to_thread(parts.counter_for, asked.model)
-            compression = await parts.compressor.compress_as_asked(
-                body["messages"], counter, ratio=asked.ratio, budget_tokens=asked.budget
-            )
-        except Exception as exc:
-            logger.warning("compress endpoint failed: %s", type(exc).__name__)
-            raise ProxyError(
-                503,
-                "The compressor could not score this request; try again later.",
-                type="server_error",
-                code="compressor_unavailable",
-            ) from None
-        return JSONResponse(compress_response(compression))
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return await serve_compress(_state(request, "parts"), principal, raw, request_id, limiter)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -24,11 +24,12 @@ from ccproxy.auth import Principal
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.pipeline import Compression
 from ccproxy.completion_tally import CompletionTally
+from ccproxy.spend import SpendGuard, check_model_allowed
 from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
 from ccproxy.image_urls import enforce_image_policy
 from ccproxy.metrics import ChatObserver, NoMetrics
-from ccproxy.protocol import ProxyError, compression_control, error_body, parse_chat_request, sse_event, sse_fields
+from ccproxy.protocol import ChatCompletionRequest, ProxyError, compression_control, error_body, parse_chat_request, sse_event, sse_fields
 from ccproxy.tokens import PromptCounter
 from ccproxy.upstream import Upstream, UpstreamReply
 from ccproxy.usage.events import UsageEvent, new_event_id
@@ -84,6 +85,15 @@ class ChatParts:
     counter_for: Callable[[str], PromptCounter]
     recorder: UsageRecorder
     metrics: ChatObserver = field(default_factory=NoMetrics)
+    allowed_models: Sequence[str] | None = None  # None: every model (CCPROXY_ALLOWED_MODELS)
+    spend_guard: SpendGuard | None = None  # the per-key monthly cap; None: no cap
+
+    async def admit_spending(self, model: str | None, principal: Principal) -> None:
+        """The model allow-list and the spend cap: before any scoring or forwarding."""
+        if model is not None:
+            check_model_allowed(model, self.allowed_models)
+        if self.spend_guard is not None:
+            await self.spend_guard.acheck(principal.key_id)
 
 
 @dataclass
@@ -136,6 +146,7 @@ class _Ledger:
             tokens_saved=figures.saved,
             prompt_tokens=self.usage.prompt_tokens if self.usage else None,
             completion_tokens=self.usage.completion_tokens if self.usage else None,
+            cached_tokens=self.usage.cached_tokens if self.usage else None,
             compression=self.compression,
             compression_ms=round(self.compression_ms, 3),
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
@@ -191,10 +202,12 @@ async def _compressed(
     return body, compression, elapsed * 1000
 
 
-async def _forward(parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], stream: bool) -> UpstreamReply:
+async def _forward(
+    parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], stream: bool, size_hint: int
+) -> UpstreamReply:
     started = time.perf_counter()
     try:
-        reply = await parts.upstream.chat_completions(body, headers, stream)
+        reply = await parts.upstream.chat_completions(body, headers, stream, size_hint)
     except ProxyError:
         parts.metrics.upstream_answered(time.perf_counter() - started, None)
         raise
@@ -202,7 +215,13 @@ async def _forward(parts: ChatParts, body: dict[str, Any], headers: Mapping[str,
     return reply
 
 
-def _count_prompt(counter: PromptCounter, body: dict[str, Any]) -> int:
+def _parse(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    original, chat = parse_chat_request(raw)
+    enforce_image_policy(original)  # SSRF: which image URLs an upstream may be asked to fetch
+    return original, chat
+
+
+def count_prompt_or_zero(counter: PromptCounter, body: dict[str, Any]) -> int:
     """Our count, or 0 when the tokenizer cannot read the body (a chat template that rejects a
     role, ``tools`` that are not a list…). Such a body is still forwarded: the upstream is the
     judge of what it accepts, and its ``usage`` then supplies the numbers."""
@@ -222,12 +241,13 @@ async def complete_chat(
     limiter: RateLimiter | None = None,
 ) -> Response:
     started = time.perf_counter()
-    original, chat = parse_chat_request(raw)
-    enforce_image_policy(original)  # SSRF: which image URLs an upstream may be asked to fetch
-    counter = await asyncio.to_thread(parts.counter_for, chat.model)
-    # Counting is CPU work that grows with the prompt: a large one runs in a bounded thread.
+    # Parsing, validating and counting are CPU work that grows with the body: a large one runs
+    # in a bounded thread, so the event loop keeps serving the worker's other requests.
     heavy_work = parts.compressor.heavy_work
-    counted_before = await heavy_work(len(raw), _count_prompt, counter, original)
+    original, chat = await heavy_work(len(raw), _parse, raw)
+    await parts.admit_spending(chat.model, principal)
+    counter = await asyncio.to_thread(parts.counter_for, chat.model)
+    counted_before = await heavy_work(len(raw), count_prompt_or_zero, counter, original)
     key = limit_key(principal)
     if limiter is not None:
         # On the raw count, before any scoring: a key over its limit costs no compression work.
@@ -236,7 +256,7 @@ async def complete_chat(
         parts, original, headers, counter, counted_before or None, principal.account_id
     )
     counted_after = (
-        await heavy_work(len(raw), _count_prompt, counter, forwarded)
+        await heavy_work(len(raw), count_prompt_or_zero, counter, forwarded)
         if compression.outcome == "compressed"
         else counted_before
     )
@@ -253,7 +273,7 @@ async def complete_chat(
     if stream:
         forwarded = with_usage_requested(forwarded)
     try:
-        reply = await _forward(parts, forwarded, headers, stream)
+        reply = await _forward(parts, forwarded, headers, stream, len(raw))
     except ProxyError as exc:
         await ledger.finish(exc.status)
         raise
@@ -261,7 +281,7 @@ async def complete_chat(
     ledger.upstream_accepted = reply.status < 400
     if reply.events is None:
         if reply.status == 200:
-            ledger.usage = usage_of_body(reply.body)
+            ledger.usage = await heavy_work(len(reply.body), usage_of_body, reply.body)
         await ledger.finish(reply.status)
         response = Response(
             content=reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers

@@ -117,6 +117,47 @@ class Settings(BaseSettings):
         "`rescore`: the whole history again against each new question (keeps what the newest question "
         "needs; the forwarded prefix changes every turn).",
     )
+    compression_max_chars: int = Field(
+        default=2_000_000,
+        ge=1,
+        description="Requests whose messages hold more characters than this are forwarded uncompressed "
+        "(outcome `too_large`): segmenting and scoring them would hold a worker for seconds.",
+    )
+    compression_max_messages: int = Field(
+        default=4096,
+        ge=1,
+        description="Requests with more messages than this are forwarded uncompressed (outcome `too_large`).",
+    )
+    compression_max_parts: int = Field(
+        default=4096,
+        ge=1,
+        description="Requests with more content parts (all messages together) than this are forwarded "
+        "uncompressed (outcome `too_large`).",
+    )
+    compression_max_lines: int = Field(
+        default=100_000,
+        ge=1,
+        description="Requests whose messages hold more line breaks than this are forwarded uncompressed "
+        "(outcome `too_large`): the segmenter reads text line by line.",
+    )
+    compression_max_units: int = Field(
+        default=10_000,
+        ge=1,
+        description="Segmentation stops, and the request is forwarded uncompressed (outcome `too_large`), "
+        "when its messages make more units than this.",
+    )
+    heavy_work_concurrency: int = Field(
+        default=2,
+        ge=1,
+        description="Large requests segmented and token-counted at once per Gateway worker, in threads "
+        "off the event loop; more wait their turn. Small requests never wait for this.",
+    )
+    heavy_work_min_chars: int = Field(
+        default=65_536,
+        ge=0,
+        description="Requests with at least this many characters of messages count as large for "
+        "`heavy_work_concurrency`.",
+    )
     compressor_url: str | None = Field(
         default=None,
         description="URL of a remote Compressor service (same Bento elsewhere). Unset: run it here.",

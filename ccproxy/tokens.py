@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -49,20 +50,69 @@ def content_text(content: Any) -> str:
     return "".join(map(str, texts))
 
 
+# Long texts are counted piece by piece, so that counting a 10 MB prompt never holds the
+# tokenizer's per-token bookkeeping for all of it at once (~400 bytes a token: 1.2 GB for 3 M
+# tokens). Pieces are cut between a letter or digit and the whitespace after it: the BPE
+# pre-tokenizers of GPT-2/SmolLM2, cl100k and o200k all cut there too (a letter or digit run
+# ends there, and how whitespace splits depends only on what follows it), so the sum is exact
+# for them (tests/unit/test_tokens.py). Text with no such place for 4 pieces' length (one
+# giant word, a run of punctuation) is cut anyway: such a cut may move the count by a token.
+COUNT_PIECE_CHARS = 1 << 16
+_PIECE_CUT = re.compile(r"(?<=[^\W_])(?=\s)")
+# Pieces encoded together: bounds memory while still using the tokenizer's thread pool.
+_PIECES_AT_ONCE = 4
+
+
+def count_pieces(text: str, size: int = COUNT_PIECE_CHARS) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters (see COUNT_PIECE_CHARS); linear."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > size:
+        cut_at = _PIECE_CUT.search(text, start + size, min(len(text), start + 4 * size))
+        cut = cut_at.start() if cut_at else start + size
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 class TokenizerCounter:
     """Counts with a Hugging Face tokenizer, without special tokens (the chat template adds them)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        # A fast tokenizer raises "Already borrowed" when threads use it at once.
-        self._lock = threading.RLock()
+        # A fast tokenizer's Rust core encodes from many threads at once (an immutable borrow,
+        # with the GIL released), but the Python wrapper may reconfigure it on each call, a
+        # mutable borrow ("Already borrowed" when threads meet). A lock around the wrapper made a
+        # small count on the event loop wait a second for a megabyte counted in a thread, so
+        # counts go to the core directly, set up once here not to truncate or pad.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self._backend is not None:
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        self._lock = threading.RLock()  # for a slow (pure Python) tokenizer only
+
+    def _lengths(self, texts: list[str]) -> list[int]:
+        if self._backend is None:
+            with self._lock:
+                return [len(ids) for ids in self._tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if all(len(text) <= COUNT_PIECE_CHARS for text in texts):
+            return [len(encoding) for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+        return [self._long_length(text) for text in texts]
+
+    def _long_length(self, text: str) -> int:
+        assert self._backend is not None
+        pieces = count_pieces(text)
+        total = 0
+        for k in range(0, len(pieces), _PIECES_AT_ONCE):
+            batch = pieces[k : k + _PIECES_AT_ONCE]
+            total += sum(len(encoding) for encoding in self._backend.encode_batch(batch, add_special_tokens=False))
+        return total
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        with self._lock:
-            encoded = self._tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(ids) for ids in encoded]
+        return self._lengths(list(texts))
 
 
 class ChatTemplateCounter(TokenizerCounter):
@@ -80,14 +130,14 @@ class ChatTemplateCounter(TokenizerCounter):
 
     def count_prompt(self, body: Mapping[str, Any]) -> int:
         messages = [{**m, "content": content_text(m.get("content"))} for m in body.get("messages") or []]
-        with self._lock:
-            if getattr(self._tokenizer, "chat_template", None) is None:
-                # No template to follow: content plus the OpenAI-style framing is the best guess.
-                return sum(self([m["content"] for m in messages])) + 3 * len(messages) + 3
-            text = self._tokenizer.apply_chat_template(
-                messages, tools=body.get("tools") or None, add_generation_prompt=True, tokenize=False
-            )
-            return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        if getattr(self._tokenizer, "chat_template", None) is None:
+            # No template to follow: content plus the OpenAI-style framing is the best guess.
+            return sum(self([m["content"] for m in messages])) + 3 * len(messages) + 3
+        # Rendering is jinja in Python: it reads the tokenizer's template, never its Rust core.
+        text = self._tokenizer.apply_chat_template(
+            messages, tools=body.get("tools") or None, add_generation_prompt=True, tokenize=False
+        )
+        return self._lengths([text])[0]
 
 
 # --- tiktoken --------------------------------------------------------------------------------
@@ -188,7 +238,7 @@ class TiktokenCounter:
         self.name = f"tiktoken:{encoding.name}"
 
     def _n(self, text: str) -> int:
-        return len(self._encoding.encode_ordinary(text))
+        return sum(len(self._encoding.encode_ordinary(piece)) for piece in count_pieces(text))
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
         return [self._n(text) for text in texts]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import httpx
 
 from ccproxy.auth import KEY_PREFIX
-from ccproxy.protocol import ProxyError, split_sse, sse_fields
+from ccproxy.protocol import ProxyError, dumps_bytes, split_sse, sse_fields
 from ccproxy.settings import Settings
 
 # Response headers worth relaying to the caller: rate-limit state and retry hints.
@@ -46,7 +46,7 @@ class UpstreamReply:
 
 class Upstream(Protocol):
     async def chat_completions(
-        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool
+        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
     ) -> UpstreamReply: ...
 
     async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply: ...
@@ -180,12 +180,12 @@ class HttpUpstream:
         )
 
     async def chat_completions(
-        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool
+        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
     ) -> UpstreamReply:
         request = self._client.build_request(
             "POST",
             "chat/completions",
-            content=json.dumps(body, ensure_ascii=False).encode(),
+            content=await _encoded(body, size_hint),
             headers={
                 "content-type": "application/json",
                 **upstream_request_headers(caller_headers, self._api_key),
@@ -218,6 +218,17 @@ class HttpUpstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+# Encoding a body this large takes milliseconds: it leaves the event loop for a thread.
+_ENCODE_IN_THREAD_BYTES = 1 << 16
+
+
+async def _encoded(body: dict[str, Any], size_hint: int) -> bytes:
+    """The JSON bytes of ``body``; ``size_hint`` (the caller's body size) picks the thread."""
+    if size_hint < _ENCODE_IN_THREAD_BYTES:
+        return dumps_bytes(body)
+    return await asyncio.to_thread(dumps_bytes, body)
 
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -253,7 +264,7 @@ class EmbeddedUpstream:
         self._llm = llm
 
     async def chat_completions(
-        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool
+        self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
     ) -> UpstreamReply:
         if not stream:
             envelope = await self._llm.chat(body=body)

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from ccproxy.protocol import sse_event, sse_fields
 
 
@@ -19,6 +21,7 @@ from ccproxy.protocol import sse_event, sse_fields
 class UpstreamUsage:
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
 
 def usage_of(payload: Any) -> UpstreamUsage | None:
@@ -27,17 +30,19 @@ def usage_of(payload: Any) -> UpstreamUsage | None:
     if not isinstance(usage, dict):
         return None
 
-    def count(name: str) -> int | None:
-        value = usage.get(name)
+    def count(source: dict[str, Any], name: str) -> int | None:
+        value = source.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
-    return UpstreamUsage(count("prompt_tokens"), count("completion_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached = count(details, "cached_tokens") if isinstance(details, dict) else None
+    return UpstreamUsage(count(usage, "prompt_tokens"), count(usage, "completion_tokens"), cached)
 
 
 def usage_of_body(body: bytes) -> UpstreamUsage | None:
     try:
-        return usage_of(json.loads(body))
-    except ValueError:
+        return usage_of(orjson.loads(body))
+    except ValueError:  # orjson.JSONDecodeError is one
         return None
 
 

@@ -19,6 +19,7 @@ class SizeCaps:
     max_messages: int
     max_parts: int
     max_units: int
+    max_lines: int
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class RequestSize:
     messages: int
     parts: int  # content parts, all messages together
     chars: int  # text the segmenter would read: contents, text parts, tool-call arguments
-    over_cap: str | None  # the first cap crossed ("chars", "messages", "parts"), else None
+    lines: int  # line breaks in that text: the segmenter reads text line by line
+    over_cap: str | None  # the first cap crossed ("chars", "lines", "messages", "parts"), else None
 
 
 def _tool_argument_chars(message: dict[str, Any]) -> int:
@@ -43,23 +45,28 @@ def _tool_argument_chars(message: dict[str, Any]) -> int:
 def measure(messages: Sequence[Any], caps: SizeCaps) -> RequestSize:
     """The request's size, walked only until the first cap is crossed."""
     if len(messages) > caps.max_messages:
-        return RequestSize(len(messages), 0, 0, "messages")
-    parts = chars = 0
+        return RequestSize(len(messages), 0, 0, 0, "messages")
+    parts = chars = lines = 0
     for message in messages:
         if not isinstance(message, dict):
             continue
+        texts: list[str] = []
         content = message.get("content")
         if isinstance(content, str):
-            chars += len(content)
+            texts.append(content)
         elif isinstance(content, list):
             parts += len(content)
             if parts > caps.max_parts:
-                return RequestSize(len(messages), parts, chars, "parts")
-            for part in content:
-                text = part.get("text") if isinstance(part, dict) else None
-                if isinstance(text, str):
-                    chars += len(text)
-        chars += _tool_argument_chars(message)
+                return RequestSize(len(messages), parts, chars, lines, "parts")
+            texts.extend(text for part in content if isinstance(text := _part_text(part), str))
+        chars += sum(len(text) for text in texts) + _tool_argument_chars(message)
         if chars > caps.max_chars:
-            return RequestSize(len(messages), parts, chars, "chars")
-    return RequestSize(len(messages), parts, chars, None)
+            return RequestSize(len(messages), parts, chars, lines, "chars")
+        lines += sum(text.count("\n") for text in texts)
+        if lines > caps.max_lines:
+            return RequestSize(len(messages), parts, chars, lines, "lines")
+    return RequestSize(len(messages), parts, chars, lines, None)
+
+
+def _part_text(part: Any) -> Any:
+    return part.get("text") if isinstance(part, dict) else None

@@ -45,6 +45,7 @@ class ContextCompressor:
             max_messages=settings.compression_max_messages,
             max_parts=settings.compression_max_parts,
             max_units=settings.compression_max_units,
+            max_lines=settings.compression_max_lines,
         )
         # Segmentation and token counting of large requests, in bounded threads (offload.py).
         self.heavy_work = HeavyWork(settings.heavy_work_concurrency, settings.heavy_work_min_chars)

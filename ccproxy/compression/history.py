@@ -202,7 +202,7 @@ async def compress_stable(
             s.found = SegmentDecision(decision, s.tokens)
             memo.put(s.key, s.found)
         reports.extend(unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports)))
-        forwarded.extend(rebuild(s.segmentation, s.found.decision.keep))
+        forwarded.extend(await execution.run(rebuild, s.segmentation, s.found.decision.keep))
         kept_total += s.found.kept_tokens
         outcomes.append(s.found.decision.outcome)
 

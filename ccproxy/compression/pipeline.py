@@ -186,7 +186,8 @@ async def compress_messages(
     if decision.outcome != "compressed":
         return Compression(messages, decision.outcome, sum(tokens), sum(tokens), reports)
     kept_tokens = sum(n for n, kept in zip(tokens, decision.keep) if kept)
-    return Compression(rebuild(segmentation, decision.keep), "compressed", sum(tokens), kept_tokens, reports)
+    forwarded = await execution.run(rebuild, segmentation, decision.keep)
+    return Compression(forwarded, "compressed", sum(tokens), kept_tokens, reports)
 
 
 def plan_for(

@@ -216,7 +216,25 @@ def _blocks(text: str) -> list[_Span]:
     return blocks
 
 
-def _split_at(text: str, start: int, end: int, pattern: re.Pattern[str]) -> list[_Span]:
+class _Room:
+    """Atoms a message may still make before the unit cap (None: no cap). Splitting stops as
+    the cap is crossed, not after: a paragraph of 150 k short sentences costs ~10 k spans."""
+
+    def __init__(self, limit: int | None, used: int) -> None:
+        self.limit = limit
+        self.left = None if limit is None else limit - used
+
+    def take(self) -> None:
+        if self.left is not None:
+            self.left -= 1
+            if self.left < 0:
+                raise TooManyUnits(self.limit or 0)
+
+
+_NO_CAP = _Room(None, 0)
+
+
+def _split_at(text: str, start: int, end: int, pattern: re.Pattern[str], room: _Room = _NO_CAP) -> list[_Span]:
     """Pieces of text[start:end], cut at the last matched group of each pattern match."""
     pieces: list[_Span] = []
     piece_start = start
@@ -224,30 +242,32 @@ def _split_at(text: str, start: int, end: int, pattern: re.Pattern[str]) -> list
         cut_start, cut_end = match.span(match.lastindex or 0)
         if cut_start <= piece_start or cut_end >= end:
             continue  # a cut would leave an empty piece
+        room.take()
         pieces.append(_Span(piece_start, cut_start, "sentence"))
         piece_start = cut_end
     pieces.append(_Span(piece_start, end, "sentence"))
     return pieces
 
 
-def _sentences(text: str, block: _Span, max_chars: int) -> list[_Span]:
+def _sentences(text: str, block: _Span, max_chars: int, room: _Room) -> list[_Span]:
     """A long prose paragraph cut into sentences; a sentence still too long, into lines."""
     pieces: list[_Span] = []
-    for sentence in _split_at(text, block.start, block.end, _SENTENCE_END):
+    for sentence in _split_at(text, block.start, block.end, _SENTENCE_END, room):
         if sentence.end - sentence.start > max_chars:
-            pieces.extend(_split_at(text, sentence.start, sentence.end, _LINE_BREAK))
+            pieces.extend(_split_at(text, sentence.start, sentence.end, _LINE_BREAK, room))
         else:
             pieces.append(sentence)
     return pieces
 
 
-def _atoms(text: str, blocks: Sequence[_Span], sentence_max_chars: int) -> list[_Span]:
+def _atoms(text: str, blocks: Sequence[_Span], sentence_max_chars: int, room: _Room = _NO_CAP) -> list[_Span]:
     """Blocks, with long prose paragraphs replaced by their sentences."""
     atoms: list[_Span] = []
     for block in blocks:
         if block.kind == "paragraph" and block.end - block.start > sentence_max_chars:
-            atoms.extend(_sentences(text, block, sentence_max_chars))
+            atoms.extend(_sentences(text, block, sentence_max_chars, room))
         else:
+            room.take()
             atoms.append(block)
     return atoms
 
@@ -483,6 +503,7 @@ def _segment_message(
         return
     is_long = len(_message_text(message)) > paragraph_min_chars and not protected
     blocks_per_text = [(part, text, _blocks(text)) for part, text in _texts_of(message)] if is_long else []
+    room = _Room(builder.max_units, len(builder.units))
     if is_query:
         query_from = _query_start(blocks_per_text)
         if query_from is None:
@@ -494,16 +515,18 @@ def _segment_message(
         atoms_per_text = []
         for t, (part, text, blocks) in enumerate(blocks_per_text):
             if t < t_query:
-                atoms_per_text.append((part, text, _atoms(text, blocks, sentence_max_chars)))
+                atoms_per_text.append((part, text, _atoms(text, blocks, sentence_max_chars, room)))
             elif t == t_query:
-                context = _atoms(text, blocks[:b_query], sentence_max_chars)
+                context = _atoms(text, blocks[:b_query], sentence_max_chars, room)
                 atoms_per_text.append((part, text, context + blocks[b_query:]))
                 query_from = (t, len(context))
             else:
                 atoms_per_text.append((part, text, list(blocks)))
         _split_message(builder, i, message, atoms_per_text, query_from)
         return
-    atoms_per_text = [(part, text, _atoms(text, blocks, sentence_max_chars)) for part, text, blocks in blocks_per_text]
+    atoms_per_text = [
+        (part, text, _atoms(text, blocks, sentence_max_chars, room)) for part, text, blocks in blocks_per_text
+    ]
     if sum(len(atoms) for _, _, atoms in atoms_per_text) <= 1:
         _single_unit(builder, i, message, short_kind, protected)
         return

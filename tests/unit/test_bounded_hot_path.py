@@ -90,6 +90,24 @@ def test_segmentation_stops_at_the_unit_cap() -> None:
     assert len(segment(messages[:1], max_units=None).units) > 1000
 
 
+def test_sentence_splitting_stops_at_the_unit_cap_not_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ccproxy.compression.units as units
+
+    made = 0
+    real_span = units._Span
+
+    def counting_span(*args: object) -> object:
+        nonlocal made
+        made += 1
+        return real_span(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(units, "_Span", counting_span)
+    one_paragraph = "Short one. " * 150_000 + "\n\nWhich?"
+    with pytest.raises(TooManyUnits):
+        segment([{"role": "user", "content": one_paragraph}], max_units=1000)
+    assert made < 5000  # ~1,000 sentences cut, not 150,000
+
+
 def test_many_non_text_parts_segment_in_linear_time() -> None:
     parts = [{"type": "image_url", "image_url": {"url": "data:,"}}] * 40_000
     parts.append({"type": "text", "text": "x " * 300})
@@ -99,7 +117,7 @@ def test_many_non_text_parts_segment_in_linear_time() -> None:
     assert time.perf_counter() - started < 2.0
 
 
-CAPS = SizeCaps(max_chars=1000, max_messages=10, max_parts=20, max_units=100)
+CAPS = SizeCaps(max_chars=1000, max_messages=10, max_parts=20, max_units=100, max_lines=50)
 
 
 def test_measure_names_the_first_cap_crossed() -> None:
@@ -110,6 +128,8 @@ def test_measure_names_the_first_cap_crossed() -> None:
     assert measure([{"role": "user", "content": parts}], CAPS).over_cap == "parts"
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "y" * 2000}}
     assert measure([{"role": "assistant", "content": None, "tool_calls": [call]}], CAPS).over_cap == "chars"
+    assert measure([{"role": "user", "content": "\n" * 51}], CAPS).over_cap == "lines"
+    assert measure([{"role": "user", "content": [{"type": "text", "text": "\n" * 50}]}], CAPS).over_cap is None
 
 
 def test_measure_counts_what_the_segmenter_reads() -> None:
@@ -119,7 +139,7 @@ def test_measure_counts_what_the_segmenter_reads() -> None:
         "not a message",
     ]
     size = measure(messages, CAPS)
-    assert (size.messages, size.parts, size.chars, size.over_cap) == (3, 2, 5, None)
+    assert (size.messages, size.parts, size.chars, size.lines, size.over_cap) == (3, 2, 5, 0, None)
 
 
 def _compressor(**settings: object) -> ContextCompressor:

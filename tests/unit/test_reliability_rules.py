@@ -16,7 +16,7 @@ from ccproxy.protocol import (
     MAX_JSON_DEPTH,
     ChatCompletionRequest,
     ProxyError,
-    exceeds_depth,
+    json_depth,
     parse_chat_request,
 )
 from ccproxy.settings import Settings
@@ -31,9 +31,19 @@ def _nested(depth: int) -> object:
 
 
 def test_depth_is_measured_without_recursion() -> None:
-    assert not exceeds_depth({"a": [1, {"b": []}]}, 4)  # object, array, object, array
-    assert exceeds_depth({"a": [1, {"b": []}]}, 3)
-    assert exceeds_depth(_nested(100_000), MAX_JSON_DEPTH)  # would overflow a recursive walk
+    assert json_depth(b'{"a": [1, {"b": []}]}') == 4  # object, array, object, array
+    assert json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000  # would overflow a recursive walk
+    assert json_depth(b'"no brackets"') == 0
+
+
+def test_depth_ignores_brackets_inside_strings() -> None:
+    raw = json.dumps({"a": '[[[[\\"{{{', "b": [[[["]]]]"]]]], "c": "\\"}).encode()
+    assert json_depth(raw) == 5
+
+
+def test_depth_is_exact_across_chunks() -> None:
+    wide = json.dumps({"parts": [{"type": "x"}] * 100_000, "deep": _nested(40)}).encode()
+    assert json_depth(wide) == 40  # the object, then _nested(40)'s 39 arrays
 
 
 def test_bodies_nested_past_the_limit_are_refused_even_when_json_could_parse_them() -> None:

@@ -227,3 +227,32 @@ def test_tokenizer_without_template_falls_back_to_openai_framing() -> None:
     body = {"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"}]}
     assert counter.count_prompt(body) == 3 + 3 * 2 + 3
     assert tokenizer.seen == []
+
+
+
+def test_a_fast_tokenizer_counts_from_many_threads_without_a_lock() -> None:
+    """Counts go to the Rust core, which many threads may use at once: a megabyte counted in a
+    thread never holds up a small count on the event loop (it waited on a lock before)."""
+    import threading
+
+    from ccproxy.tokens import default_counter
+
+    counter = default_counter()
+    texts = ["Hello world. <|im_start|>user hi", "." * 1000, "汉字 test", ""]
+    wrapper = [len(ids) for ids in counter._tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert counter(texts) == wrapper
+    errors: list[str] = []
+
+    def count_many() -> None:
+        try:
+            for _ in range(20):
+                counter(["x " * 5000])
+        except Exception as exc:  # "Already borrowed" if the core were mutably borrowed
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=count_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
