@@ -22,14 +22,22 @@ from fastapi.responses import Response, StreamingResponse
 
 from ccproxy.auth import Principal
 from ccproxy.compression.gateway import ContextCompressor
-from ccproxy.compression.pipeline import Compression
 from ccproxy.completion_tally import CompletionTally
-from ccproxy.spend import SpendGuard, check_model_allowed
+from ccproxy.compression.pipeline import Compression
+from ccproxy.image_urls import enforce_image_policy
 from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
-from ccproxy.image_urls import enforce_image_policy
 from ccproxy.metrics import ChatObserver, NoMetrics
-from ccproxy.protocol import ChatCompletionRequest, ProxyError, compression_control, error_body, parse_chat_request, sse_event, sse_fields
+from ccproxy.protocol import (
+    ChatCompletionRequest,
+    ProxyError,
+    compression_control,
+    error_body,
+    parse_chat_request,
+    sse_event,
+    sse_fields,
+)
+from ccproxy.spend import SpendGuard, check_model_allowed
 from ccproxy.tokens import PromptCounter
 from ccproxy.upstream import Upstream, UpstreamReply
 from ccproxy.usage.events import UsageEvent, new_event_id
@@ -125,15 +133,16 @@ class _Ledger:
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
         return token_figures(self.counted_before, self.counted_after, prompt_tokens)
 
-    def _cut_short_usage(self) -> UpstreamUsage:
-        """A stream that ended before its usage chunk: our prompt count and the completion
-        tokens that reached us."""
-        seen = self.tally.tokens(self.count_texts) if self.tally and self.count_texts else 0
-        return UpstreamUsage(None, seen)
+    def _usage_seen(self) -> UpstreamUsage:
+        """An answer without the upstream's usage (a stream cut short, an upstream that does
+        not report it): our prompt count, and the streamed completion tokens that reached us."""
+        if self.tally is None or self.count_texts is None:
+            return UpstreamUsage(None, None)
+        return UpstreamUsage(None, self.tally.tokens(self.count_texts))
 
     def event(self, status: int) -> UsageEvent:
-        if status >= 400 and self.upstream_accepted and self.usage is None:
-            self.usage = self._cut_short_usage()
+        if self.upstream_accepted and self.usage is None:
+            self.usage = self._usage_seen()
         # A request the upstream refused is not billed by it, so it carries no tokens either.
         figures = self.figures() if status < 400 or self.upstream_accepted else TokenFigures(0, 0, 0)
         return UsageEvent(
@@ -275,6 +284,7 @@ async def complete_chat(
     try:
         reply = await _forward(parts, forwarded, headers, stream, len(raw))
     except ProxyError as exc:
+        ledger.upstream_accepted = exc.upstream_accepted
         await ledger.finish(exc.status)
         raise
     compression_header = {"x-compression": compression.outcome}

@@ -50,6 +50,9 @@ class ProxyError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        # Set when the upstream had accepted the request (its answer had started) before this
+        # failure: the provider bills such a request, so its usage event carries the prompt.
+        self.upstream_accepted = False
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)

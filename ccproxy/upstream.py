@@ -167,7 +167,9 @@ class HttpUpstream:
         try:
             body = await response.aread()
         except httpx.HTTPError as exc:
-            raise transport_error(exc) from exc
+            failure = transport_error(exc)
+            failure.upstream_accepted = response.status_code < 400  # broke mid-answer: billed
+            raise failure from exc
         finally:
             await response.aclose()
         if response.status_code >= 400:

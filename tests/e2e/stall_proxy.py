@@ -18,16 +18,9 @@ import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from tests.e2e.fault_upstream import _read_body
+
 TARGET: dict[str, httpx.AsyncClient] = {}
-
-
-async def _read_body(receive: Receive) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return body
 
 
 async def _hold(receive: Receive) -> None:

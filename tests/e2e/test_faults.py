@@ -34,15 +34,18 @@ class Fault:
     status: int  # what the caller's status line says
     code: str | None  # ccproxy's own error code; None: the upstream's answer is relayed
     event_status: int  # the status in the usage event
+    # The upstream had started its answer when it failed: the provider bills the request, so
+    # the usage event carries the prompt (ccproxy's count: the usage never arrived).
+    billed: bool = False
 
 
 OWN_ERRORS = [
     Fault("fault-hang-headers", False, 504, "upstream_timeout", 504),
     Fault("fault-hang-headers", True, 504, "upstream_timeout", 504),
-    Fault("fault-hang-mid-stream", False, 504, "upstream_timeout", 504),
+    Fault("fault-hang-mid-stream", False, 504, "upstream_timeout", 504, billed=True),
     Fault("fault-reset-headers", False, 502, "upstream_connection_error", 502),
     Fault("fault-reset-headers", True, 502, "upstream_connection_error", 502),
-    Fault("fault-reset-mid-stream", False, 502, "upstream_connection_error", 502),
+    Fault("fault-reset-mid-stream", False, 502, "upstream_connection_error", 502, billed=True),
 ]
 BROKEN_STREAMS = [  # the status line (200) was sent already: the error comes as the last event
     Fault("fault-hang-mid-stream", True, 200, "upstream_timeout", 504),
@@ -106,7 +109,11 @@ def test_faults_before_the_answer_started_get_an_openai_shaped_gateway_error(
     assert (error["type"], error["code"]) == ("upstream_error", fault.code)
     assert elapsed < 10  # bounded by the 2 s read timeout, never a hang
     event = _event(database_url, ACCOUNT, fault.model, fault.stream)
-    assert (event["status"], event["tokens_after"], event["prompt_tokens"]) == (fault.event_status, 0, None)
+    assert (event["status"], event["prompt_tokens"]) == (fault.event_status, None)
+    if fault.billed:
+        assert event["tokens_after"] > 0  # the prompt reached the upstream, which bills it
+    else:
+        assert event["tokens_after"] == 0  # refused before the upstream took it: nothing billed
 
 
 @pytest.mark.parametrize("fault", BROKEN_STREAMS, ids=_id)
@@ -123,6 +130,23 @@ def test_a_stream_that_breaks_ends_with_an_error_event(
     assert elapsed < 10
     event = _event(database_url, ACCOUNT, fault.model, fault.stream)
     assert event["status"] == fault.event_status
+    # Billed for what reached the upstream: the prompt, and the completion it had streamed.
+    assert event["tokens_after"] > 0 and event["completion_tokens"] >= 1
+
+
+def test_a_stream_the_caller_drops_is_billed_for_what_reached_the_upstream(
+    faults_gateway: str, key: str, database_url: str
+) -> None:
+    model = "fault-hang-mid-stream:dropped"
+    body = {"model": model, "messages": MESSAGES, "stream": True}
+    with httpx.stream(
+        "POST", f"{faults_gateway}/v1/chat/completions", json=body, headers={"x-api-key": key}, timeout=30
+    ) as response:
+        first = next(response.iter_lines())  # the answer has started; the caller walks away
+    assert response.status_code == 200 and first.startswith("data: ")
+    event = _event(database_url, ACCOUNT, model, True)
+    assert event["status"] == 499
+    assert event["tokens_after"] > 0 and event["completion_tokens"] >= 1
 
 
 def test_the_openai_sdk_raises_on_a_broken_stream(faults_gateway: str, key: str) -> None:
