@@ -138,6 +138,22 @@ def test_memo_scores_only_the_newest_turn() -> None:
     assert memo.misses == 20
 
 
+def test_one_account_never_reads_another_accounts_memo() -> None:
+    """Byte-identical chats of two accounts are decided apart: a shared entry would tell one
+    account (by timing) what another sent, and mix their decisions."""
+    memo = HistoryMemo()
+    compression_plan = plan(threshold_tokens=0)
+    for scope in ("acct_a", "acct_b"):
+        asyncio.run(
+            compress_stable(chat(4), compression_plan, count_tokens=words, score=overlap_score, memo=memo, scope=scope)
+        )
+    assert (memo.hits, memo.misses) == (0, 8)
+    asyncio.run(
+        compress_stable(chat(4), compression_plan, count_tokens=words, score=overlap_score, memo=memo, scope="acct_a")
+    )
+    assert (memo.hits, memo.misses) == (4, 8)
+
+
 def test_memo_is_bounded_and_holds_no_message_text() -> None:
     memo = HistoryMemo(max_entries=3)
     stable(chat(6), plan(threshold_tokens=0), memo)
