@@ -28,7 +28,8 @@ from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
 from ccproxy.protocol import ProxyError, error_body
 from ccproxy.settings import Settings
-from ccproxy.upstream import UpstreamReply
+from ccproxy.passthrough import relay, route_of
+from ccproxy.upstream import RawCall, UpstreamReply
 from ccproxy.usage.report import build_report, check_buckets, parse_range
 from ccproxy.usage.store import UsageStore
 
@@ -216,10 +217,20 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({**report, "account": principal.account_name})
 
     # BentoML hands a mounted app only the paths it has routes for; this one claims the rest
-    # of /v1 so that unknown endpoints get an OpenAI-shaped 404 instead of plain text.
+    # of /v1: the OpenAI routes ccproxy does not compress are relayed (ccproxy/passthrough.py),
+    # anything else gets an OpenAI-shaped 404 instead of plain text.
     @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    async def unknown_endpoint(request: Request, path: str) -> Response:
-        # The path is not quoted back: error bodies never repeat request content.
-        raise ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
+    async def other_endpoint(request: Request, path: str) -> Response:
+        if route_of(path) is None:
+            # The path is not quoted back: error bodies never repeat request content.
+            raise ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
+        principal = await admitted(request)
+        raw = await read_body(request, settings.max_body_bytes)
+        call = RawCall(
+            request.method, path, request.scope.get("query_string", b""), raw,
+            request.headers.get("content-type"), request.headers.get("accept"),
+        )
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return await relay(_state(request, "parts"), principal, call, request.headers, request_id)
 
     return app

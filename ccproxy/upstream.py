@@ -44,12 +44,26 @@ class UpstreamReply:
     events: AsyncIterator[bytes] | None = None
 
 
+@dataclass(frozen=True)
+class RawCall:
+    """A request passed through as it came: the route below /v1, its query, its body bytes."""
+
+    method: str
+    path: str  # below the upstream's base URL, e.g. "embeddings" or "files/file-abc/content"
+    query: bytes
+    body: bytes
+    content_type: str | None  # the caller's, multipart boundary and all
+    accept: str | None
+
+
 class Upstream(Protocol):
     async def chat_completions(
         self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
     ) -> UpstreamReply: ...
 
     async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply: ...
+
+    async def passthrough(self, call: RawCall, caller_headers: Mapping[str, str]) -> UpstreamReply: ...
 
     async def ready(self) -> bool: ...
 
@@ -210,6 +224,28 @@ class HttpUpstream:
         )
         return await self._whole(await self._send(request))
 
+    async def passthrough(self, call: RawCall, caller_headers: Mapping[str, str]) -> UpstreamReply:
+        """Any other route, bytes in and bytes out: a body the upstream streams (SSE) is relayed
+        event by event, anything else whole (file contents and audio included)."""
+        headers = upstream_request_headers(caller_headers, self._api_key)
+        for name, value in (("content-type", call.content_type), ("accept", call.accept)):
+            if value is not None:
+                headers[name] = value
+        request = self._client.build_request(
+            call.method, call.path, params=call.query.decode("latin-1"), content=call.body or None, headers=headers
+        )
+        response = await self._send(request)
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if not (response.status_code == 200 and is_sse):
+            reply = await self._whole(response)
+            if "content-disposition" in response.headers:  # a file's name, on file contents
+                reply.headers["content-disposition"] = response.headers["content-disposition"]
+            return reply
+        return UpstreamReply(
+            status=200, headers=self._relayed(response.headers), media_type="text/event-stream",
+            events=_sse_events(response),
+        )
+
     async def ready(self) -> bool:
         try:
             reply = await self.models({})
@@ -287,6 +323,14 @@ class EmbeddedUpstream:
 
     async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply:
         return UpstreamReply(status=200, headers={}, body=json.dumps(await self._llm.models()).encode())
+
+    async def passthrough(self, call: RawCall, caller_headers: Mapping[str, str]) -> UpstreamReply:
+        raise ProxyError(
+            404,
+            "The embedded model serves chat completions and models only; set CCPROXY_UPSTREAM_URL "
+            "to an OpenAI-compatible upstream for this route.",
+            code="not_found",
+        )
 
     async def ready(self) -> bool:
         try:

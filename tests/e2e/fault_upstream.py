@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import hashlib
 import json
 import socket
 import struct
@@ -149,6 +150,26 @@ async def _gzipped(scope: Scope, send: Send, model: str, body: dict[str, Any], s
     await send({"type": "http.response.body", "body": gzip.compress(b"".join(parts))})
 
 
+async def _other_route(scope: Scope, send: Send, raw: bytes) -> None:
+    """Routes ccproxy passes through. /embeddings answers as a provider does (with usage); any
+    other route describes the request it received, so byte-exact forwarding can be checked."""
+    headers = dict(scope["headers"])
+    if scope["path"].endswith("/embeddings"):
+        body = json.loads(raw)
+        answer = {"object": "list", "model": body.get("model"), "data": [{"object": "embedding", "index": 0,
+                  "embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 7, "total_tokens": 7}}
+        await _whole(send, 200, json.dumps(answer).encode())
+        return
+    seen = {
+        "method": scope["method"], "path": scope["path"], "query": scope["query_string"].decode("latin-1"),
+        "content_type": headers.get(b"content-type", b"").decode("latin-1"),
+        "authorization": headers.get(b"authorization", b"").decode("latin-1"),
+        "sha256": hashlib.sha256(raw).hexdigest(), "length": len(raw),
+    }
+    await _whole(send, 404 if scope["path"].endswith("/missing") else 200, json.dumps(seen).encode(),
+                 [(b"content-disposition", b'attachment; filename="seen.json"')])
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -159,6 +180,9 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     raw = await _read_body(receive)
+    if not scope["path"].endswith(("/chat/completions", "/models")):
+        await _other_route(scope, send, raw)
+        return
     if scope["path"].endswith("/models"):
         models = {"object": "list", "data": [{"id": "fault-ok", "object": "model"}]}
         await _whole(send, 200, json.dumps(models).encode())
