@@ -28,7 +28,7 @@ from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
 from ccproxy.protocol import ProxyError, error_body
 from ccproxy.settings import Settings
-from ccproxy.passthrough import relay, route_of
+from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, relay, route_of
 from ccproxy.upstream import RawCall, UpstreamReply
 from ccproxy.usage.report import build_report, check_buckets, parse_range
 from ccproxy.usage.store import UsageStore
@@ -177,7 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @app.post("/v1/compress", openapi_extra=COMPRESS)
-    async def compress(request: Request) -> JSONResponse:
+    async def compress(request: Request) -> Response:
         principal = await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
         request_id = request.scope.get("state", {}).get("request_id", "")
@@ -221,10 +221,13 @@ def create_app(settings: Settings) -> FastAPI:
     # anything else gets an OpenAI-shaped 404 instead of plain text.
     @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def other_endpoint(request: Request, path: str) -> Response:
-        if route_of(path) is None:
+        resource = route_of(path)
+        if resource is None:
             # The path is not quoted back: error bodies never repeat request content.
             raise ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
         principal = await admitted(request)
+        if settings.upstream_api_key is not None and resource not in SERVER_KEY_RESOURCES:
+            raise refused_with_server_key()
         raw = await read_body(request, settings.max_body_bytes)
         call = RawCall(
             request.method, path, request.scope.get("query_string", b""), raw,

@@ -30,6 +30,7 @@ from ccproxy.logs import log_request
 from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.protocol import (
     ChatCompletionRequest,
+    CompressionControl,
     ProxyError,
     compression_control,
     error_body,
@@ -193,12 +194,11 @@ class _Ledger:
 async def _compressed(
     parts: ChatParts,
     body: dict[str, Any],
-    headers: Mapping[str, str],
+    control: CompressionControl,
     counter: PromptCounter,
     prompt_tokens: int | None,
     account_id: str,
 ) -> tuple[dict[str, Any], Compression, float]:
-    control, body = compression_control(headers, body)
     started = time.perf_counter()
     compressor = parts.compressor
     compression = await compressor.compress_or_original(
@@ -254,6 +254,7 @@ async def complete_chat(
     # in a bounded thread, so the event loop keeps serving the worker's other requests.
     heavy_work = parts.compressor.heavy_work
     original, chat = await heavy_work(len(raw), _parse, raw)
+    control, without_control = compression_control(headers, original)  # a bad option: 400 now
     await parts.admit_spending(chat.model, principal)
     counter = await asyncio.to_thread(parts.counter_for, chat.model)
     counted_before = await heavy_work(len(raw), count_prompt_or_zero, counter, original)
@@ -262,7 +263,7 @@ async def complete_chat(
         # On the raw count, before any scoring: a key over its limit costs no compression work.
         limiter.admit_tokens(key, counted_before)
     forwarded, compression, compression_ms = await _compressed(
-        parts, original, headers, counter, counted_before or None, principal.account_id
+        parts, without_control, control, counter, counted_before or None, principal.account_id
     )
     counted_after = (
         await heavy_work(len(raw), count_prompt_or_zero, counter, forwarded)

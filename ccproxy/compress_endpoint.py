@@ -12,7 +12,7 @@ import logging
 import time
 from datetime import datetime, timezone
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from ccproxy.auth import Principal
 from ccproxy.chat import ChatParts, count_prompt_or_zero, limit_key
@@ -20,7 +20,7 @@ from ccproxy.compression.gateway import compress_response
 from ccproxy.compression.pipeline import Compression
 from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
-from ccproxy.protocol import ProxyError, parse_compress_request
+from ccproxy.protocol import ProxyError, dumps_bytes, parse_compress_request
 from ccproxy.usage.events import UsageEvent, new_event_id
 
 logger = logging.getLogger("ccproxy")
@@ -38,7 +38,7 @@ def _figures(compression: Compression, counted: int) -> Compression:
 
 async def serve_compress(
     parts: ChatParts, principal: Principal, raw: bytes, request_id: str, limiter: RateLimiter
-) -> JSONResponse:
+) -> Response:
     started = time.perf_counter()
     created_at = datetime.now(timezone.utc)
     heavy_work = parts.compressor.heavy_work
@@ -53,6 +53,7 @@ async def serve_compress(
         )
     except Exception as exc:
         logger.warning("compress endpoint failed: %s", type(exc).__name__)
+        limiter.refund_tokens(limit_key(principal), counted)  # nothing was scored for the caller
         raise ProxyError(
             503,
             "The compressor could not score this request; try again later.",
@@ -80,4 +81,6 @@ async def serve_compress(
     )
     log_request(request_id, event)
     await parts.recorder.record(event)
-    return JSONResponse(compress_response(compression))
+    # Up to the whole body again, plus a report per unit: encoded in a thread when large.
+    content = await heavy_work(len(raw), dumps_bytes, compress_response(compression))
+    return Response(content=content, media_type="application/json")

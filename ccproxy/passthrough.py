@@ -39,6 +39,11 @@ PASSTHROUGH_RESOURCES = frozenset(
         "responses", "threads", "uploads", "vector_stores",
     }
 )
+# With the server's provider key every account shares one provider account: routes that list,
+# read or delete stored objects (files, batches, vector stores, stored responses, …) would show
+# one account's data to another, and routes that report no usage (audio, images, batches) would
+# spend the operator's money unmetered. Only these stateless, metered routes are relayed then.
+SERVER_KEY_RESOURCES = frozenset({"embeddings", "moderations"})
 # Path segments as OpenAI's ids and names spell them; ".." or an encoded "/" never match.
 _SEGMENT = re.compile(r"[A-Za-z0-9_~:@-][A-Za-z0-9._~:@-]*")
 MAX_PATH_CHARS = 512
@@ -54,9 +59,19 @@ def route_of(path: str) -> str | None:
     return segments[0]
 
 
+def refused_with_server_key() -> ProxyError:
+    return ProxyError(
+        403,
+        "This route is not relayed while the server holds the provider key: every account would "
+        "share one provider account's stored objects and unmetered spend. Relayed then: "
+        + ", ".join(f"/v1/{name}" for name in sorted(SERVER_KEY_RESOURCES)) + ".",
+        code="route_not_available",
+    )
+
+
 def _model_of(body: bytes, content_type: str | None) -> str | None:
     """The JSON body's ``model``, checked like chat's (it is stored with the usage event)."""
-    if not body or not (content_type or "").startswith("application/json"):
+    if not body or not (content_type or "").lower().startswith("application/json"):
         return None
     model = parse_json_object(body).get("model")
     if model is None:
@@ -113,7 +128,7 @@ async def relay(
     reply = await parts.upstream.passthrough(call, headers)
     if reply.events is not None:
         return StreamingResponse(
-            _events(reply.events), status_code=reply.status, media_type="text/event-stream",
+            _events(reply.events), status_code=reply.status, media_type=reply.media_type,
             headers={**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
     if reply.status == 200 and model is not None:

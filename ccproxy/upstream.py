@@ -32,6 +32,8 @@ _SERVER_KEY_RELAYED = {"retry-after", "retry-after-ms", "openai-processing-ms", 
 _UPSTREAM_DEFAULT_HEADERS = {"accept-encoding": "identity"}
 # Caller headers that only make sense together with the caller's own provider key.
 _CALLER_ACCOUNT_HEADERS = ("authorization", "openai-organization", "openai-project")
+# Caller headers a relayed route needs as they came (the Assistants API wants OpenAI-Beta).
+_PASSTHROUGH_CALLER_HEADERS = ("openai-beta", "idempotency-key")
 
 
 @dataclass
@@ -97,6 +99,9 @@ def upstream_request_headers(
     # A ccproxy key sent as the Bearer token is ours: it must never reach a third party.
     if forwarded.get("authorization", "").partition(" ")[2].strip().startswith(KEY_PREFIX):
         del forwarded["authorization"]
+    if not all(value.isascii() for value in forwarded.values()):
+        # httpx cannot send them (a 500 before); the value is not quoted back.
+        raise ProxyError(400, "Request headers must be ASCII.", code="invalid_header")
     return forwarded
 
 
@@ -225,25 +230,34 @@ class HttpUpstream:
         return await self._whole(await self._send(request))
 
     async def passthrough(self, call: RawCall, caller_headers: Mapping[str, str]) -> UpstreamReply:
-        """Any other route, bytes in and bytes out: a body the upstream streams (SSE) is relayed
-        event by event, anything else whole (file contents and audio included)."""
+        """Any other route, bytes in and bytes out. A JSON answer is read whole (it may report
+        usage); anything else (SSE, file contents, audio) is relayed as it arrives, so a large
+        download never sits in the worker's memory."""
         headers = upstream_request_headers(caller_headers, self._api_key)
+        lowered = {name.lower(): value for name, value in caller_headers.items()}
+        headers.update({name: lowered[name] for name in _PASSTHROUGH_CALLER_HEADERS if name in lowered})
         for name, value in (("content-type", call.content_type), ("accept", call.accept)):
             if value is not None:
                 headers[name] = value
-        request = self._client.build_request(
-            call.method, call.path, params=call.query.decode("latin-1"), content=call.body or None, headers=headers
-        )
+        if not all(value.isascii() for value in headers.values()):
+            raise ProxyError(400, "Request headers must be ASCII.", code="invalid_header")
+        url = httpx.URL(call.path, query=call.query)  # the query as sent, byte for byte
+        request = self._client.build_request(call.method, url, content=call.body or None, headers=headers)
         response = await self._send(request)
-        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        if not (response.status_code == 200 and is_sse):
+        content_type = response.headers.get("content-type", "")
+        disposition = response.headers.get("content-disposition")  # a file's name, on file contents
+        if response.status_code >= 400 or content_type.startswith("application/json"):
             reply = await self._whole(response)
-            if "content-disposition" in response.headers:  # a file's name, on file contents
-                reply.headers["content-disposition"] = response.headers["content-disposition"]
+            if disposition is not None:
+                reply.headers["content-disposition"] = disposition
             return reply
+        relayed = self._relayed(response.headers)
+        if disposition is not None:
+            relayed["content-disposition"] = disposition
+        is_sse = content_type.startswith("text/event-stream")
         return UpstreamReply(
-            status=200, headers=self._relayed(response.headers), media_type="text/event-stream",
-            events=_sse_events(response),
+            status=response.status_code, headers=relayed, media_type=content_type or "application/octet-stream",
+            events=_sse_events(response) if is_sse else _chunks(response),
         )
 
     async def ready(self) -> bool:
@@ -267,6 +281,16 @@ async def _encoded(body: dict[str, Any], size_hint: int) -> bytes:
     if size_hint < _ENCODE_IN_THREAD_BYTES:
         return dumps_bytes(body)
     return await asyncio.to_thread(dumps_bytes, body)
+
+
+async def _chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise transport_error(exc) from exc
+    finally:
+        await response.aclose()
 
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -1,11 +1,12 @@
 """Every other OpenAI route through a served Gateway (issue 16, part 1).
 
 Against llama.cpp's server (a real upstream no one here wrote) with the official ``openai``
-client: legacy completions, whole and streamed, with their usage event; a route llama.cpp does
-not have comes back as its own 404, unchanged. Against the fault upstream, which describes the
-request it received: multipart bodies and query strings arrive byte for byte, the server's key
-replaces the caller's, file headers come back; embeddings (a stand-in for a paid provider)
-write a usage event of their own kind. Unknown routes and path tricks are 404 in OpenAI shape.
+client, callers bringing their own provider key: legacy completions, whole and streamed, with
+their usage event; a route llama.cpp does not have comes back as its own 404, unchanged.
+Against the fault upstream, which describes the request it received: multipart bodies and query
+strings arrive byte for byte with the caller's own key, file headers come back; embeddings (a
+stand-in for a paid provider) write a usage event of their own kind. While the server holds the
+provider key only stateless, metered routes are relayed. Unknown routes and path tricks are 404.
 """
 
 from __future__ import annotations
@@ -17,13 +18,23 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import FAULT_UPSTREAM_KEY
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.e2e.conftest import UPSTREAM_KEY, _gateway_to
 from tests.e2e.servers import create_key
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e
 
 LLAMA_MODEL = "smollm2-upstream"
+CALLER_PROVIDER_KEY = "sk-caller-own-provider-key"
+
+
+@pytest.fixture(scope="module")
+def relay_gateway(fault_upstream: str, remote_compressor: str, database_url: str, logs_dir: Path) -> Iterator[str]:
+    """In front of the fault upstream, holding no provider key: callers bring their own."""
+    yield from _gateway_to(fault_upstream, remote_compressor, database_url, logs_dir, "relay")
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +43,12 @@ def key(database_url: str) -> str:
 
 
 def test_legacy_completions_through_the_sdk_with_a_usage_event(
-    keyed_gateway: str, key: str, database_url: str
+    passthrough_gateway: str, key: str, database_url: str
 ) -> None:
-    client = openai.OpenAI(base_url=f"{keyed_gateway}/v1", api_key=key, max_retries=0, timeout=120)
+    client = openai.OpenAI(  # the caller's own provider key; its ccproxy key beside it
+        base_url=f"{passthrough_gateway}/v1", api_key=UPSTREAM_KEY, default_headers={"x-api-key": key},
+        max_retries=0, timeout=120,
+    )
     whole = client.completions.create(model=LLAMA_MODEL, prompt="The capital of France is", max_tokens=4)
     assert whole.choices[0].text and whole.usage is not None
     pieces = [c.choices[0].text for c in client.completions.create(
@@ -47,15 +61,31 @@ def test_legacy_completions_through_the_sdk_with_a_usage_event(
     assert event["tokens_after"] == whole.usage.prompt_tokens
 
 
-def test_a_route_the_upstream_lacks_comes_back_as_the_upstreams_own_answer(keyed_gateway: str, key: str) -> None:
-    client = openai.OpenAI(base_url=f"{keyed_gateway}/v1", api_key=key, max_retries=0, timeout=60)
+def test_a_route_the_upstream_lacks_comes_back_as_the_upstreams_own_answer(passthrough_gateway: str, key: str) -> None:
+    client = openai.OpenAI(
+        base_url=f"{passthrough_gateway}/v1", api_key=UPSTREAM_KEY, default_headers={"x-api-key": key},
+        max_retries=0, timeout=60,
+    )
     with pytest.raises(openai.NotFoundError):
         client.files.list()
-    direct = httpx.get(f"{keyed_gateway}/v1/files", headers={"x-api-key": key}, timeout=30)
+    direct = httpx.get(
+        f"{passthrough_gateway}/v1/files", headers={"x-api-key": key, "authorization": f"Bearer {UPSTREAM_KEY}"}, timeout=30
+    )
     assert direct.status_code == 404 and "x-request-id" in direct.headers
 
 
-def test_multipart_and_query_arrive_byte_for_byte(faults_gateway: str, key: str) -> None:
+def test_with_the_servers_key_stored_objects_and_unmetered_routes_are_not_relayed(
+    keyed_gateway: str, faults_gateway: str, key: str
+) -> None:
+    for gateway in (keyed_gateway, faults_gateway):
+        for method, path in (("GET", "/v1/files"), ("DELETE", "/v1/files/file-abc"), ("POST", "/v1/completions"),
+                             ("GET", "/v1/responses/resp_1"), ("POST", "/v1/audio/speech")):
+            answer = httpx.request(method, f"{gateway}{path}", headers={"x-api-key": key}, timeout=30)
+            assert answer.status_code == 403, (gateway, path)
+            assert answer.json()["error"]["code"] == "route_not_available"
+
+
+def test_multipart_and_query_arrive_byte_for_byte(relay_gateway: str, key: str) -> None:
     boundary = "ccproxy-test-boundary"
     audio = bytes(range(256)) * 64
     body = (
@@ -64,20 +94,27 @@ def test_multipart_and_query_arrive_byte_for_byte(faults_gateway: str, key: str)
         "Content-Type: audio/wav\r\n\r\n"
     ).encode() + audio + f"\r\n--{boundary}--\r\n".encode()
     answer = httpx.post(
-        f"{faults_gateway}/v1/audio/transcriptions?timestamp_granularities=word", content=body, timeout=30,
-        headers={"x-api-key": key, "content-type": f"multipart/form-data; boundary={boundary}"},
+        f"{relay_gateway}/v1/audio/transcriptions?timestamp_granularities=word", content=body, timeout=30,
+        headers={
+            "x-api-key": key, "authorization": f"Bearer {CALLER_PROVIDER_KEY}",
+            "content-type": f"multipart/form-data; boundary={boundary}",
+        },
     )
     assert answer.status_code == 200, answer.text
     seen = answer.json()
     assert (seen["method"], seen["path"], seen["query"]) == ("POST", "/v1/audio/transcriptions", "timestamp_granularities=word")
     assert seen["content_type"] == f"multipart/form-data; boundary={boundary}"
     assert (seen["sha256"], seen["length"]) == (hashlib.sha256(body).hexdigest(), len(body))
-    assert seen["authorization"] == f"Bearer {FAULT_UPSTREAM_KEY}"  # the server's key, never the caller's
+    assert seen["authorization"] == f"Bearer {CALLER_PROVIDER_KEY}"  # the caller's own provider key
     assert answer.headers["content-disposition"] == 'attachment; filename="seen.json"'
-    listing = httpx.get(f"{faults_gateway}/v1/files?limit=2&purpose=batch", headers={"x-api-key": key}, timeout=30)
-    assert listing.json()["query"] == "limit=2&purpose=batch"
-    gone = httpx.delete(f"{faults_gateway}/v1/files/file-abc123/missing", headers={"x-api-key": key}, timeout=30)
+    listing = httpx.get(f"{relay_gateway}/v1/files?limit=2&flag&x=%20y", headers={"x-api-key": key}, timeout=30)
+    assert listing.json()["query"] == "limit=2&flag&x=%20y"  # not re-encoded
+    gone = httpx.delete(f"{relay_gateway}/v1/files/file-abc123/missing", headers={"x-api-key": key}, timeout=30)
     assert gone.status_code == 404 and gone.json()["method"] == "DELETE"  # the upstream's status, its body
+    latin1 = httpx.get(  # a byte the upstream client cannot send: a 500 before
+        f"{relay_gateway}/v1/files", timeout=30, headers={"x-api-key": key, "authorization": b"Bearer sk-\xe9"}
+    )
+    assert latin1.status_code == 400 and latin1.json()["error"]["code"] == "invalid_header"
 
 
 def test_embeddings_write_a_usage_event_of_their_kind(faults_gateway: str, database_url: str) -> None:
