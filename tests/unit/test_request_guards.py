@@ -70,3 +70,18 @@ def test_a_refund_never_fills_a_bucket_past_its_capacity() -> None:
     bucket = Bucket(level=10.0, at=0.0)
     assert credit(bucket, 50.0, capacity=100.0, per_second=0.0, now=0.0).level == 60.0
     assert credit(bucket, 500.0, capacity=100.0, per_second=0.0, now=0.0).level == 100.0
+
+
+def test_integers_beyond_64_bits_are_forwarded_exactly() -> None:
+    from ccproxy.protocol import dumps_bytes, parse_json_object
+
+    body = parse_json_object(b'{"seed": 18446744073709551616, "n": 2, "t": 0.5}')
+    assert body["seed"] == 18446744073709551616  # orjson alone would read 1.8446744073709552e+19
+    assert b'"seed":18446744073709551616' in dumps_bytes(body)
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"-Infinity", b"1e999", b"9" * 5000])
+def test_numbers_json_cannot_hold_are_a_400(number: bytes) -> None:
+    with pytest.raises(ProxyError) as refused:
+        parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": ' + number + b"}")
+    assert refused.value.status == 400
