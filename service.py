@@ -25,7 +25,7 @@ from ccproxy.auth import (
 )
 from ccproxy.chat import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
-from ccproxy.compression.offload import favour_the_event_loop
+from ccproxy.compression.offload import favour_the_event_loop, serial_tokenizers
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.compressor_auth import CompressorTokenMiddleware, authorize_client
 from ccproxy.embedded import EmbeddedEngine
@@ -99,6 +99,7 @@ class Gateway:
         embedded_llm = bentoml.depends(EmbeddedLLM)
 
     def __init__(self) -> None:
+        serial_tokenizers()  # first: before any tokenizer has run in this worker
         if compressor_token:  # X-Compressor-Token on every call, set before the first one
             authorize_client(self.compressor.to_async, compressor_token)
         self.upstream: Upstream = (

@@ -55,11 +55,12 @@ def content_text(content: Any) -> str:
 # tokens). Pieces are cut between a letter or digit and the whitespace after it: the BPE
 # pre-tokenizers of GPT-2/SmolLM2, cl100k and o200k all cut there too (a letter or digit run
 # ends there, and how whitespace splits depends only on what follows it), so the sum is exact
-# for them (tests/unit/test_tokens.py). Text with no such place for 4 pieces' length (one
+# for them (tests/unit/test_tokens.py). Text with no such place for a piece's length (one
 # giant word, a run of punctuation) is cut anyway: such a cut may move the count by a token.
 COUNT_PIECE_CHARS = 1 << 16
 _PIECE_CUT = re.compile(r"(?<=[^\W_])(?=\s)")
-# Pieces encoded together: bounds memory while still using the tokenizer's thread pool.
+# Pieces encoded together: bounds memory (the Gateway also keeps tokenizers to one core each,
+# ccproxy/compression/offload.py `serial_tokenizers`).
 _PIECES_AT_ONCE = 4
 
 
@@ -68,7 +69,9 @@ def count_pieces(text: str, size: int = COUNT_PIECE_CHARS) -> list[str]:
     pieces: list[str] = []
     start = 0
     while len(text) - start > size:
-        cut_at = _PIECE_CUT.search(text, start + size, min(len(text), start + 4 * size))
+        # One piece's length is searched for a cut, each stretch of text once: the search holds
+        # the GIL, and a long word searched again and again held it for most of a second.
+        cut_at = _PIECE_CUT.search(text, start + size, min(len(text), start + 2 * size))
         cut = cut_at.start() if cut_at else start + size
         pieces.append(text[start:cut])
         start = cut

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
@@ -38,6 +40,14 @@ async def inline(size_chars: int, fn: Callable[..., T], /, *args: object) -> T:
 EVENT_LOOP_SWITCH_INTERVAL_S = 0.0001
 
 
+def serial_tokenizers() -> None:
+    """Process-wide, before the first tokenizer runs: Hugging Face tokenizers would otherwise
+    spread one batch over every core (rayon), and a large request's count then starved the
+    event loop and every other process of CPU. A gateway serves many requests at once; each
+    count runs on one core."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def favour_the_event_loop() -> None:
     """Process-wide, for a Gateway worker once it has loaded everything: shorten the GIL switch
     interval (above), and move every object that exists now out of the cyclic garbage
@@ -49,14 +59,33 @@ def favour_the_event_loop() -> None:
     gc.freeze()
 
 
+# How much lower than the worker's other threads heavy work runs (Linux nice is per thread).
+# On a busy machine the scheduler then gives the event loop's thread a core first: the loop's
+# work is short, the heavy work only finishes a little later.
+HEAVY_WORK_NICENESS = 10
+
+
+def _run_at_lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + HEAVY_WORK_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the same priority
+        pass
+
+
 class HeavyWork:
-    """An ``Offload``: inputs of at least ``min_chars`` run in threads, ``concurrency`` at once."""
+    """An ``Offload``: inputs of at least ``min_chars`` run in threads of their own, lower in
+    priority than the event loop's, ``concurrency`` at once."""
 
     def __init__(self, concurrency: int, min_chars: int) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self._slots = asyncio.Semaphore(concurrency)
         self._min_chars = min_chars
+        # Threads of their own: the default executor also runs the short blocking calls of
+        # every request (key lookups, usage appends), which must not run at lower priority.
+        self._threads = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="heavy-work", initializer=_run_at_lower_priority
+        )
         self.running = 0  # threads at work now; for tests and metrics
 
     async def __call__(self, size_chars: int, fn: Callable[..., T], /, *args: object) -> T:
@@ -70,7 +99,7 @@ class HeavyWork:
             self._slots.release()
 
         try:
-            future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+            future = asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args))
         except BaseException:
             finished(None)
             raise

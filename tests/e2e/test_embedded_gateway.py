@@ -135,7 +135,11 @@ def test_oversized_body_gets_413(embedded_gateway: str, auth: dict) -> None:
     assert response.json()["error"]["code"] == "request_too_large"
 
 
-def test_unknown_route_is_an_openai_shaped_404(embedded_gateway: str) -> None:
-    response = httpx.post(f"{embedded_gateway}/v1/embeddings", json={"input": "x"})
+def test_unknown_route_is_an_openai_shaped_404(embedded_gateway: str, embedded_key: str) -> None:
+    response = httpx.post(f"{embedded_gateway}/v1/nonsense", json={"input": "x"})
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+    # A route other upstreams serve, which the embedded model does not: a 404 that says so.
+    relayed = httpx.post(f"{embedded_gateway}/v1/embeddings", json={"input": "x"}, headers={"x-api-key": embedded_key})
+    assert relayed.status_code == 404
+    assert "CCPROXY_UPSTREAM_URL" in relayed.json()["error"]["message"]

@@ -136,6 +136,7 @@ class Outcome:
     probe_max_s: float
     probes: int
     rss_mb: float
+    retry: bool = False  # the second attempt of a case whose first missed the probe budget
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +254,17 @@ _measured: list[Outcome] = []
 def test_hostile_body(hostile_gateway: tuple[str, int], key: str, name: str, compression: str) -> None:
     base, server_pid = hostile_gateway
     make, refused = HOSTILE[name]
-    outcome, body = _send_with_probes(base, server_pid, key, name, make(), compression)
+    hostile = make()
+    outcome, body = _send_with_probes(base, server_pid, key, name, hostile, compression)
     _measured.append(outcome)
+    if outcome.probe_max_s >= PROBE_BUDGET_S:
+        # Once more, and this time it must hold: a stall in the Gateway repeats (the old regex
+        # held a worker for seconds every time), while the scheduler of two cores shared with
+        # the test client, the stand-in upstream and idle servers sometimes is not. The report
+        # keeps both attempts (`retry` marks the second).
+        outcome, body = _send_with_probes(base, server_pid, key, name, hostile, compression)
+        outcome.retry = True
+        _measured.append(outcome)
     if refused:
         assert 400 <= outcome.status < 500, body[:300]
         error = json.loads(body)["error"]
@@ -262,7 +272,7 @@ def test_hostile_body(hostile_gateway: tuple[str, int], key: str, name: str, com
         assert "\u0000" not in error["message"] and len(error["message"]) < 300  # nothing quoted back
     else:
         assert outcome.status == 200, body[:300]
-    assert outcome.probe_max_s < PROBE_BUDGET_S, f"a probe waited {outcome.probe_max_s * 1000:.0f} ms"
+    assert outcome.probe_max_s < PROBE_BUDGET_S, f"a probe waited {outcome.probe_max_s * 1000:.0f} ms, twice"
 
 
 def test_memory_stayed_bounded(hostile_gateway: tuple[str, int]) -> None:
