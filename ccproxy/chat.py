@@ -326,8 +326,7 @@ async def _relay(events: AsyncIterator[bytes], ledger: _Ledger, caller_asked: bo
 
     ledger.tally = tally = CompletionTally()
     try:
-        async for event in tap_usage(events, caller_asked, learn):
-            tally.feed(event)
+        async for event in tap_usage(events, caller_asked, learn, tally.feed):
             if _is_done(event):
                 await ledger.finish(200)
             yield event

@@ -8,11 +8,8 @@ until the request's usage event is written; the text itself is never stored or l
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from ccproxy.protocol import sse_fields
 
 # A completion longer than this is not held whole: the rest is estimated from its length
 # (4 characters a token, the usual figure for English BPE text).
@@ -45,14 +42,8 @@ class CompletionTally:
         self._overflow = 0  # characters seen beyond max_chars, counted but not kept
         self._max_chars = max_chars
 
-    def feed(self, event: bytes) -> None:
-        data = sse_fields(event).get("data")
-        if data is None or data == "[DONE]":
-            return
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return
+    def feed(self, chunk: Any) -> None:
+        """One streamed chunk's payload, as the usage tap parsed it (``usage_tap.chunk_of``)."""
         for text in _delta_texts(chunk):
             room = self._max_chars - self._held
             kept = text[: max(0, room)]

@@ -46,14 +46,15 @@ async def serve_compress(
     await parts.admit_spending(asked.model, principal)
     counter = await asyncio.to_thread(parts.counter_for, asked.model)
     counted = await heavy_work(len(raw), count_prompt_or_zero, counter, {"messages": body["messages"]})
-    limiter.admit_tokens(limit_key(principal), counted)  # before any scoring
+    key = limit_key(principal)
+    limiter.admit_tokens(key, counted)  # before any scoring
     try:
         compression = await parts.compressor.compress_as_asked(
             body["messages"], counter, ratio=asked.ratio, budget_tokens=asked.budget, scope=principal.account_id
         )
     except Exception as exc:
         logger.warning("compress endpoint failed: %s", type(exc).__name__)
-        limiter.refund_tokens(limit_key(principal), counted)  # nothing was scored for the caller
+        limiter.refund_tokens(key, counted)  # nothing was scored for the caller
         raise ProxyError(
             503,
             "The compressor could not score this request; try again later.",
@@ -61,6 +62,7 @@ async def serve_compress(
             code="compressor_unavailable",
         ) from None
     compression = _figures(compression, counted)
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 3)  # the whole call is compression
     event = UsageEvent(
         event_id=new_event_id(),
         account_id=principal.account_id,
@@ -72,8 +74,8 @@ async def serve_compress(
         prompt_tokens=None,
         completion_tokens=None,
         compression=compression.outcome,
-        compression_ms=round((time.perf_counter() - started) * 1000, 3),
-        latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        compression_ms=elapsed_ms,
+        latency_ms=elapsed_ms,
         status=200,
         stream=False,
         created_at=created_at,

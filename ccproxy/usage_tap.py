@@ -57,15 +57,21 @@ def with_usage_requested(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "stream_options": {**options, "include_usage": True}}
 
 
-def tap_event(event: bytes, caller_asked: bool) -> tuple[bytes | None, UpstreamUsage | None]:
-    """One SSE event -> (what the caller gets, or None to drop it; the usage it carried)."""
+def chunk_of(event: bytes) -> Any:
+    """The JSON payload of one SSE event; None for ``[DONE]``, an event without data, or data
+    that is not JSON."""
     data = sse_fields(event).get("data")
     if data is None or data == "[DONE]":
-        return event, None
+        return None
     try:
-        chunk = json.loads(data)
+        return json.loads(data)
     except ValueError:
-        return event, None
+        return None
+
+
+def tap_chunk(event: bytes, chunk: Any, caller_asked: bool) -> tuple[bytes | None, UpstreamUsage | None]:
+    """One SSE event and its payload (``chunk_of``) -> (what the caller gets, or None to drop
+    it; the usage it carried)."""
     usage = usage_of(chunk)
     if usage is None or caller_asked:
         return event, usage
@@ -74,11 +80,22 @@ def tap_event(event: bytes, caller_asked: bool) -> tuple[bytes | None, UpstreamU
     return sse_event({k: v for k, v in chunk.items() if k != "usage"}), usage
 
 
+def tap_event(event: bytes, caller_asked: bool) -> tuple[bytes | None, UpstreamUsage | None]:
+    return tap_chunk(event, chunk_of(event), caller_asked)
+
+
 async def tap_usage(
-    events: AsyncIterator[bytes], caller_asked: bool, on_usage: Callable[[UpstreamUsage], None]
+    events: AsyncIterator[bytes],
+    caller_asked: bool,
+    on_usage: Callable[[UpstreamUsage], None],
+    on_chunk: Callable[[Any], None] = lambda chunk: None,
 ) -> AsyncIterator[bytes]:
+    """The events as the caller gets them; each payload is parsed once, here, and also handed
+    to ``on_chunk`` (the completion tally reads the same chunks)."""
     async for event in events:
-        relayed, usage = tap_event(event, caller_asked)
+        chunk = chunk_of(event)
+        on_chunk(chunk)
+        relayed, usage = tap_chunk(event, chunk, caller_asked)
         if usage is not None:
             on_usage(usage)
         if relayed is not None:

@@ -12,6 +12,7 @@ from ccproxy.completion_tally import CompletionTally
 from ccproxy.identifiers import MAX_MODEL_CHARS, unsafe_reason
 from ccproxy.limits import Bucket, credit
 from ccproxy.protocol import ProxyError, parse_chat_request, sse_event
+from ccproxy.usage_tap import chunk_of
 
 
 def words(texts: Sequence[str]) -> list[int]:
@@ -51,18 +52,18 @@ def _chunk(delta: dict[str, object]) -> bytes:
 
 def test_the_tally_counts_content_refusals_and_tool_arguments() -> None:
     tally = CompletionTally()
-    tally.feed(_chunk({"role": "assistant", "content": "Hello there"}))
-    tally.feed(_chunk({"tool_calls": [{"index": 0, "function": {"name": "search", "arguments": '{"q": "x"}'}}]}))
-    tally.feed(_chunk({"refusal": "no more"}))
-    tally.feed(b"data: {not json\n\n")
-    tally.feed(b"data: [DONE]\n\n")
+    tally.feed(chunk_of(_chunk({"role": "assistant", "content": "Hello there"})))
+    tally.feed(chunk_of(_chunk({"tool_calls": [{"index": 0, "function": {"name": "search", "arguments": '{"q": "x"}'}}]})))
+    tally.feed(chunk_of(_chunk({"refusal": "no more"})))
+    tally.feed(chunk_of(b"data: {not json\n\n"))
+    tally.feed(chunk_of(b"data: [DONE]\n\n"))
     # One text, counted once: the pieces as the model generated them, end to end.
     assert tally.tokens(words) == len('Hello theresearch{"q": "x"}no more'.split())
 
 
 def test_the_tally_holds_a_bounded_amount_and_estimates_the_rest() -> None:
     tally = CompletionTally(max_chars=10)
-    tally.feed(_chunk({"content": "a b c d e " * 5}))  # 50 characters: 10 held, 40 estimated
+    tally.feed(chunk_of(_chunk({"content": "a b c d e " * 5})))  # 50 characters: 10 held, 40 estimated
     assert tally.tokens(words) == len("a b c d e ".split()) + 40 // 4
 
 
