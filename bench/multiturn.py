@@ -157,7 +157,7 @@ async def run_arm(
             # ``compress`` raises instead of failing open: a benchmark must not hide a failure.
             result = await compressor.compress(messages, compressor.plan(CompressionControl()), counter)
             run.compression_seconds += time.perf_counter() - started
-            forwarded = result.messages
+            forwarded = result.forwarded
         prompts.append(render_ids(forwarded, encoding.encode_ordinary))
         run.output_tokens.append(len(encoding.encode_ordinary(conversation.reply(n))))
         if previous is not None:

@@ -207,7 +207,7 @@ async def _compressed(
     elapsed = time.perf_counter() - started
     parts.metrics.compressed(compression.outcome, elapsed)
     if compression.outcome == "compressed":
-        return {**body, "messages": compression.messages}, compression, elapsed * 1000
+        return {**body, "messages": compression.forwarded}, compression, elapsed * 1000
     return body, compression, elapsed * 1000
 
 

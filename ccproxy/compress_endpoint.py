@@ -33,7 +33,7 @@ def _figures(compression: Compression, counted: int) -> Compression:
     """A request forwarded untouched (too large) reports the caller's own count, not zeros."""
     if compression.units:
         return compression
-    return Compression(compression.messages, compression.outcome, counted, counted, ())
+    return Compression(compression.forwarded, compression.outcome, counted, counted, ())
 
 
 async def serve_compress(

@@ -1,4 +1,4 @@
-"""How big a request's messages are, measured before any segmentation, and the caps on it.
+"""How big a request's conversation is, measured before any segmentation, and the caps on it.
 
 Segmenting and scoring grow with the input: millions of tiny paragraphs make millions of units.
 A request over a cap is forwarded untouched (outcome ``too_large``), never refused for its size:
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from ccproxy.compression.conversation import Turn
 
 
 @dataclass(frozen=True)
@@ -24,49 +25,27 @@ class SizeCaps:
 
 @dataclass(frozen=True)
 class RequestSize:
-    messages: int
-    parts: int  # content parts, all messages together
+    messages: int  # turns: messages, items
+    parts: int  # content parts, all turns together
     chars: int  # text the segmenter would read: contents, text parts, tool-call arguments
     lines: int  # line breaks in that text: the segmenter reads text line by line
     over_cap: str | None  # the first cap crossed ("chars", "lines", "messages", "parts"), else None
 
 
-def _tool_argument_chars(message: dict[str, Any]) -> int:
-    chars = 0
-    calls = message.get("tool_calls")
-    functions = [call.get("function") for call in calls if isinstance(call, dict)] if isinstance(calls, list) else []
-    functions.append(message.get("function_call"))
-    for function in functions:
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            chars += len(function["arguments"])
-    return chars
-
-
-def measure(messages: Sequence[Any], caps: SizeCaps) -> RequestSize:
-    """The request's size, walked only until the first cap is crossed."""
-    if len(messages) > caps.max_messages:
-        return RequestSize(len(messages), 0, 0, 0, "messages")
+def measure(turns: Sequence[Turn], caps: SizeCaps) -> RequestSize:
+    """The conversation's size, walked only until the first cap is crossed."""
+    if len(turns) > caps.max_messages:
+        return RequestSize(len(turns), 0, 0, 0, "messages")
     parts = chars = lines = 0
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        texts: list[str] = []
-        content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            parts += len(content)
-            if parts > caps.max_parts:
-                return RequestSize(len(messages), parts, chars, lines, "parts")
-            texts.extend(text for part in content if isinstance(text := _part_text(part), str))
-        chars += sum(len(text) for text in texts) + _tool_argument_chars(message)
+    for turn in turns:
+        parts += 0 if turn.plain else len(turn.parts)  # a plain string is no content part
+        if parts > caps.max_parts:
+            return RequestSize(len(turns), parts, chars, lines, "parts")
+        texts = [text for text in turn.parts if text is not None]
+        chars += sum(len(text) for text in texts) + len(turn.call_text)
         if chars > caps.max_chars:
-            return RequestSize(len(messages), parts, chars, lines, "chars")
+            return RequestSize(len(turns), parts, chars, lines, "chars")
         lines += sum(text.count("\n") for text in texts)
         if lines > caps.max_lines:
-            return RequestSize(len(messages), parts, chars, lines, "lines")
-    return RequestSize(len(messages), parts, chars, lines, None)
-
-
-def _part_text(part: Any) -> Any:
-    return part.get("text") if isinstance(part, dict) else None
+            return RequestSize(len(turns), parts, chars, lines, "lines")
+    return RequestSize(len(turns), parts, chars, lines, None)

@@ -8,25 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
+from ccproxy.adapters import chat as chat_wire
 from ccproxy.compression.bounds import SizeCaps, measure
-from ccproxy.compression.history import HistoryMemo, compress_stable
+from ccproxy.compression.conversation import WireFormat
+from ccproxy.compression.history import HistoryMemo
 from ccproxy.compression.offload import HeavyWork
 from ccproxy.compression.pipeline import (
     Compression,
     CompressionPlan,
+    Decided,
     Execution,
     Outcome,
     Scorer,
-    compress_messages,
+    decide,
     plan_for,
+    render_decided,
 )
 from ccproxy.compression.policy import should_compress
 from ccproxy.compression.units import TooManyUnits
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
 from ccproxy.tokens import TokenCounter
+
+P = TypeVar("P")
 
 logger = logging.getLogger("ccproxy.compression")
 
@@ -63,36 +69,42 @@ class ContextCompressor:
 
     async def compress(
         self,
-        messages: list[dict[str, Any]],
+        payload: P,
         plan: CompressionPlan,
         count_tokens: TokenCounter,
         *,
+        wire: WireFormat[P] = chat_wire.FORMAT,  # type: ignore[assignment]
         prompt_tokens: int | None = None,
         scope: str = "",
-    ) -> Compression:
-        """Compress or raise; bounded by the compressor timeout. ``prompt_tokens``, the whole
-        prompt's count when the caller has it, lets a prompt under the threshold skip
-        segmentation (its units, a part of it, would be under the threshold too). ``scope``
-        keeps one account's history memo apart from another's."""
+        size_hint: int = 0,
+    ) -> Compression[P]:
+        """Compress or raise; bounded by the compressor timeout. ``payload`` is the conversation
+        in its wire format (chat: the messages list). ``prompt_tokens``, the whole prompt's count
+        when the caller has it, lets a prompt under the threshold skip segmentation (its units,
+        a part of it, would be under the threshold too). ``scope`` keeps one account's history
+        memo apart from another's; ``size_hint`` (the body's bytes) picks a thread for parsing."""
         if not plan.enabled:
-            return untouched(messages, "disabled")
+            return untouched(payload, "disabled")
         if prompt_tokens is not None and not should_compress(prompt_tokens, plan.threshold_tokens):
-            return untouched(messages, "below_threshold")
-        size = measure(messages, self._caps)
+            return untouched(payload, "below_threshold")
+        conversation = await self.heavy_work(size_hint, wire.parse, payload)
+        size = measure(conversation.turns, self._caps)
         if size.over_cap is not None:
-            return untouched(messages, "too_large")
+            return untouched(payload, "too_large")
         execution = Execution(self.heavy_work, size.chars, self._caps.max_units)
-        if self._settings.compression_history == "stable":
-            work = compress_stable(
-                messages, plan, count_tokens=count_tokens, score=self._score, memo=self.history_memo,
-                execution=execution, scope=scope,
+        memo = self.history_memo if self._settings.compression_history == "stable" else None
+
+        async def work() -> Decided:
+            return await decide(
+                conversation, plan, count_tokens=count_tokens, score=self._score, execution=execution,
+                memo=memo, scope=scope,
             )
-        else:
-            work = compress_messages(messages, plan, count_tokens=count_tokens, score=self._score, execution=execution)
+
         try:
-            return await asyncio.wait_for(work, timeout=self._settings.compressor_timeout_s)
+            decided = await asyncio.wait_for(work(), timeout=self._settings.compressor_timeout_s)
         except TooManyUnits:
-            return untouched(messages, "too_large")
+            return untouched(payload, "too_large")
+        return await render_decided(wire, payload, decided, execution)
 
     async def compress_as_asked(
         self,
@@ -102,7 +114,7 @@ class ContextCompressor:
         ratio: float | None,
         budget_tokens: int | None,
         scope: str = "",
-    ) -> Compression:
+    ) -> Compression[list[dict[str, Any]]]:
         """Compression the caller asked for by name (``/v1/compress``, ``ccproxy.compress``):
         always on, and a failure raises instead of failing open."""
         plan = self.plan(CompressionControl(enabled=True, ratio=ratio, budget_tokens=budget_tokens))
@@ -110,23 +122,27 @@ class ContextCompressor:
 
     async def compress_or_original(
         self,
-        messages: list[dict[str, Any]],
+        payload: P,
         plan: CompressionPlan,
         count_tokens: TokenCounter,
         *,
+        wire: WireFormat[P] = chat_wire.FORMAT,  # type: ignore[assignment]
         prompt_tokens: int | None = None,
         scope: str = "",
-    ) -> Compression:
+        size_hint: int = 0,
+    ) -> Compression[P]:
         try:
-            return await self.compress(messages, plan, count_tokens, prompt_tokens=prompt_tokens, scope=scope)
+            return await self.compress(
+                payload, plan, count_tokens, wire=wire, prompt_tokens=prompt_tokens, scope=scope, size_hint=size_hint
+            )
         except Exception as exc:  # fail-open: any failure forwards the original request
             logger.warning("compression failed open: %s", type(exc).__name__)
-            return untouched(messages, "failed")
+            return untouched(payload, "failed")
 
 
-def untouched(messages: list[dict[str, Any]], outcome: Outcome) -> Compression:
+def untouched(payload: P, outcome: Outcome) -> Compression[P]:
     """The request as it came, with why; its token figures are the caller's own counts."""
-    return Compression(messages, outcome, 0, 0, ())
+    return Compression(payload, outcome, 0, 0, ())
 
 
 def compress_response(compression: Compression) -> dict[str, Any]:
@@ -134,7 +150,7 @@ def compress_response(compression: Compression) -> dict[str, Any]:
     return {
         "object": "ccproxy.compression",
         "outcome": compression.outcome,
-        "messages": compression.messages,
+        "messages": compression.forwarded,
         "tokens_before": compression.tokens_before,
         "tokens_after": compression.tokens_after,
         "tokens_saved": compression.tokens_saved,

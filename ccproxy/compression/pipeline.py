@@ -1,23 +1,39 @@
-"""One compression, start to end: messages -> units -> scores -> kept units -> messages.
+"""One compression, start to end, in one straight line:
+
+    parse (adapter) -> segment into turn segments -> memo look-up -> score the misses (batched)
+    -> select -> edits -> memo store -> render (adapter)
 
 The scorer and the token counter are passed in, so the same code runs in the Gateway (scores
 from the Compressor service), in ``ccproxy.compress`` (scores in-process) and in benchmarks.
+With a memo the conversation is decided turn segment by turn segment, append-only
+(``ccproxy.compression.history`` holds that policy); without one, as a single segment against
+the current question (``rescore``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from itertools import accumulate
+from typing import Any, Generic, Literal, TypeVar
 
+from ccproxy.compression.conversation import Conversation, Edits, TurnEdit, WireFormat
+from ccproxy.compression.history import HistoryMemo, SegmentDecision, memo_key, turn_bounds
 from ccproxy.compression.offload import Offload, inline
 from ccproxy.compression.policy import allowance, select, should_compress
-from ccproxy.compression.units import Segmentation, Unit, UnitKind, rebuild, segment
+from ccproxy.compression.units import Segmentation, Unit, UnitKind, edits, segment
 from ccproxy.tokens import TokenCounter
 
 T = TypeVar("T")
+P = TypeVar("P")
 Scorer = Callable[[str, Sequence[str]], Awaitable[list[float]]]
 Outcome = Literal["compressed", "disabled", "below_threshold", "nothing_to_drop", "too_large", "failed"]
+# A conversation this worker has not seen has every turn to score. Sent all at once, a long one
+# queues whole at the Compressor, which goes on scoring it after the Gateway has given up on it
+# (CCPROXY_COMPRESSOR_TIMEOUT_S) and delays everyone else's requests; with a bounded fan-out at
+# most this many are left behind. 16 fills one batch at the default CCPROXY_COMPRESSOR_MAX_BATCH_SIZE.
+SEGMENTS_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -27,13 +43,6 @@ class Execution:
     offload: Offload = inline
     size_chars: int = 0  # the request's size, which decides whether ``offload`` uses a thread
     max_units: int | None = None  # units.TooManyUnits beyond this
-
-    def segment_and_count(
-        self, messages: list[dict[str, Any]], plan: CompressionPlan, count_tokens: TokenCounter
-    ) -> tuple[Segmentation, list[int]]:
-        """Blocking: segmentation and its unit token counts (call through ``run``)."""
-        segmentation = segment(messages, protect_system=plan.protect_system, max_units=self.max_units)
-        return segmentation, list(count_tokens([unit.text for unit in segmentation.units]))
 
     def run(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]:
         return self.offload(self.size_chars, fn, *args)
@@ -71,8 +80,8 @@ class UnitReport:
 
 
 @dataclass(frozen=True)
-class Compression:
-    messages: list[dict[str, Any]]
+class Compression(Generic[P]):
+    forwarded: P  # the conversation as forwarded, in its wire format (chat: the messages list)
     outcome: Outcome
     tokens_before: int  # tokens of all units, counted with one tokenizer
     tokens_after: int
@@ -92,18 +101,27 @@ class Decision:
     scores: tuple[float | None, ...]  # None for units that were not scored (protected ones)
 
 
+@dataclass(frozen=True)
+class Decided:
+    """The core's answer, before rendering: per turn, what changes (None: nothing does)."""
+
+    edits: Edits | None
+    outcome: Outcome
+    tokens_before: int
+    tokens_after: int
+    units: tuple[UnitReport, ...]
+
+
 def keep_everything(units: Sequence[Unit], outcome: Outcome) -> Decision:
     return Decision(outcome, (True,) * len(units), (None,) * len(units))
 
 
-def skipped(
-    segmentation: Segmentation, tokens: Sequence[int], plan: CompressionPlan, context_tokens: int | None = None
-) -> Outcome | None:
+def skipped(segmentation: Segmentation, tokens: Sequence[int], plan: CompressionPlan, context_tokens: int) -> Outcome | None:
     """Why these units are forwarded untouched, or None when they are to be scored.
-    ``context_tokens`` is what the threshold compares (default: these units' tokens)."""
+    ``context_tokens`` is what the threshold compares (the conversation up to these units)."""
     if not plan.enabled:
         return "disabled"
-    if not should_compress(sum(tokens) if context_tokens is None else context_tokens, plan.threshold_tokens):
+    if not should_compress(context_tokens, plan.threshold_tokens):
         return "below_threshold"
     if all(unit.protected for unit in segmentation.units):
         return "nothing_to_drop"
@@ -121,6 +139,18 @@ async def score_units(segmentation: Segmentation, score: Scorer) -> list[float]:
     return scores
 
 
+async def score_bounded(segmentations: Sequence[Segmentation], score: Scorer, in_flight: int) -> list[list[float]]:
+    """``score_units`` of each, in order, with at most ``in_flight`` scorer calls at a time; when
+    the caller is cancelled (the compressor timeout), the calls not yet made are never made."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(segmentation: Segmentation) -> list[float]:
+        async with gate:
+            return await score_units(segmentation, score)
+
+    return list(await asyncio.gather(*(one(s) for s in segmentations)))
+
+
 def choose(
     segmentation: Segmentation,
     tokens: Sequence[int],
@@ -129,8 +159,7 @@ def choose(
     reserved_tokens: int = 0,
 ) -> Decision:
     """The kept units under the plan. ``reserved_tokens`` lie outside these units but count
-    against a budget as if protected: the chat framing, and in a multi-turn chat the earlier
-    turns' forwarded forms."""
+    against a budget as if protected: the framing, and the earlier segments' forwarded forms."""
     units = segmentation.units
     protected = [unit.protected for unit in units]
     budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - reserved_tokens)
@@ -152,42 +181,157 @@ def unit_reports(
     )
 
 
-def framing_tokens(
-    messages: list[dict[str, Any]], unit_tokens: int, plan: CompressionPlan, count_tokens: TokenCounter
-) -> int:
-    """Tokens the chat format adds around the units (role markers, separators, the reply
-    priming). A budget caps the prompt the upstream bills, so they are set aside first: the
-    original prompt's framing, an upper bound for the compressed one's. 0 without a budget or
-    with a counter that counts bare texts only."""
+def framing_tokens(conversation: Conversation, end: int, unit_tokens: int, plan: CompressionPlan, count_tokens: TokenCounter) -> int:
+    """Tokens the wire format adds around the units of turns[:end] (role markers, separators,
+    the reply priming). A budget caps the prompt the upstream bills, so they are set aside
+    first: the original prompt's framing, an upper bound for the compressed one's. 0 without a
+    budget, with a counter that counts bare texts only, or a wire format without a chat view."""
     count_prompt = getattr(count_tokens, "count_prompt", None)
-    if plan.budget_tokens is None or count_prompt is None:
+    if plan.budget_tokens is None or count_prompt is None or conversation.chat_prefix is None:
         return 0
-    return max(0, count_prompt({"messages": messages}) - unit_tokens)
+    return max(0, count_prompt(conversation.chat_prefix(end)) - unit_tokens)
 
 
-async def compress_messages(
-    messages: list[dict[str, Any]],
+@dataclass
+class _Segment:
+    start: int
+    end: int
+    segmentation: Segmentation
+    tokens: tuple[int, ...]
+    key: Hashable | None  # None: not memoised (a conversation decided as one segment)
+    found: SegmentDecision | None
+
+
+def _segments(
+    conversation: Conversation,
+    plan: CompressionPlan,
+    count_tokens: TokenCounter,
+    memo: HistoryMemo | None,
+    max_units: int | None,
+    scope: str,
+) -> list[_Segment]:
+    """Blocking (segmentation, hashing, counting): run through ``Execution``. Each turn segment
+    with its memoised decision where there is one; misses are counted here."""
+    turns = conversation.turns
+    bounds = turn_bounds(turns) if memo is not None else [(0, len(turns))]
+    if len(bounds) == 1:
+        memo = None  # a single segment is the whole request: nothing later resends its decision
+    segments = []
+    units_left = max_units
+    digest = b""
+    for start, end in bounds:
+        # The cap is on the whole request's units, whichever segments they fall in.
+        segmentation = segment(turns[start:end], protect_system=plan.protect_system, max_units=units_left)
+        if units_left is not None:
+            units_left -= len(segmentation.units)
+        key = found = None
+        if memo is not None:
+            digest, key = memo_key(digest, turns[start:end], (scope, conversation.wire), plan, count_tokens)
+            found = memo.get(key)
+        tokens = found.tokens if found else tuple(count_tokens([unit.text for unit in segmentation.units]))
+        segments.append(_Segment(start, end, segmentation, tokens, key, found))
+    return segments
+
+
+async def decide(
+    conversation: Conversation,
     plan: CompressionPlan,
     *,
     count_tokens: TokenCounter,
     score: Scorer,
     execution: Execution = Execution(),
-) -> Compression:
-    """Every droppable unit of the request decided against its current question."""
-    segmentation, tokens = await execution.run(execution.segment_and_count, messages, plan, count_tokens)
-    units = segmentation.units
-    reason = skipped(segmentation, tokens, plan)
-    if reason is None:
-        framing = await execution.run(framing_tokens, messages, sum(tokens), plan, count_tokens)
-        decision = choose(segmentation, tokens, await score_units(segmentation, score), plan, framing)
-    else:
-        decision = keep_everything(units, reason)
-    reports = unit_reports(units, tokens, decision)
-    if decision.outcome != "compressed":
-        return Compression(messages, decision.outcome, sum(tokens), sum(tokens), reports)
-    kept_tokens = sum(n for n, kept in zip(tokens, decision.keep) if kept)
-    forwarded = await execution.run(rebuild, segmentation, decision.keep)
-    return Compression(forwarded, "compressed", sum(tokens), kept_tokens, reports)
+    memo: HistoryMemo | None = None,
+    scope: str = "",
+) -> Decided:
+    """Every droppable unit decided: with ``memo``, each turn segment against its own question
+    and once (``history``); without, the whole conversation against the current question.
+    ``scope`` (the account) is part of every memo key: one account's chat never reads
+    another's decisions, even for byte-identical messages."""
+    segments = await execution.run(_segments, conversation, plan, count_tokens, memo, execution.max_units, scope)
+    raw_upto = list(accumulate(sum(s.tokens) for s in segments))
+    reasons = {
+        k: skipped(s.segmentation, s.tokens, plan, raw_upto[k]) for k, s in enumerate(segments) if s.found is None
+    }
+    # Scoring a segment needs nothing from the others, so the misses (every segment, on a worker
+    # that has not seen this chat) go to the scorer together, where they can share a batch.
+    to_score = [k for k, reason in reasons.items() if reason is None]
+    scored = dict(zip(to_score, await score_bounded([segments[k].segmentation for k in to_score], score, SEGMENTS_IN_FLIGHT)))
+
+    # The framing up to the end of segment k; the last one's is the whole request's, which the
+    # budget check below needs again, so each is counted once.
+    framing_upto: dict[int, int] = {}
+
+    async def framing_through(k: int) -> int:
+        if k not in framing_upto:
+            framing_upto[k] = await execution.run(
+                framing_tokens, conversation, segments[k].end, raw_upto[k], plan, count_tokens
+            )
+        return framing_upto[k]
+
+    reports: list[UnitReport] = []
+    kept_total = 0
+    outcomes: list[Outcome] = []
+    decisions: list[Decision] = []
+    for k, s in enumerate(segments):
+        if s.found is None:
+            reason = reasons[k]
+            if reason is not None:
+                decision = keep_everything(s.segmentation.units, reason)
+            else:
+                # A budget counts what was decided before as protected (the history's forms are
+                # fixed) and the framing up to this segment only, so that the decision never
+                # depends on later turns.
+                decision = choose(s.segmentation, s.tokens, scored[k], plan, kept_total + await framing_through(k))
+            s.found = SegmentDecision(decision, s.tokens)
+            if memo is not None and s.key is not None:
+                memo.put(s.key, s.found)
+        decisions.append(s.found.decision)
+        reports.extend(unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports)))
+        kept_total += s.found.kept_tokens
+        outcomes.append(s.found.decision.outcome)
+
+    raw_total = raw_upto[-1] if raw_upto else 0
+    if "compressed" not in outcomes:
+        # The threshold is on the raw conversation so far, so the newest segment says why.
+        return Decided(None, outcomes[-1] if outcomes else "nothing_to_drop", raw_total, raw_total, tuple(reports))
+    over_budget = plan.budget_tokens is not None and kept_total + await framing_through(len(segments) - 1) > plan.budget_tokens
+    if len(segments) > 1 and over_budget:
+        # The history's stable form leaves no room for the budget: this one request is decided
+        # whole (the provider's cache misses once; the budget holds).
+        return await decide(conversation, plan, count_tokens=count_tokens, score=score, execution=execution)
+    changes = await execution.run(_edits, segments, decisions)
+    return Decided(changes, "compressed", raw_total, kept_total, tuple(reports))
+
+
+def _edits(segments: Sequence[_Segment], decisions: Sequence[Decision]) -> Edits:
+    changes: list[TurnEdit | None] = []
+    for s, decision in zip(segments, decisions):
+        changes.extend(edits(s.segmentation, decision.keep))
+    return tuple(changes)
+
+
+async def compress_wire(
+    wire: WireFormat[P],
+    payload: P,
+    plan: CompressionPlan,
+    *,
+    count_tokens: TokenCounter,
+    score: Scorer,
+    execution: Execution = Execution(),
+    memo: HistoryMemo | None = None,
+    scope: str = "",
+) -> Compression[P]:
+    """``decide`` on the adapter's view of ``payload``, rendered back into its wire format."""
+    conversation = await execution.run(wire.parse, payload)
+    decided = await decide(
+        conversation, plan, count_tokens=count_tokens, score=score, execution=execution, memo=memo, scope=scope
+    )
+    return await render_decided(wire, payload, decided, execution)
+
+
+async def render_decided(wire: WireFormat[P], payload: P, decided: Decided, execution: Execution) -> Compression[P]:
+    forwarded = payload if decided.edits is None else await execution.run(wire.render, payload, decided.edits)
+    return Compression(forwarded, decided.outcome, decided.tokens_before, decided.tokens_after, decided.units)
 
 
 def plan_for(

@@ -1,26 +1,28 @@
-"""Chat messages -> scoreable units, and kept units -> valid chat messages again.
+"""Conversation turns -> scoreable units, and kept units -> edits of those turns.
 
 A *unit* is the smallest piece of context the policy may keep or drop: a short history turn,
 a paragraph or sentence of a long message, a fenced code block, a JSON block, a markdown table,
-or a whole tool exchange (the assistant's ``tool_calls`` message with every ``tool`` message
-that answers it). Some units are *protected* and always survive: system/developer messages
-(configurable), non-text content parts (images, audio, …), the current question, and
-everything after the last user message (the turn in progress).
+or a whole tool exchange (the turn that issues tool calls with every turn that answers one).
+Some units are *protected* and always survive: system turns (configurable), parts without text
+(images, audio, thinking blocks, …), pinned turns, the current question, and everything after
+the last user turn (the turn in progress).
 
-Rebuilding works on character offsets into the original text, so a rebuild that keeps every
-unit reproduces the input exactly, and a partial rebuild only removes whole units: it never
-rewrites the inside of a unit nor touches a message's other keys.
+The turns come from an adapter (``ccproxy/adapters/``): this module never reads an API's JSON.
+Rebuilding works on character offsets into the original text, so keeping every unit changes
+nothing, and a partial rebuild only removes whole units: it never rewrites the inside of a unit,
+and the adapter that renders the edits never touches a message's other keys.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from ccproxy.compression.conversation import PART_JOINER, Edits, Turn, TurnEdit
 
 UnitKind = Literal[
     "turn",
@@ -35,9 +37,6 @@ UnitKind = Literal[
     "other",
 ]
 
-SYSTEM_ROLES = frozenset({"system", "developer"})
-# Text from several content parts joined into one unit text for the scorer to read.
-PART_JOINER = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -46,17 +45,17 @@ class Unit:
     text: str  # the text a scorer reads for this unit
     kind: UnitKind
     protected: bool  # never dropped
-    message_index: int  # first message it belongs to
+    message_index: int  # the (first) turn it belongs to
 
 
 @dataclass(frozen=True)
 class _Field:
-    """One text that rebuild may shorten: a message's str content or one text content part.
+    """One text that rebuild may shorten: one text part of a turn.
 
     The text equals ``leading + atoms[0] + separators[0] + atoms[1] + … + trailing``.
     """
 
-    part_index: int | None  # None: the str content itself; else the index in the content list
+    part_index: int  # the index in the turn's parts
     leading: str
     atoms: tuple[tuple[int, str], ...]  # (unit index, text)
     separators: tuple[str, ...]  # separators[k] lies between atoms[k] and atoms[k + 1]
@@ -65,7 +64,7 @@ class _Field:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one message comes back: whole (with its owner unit) or field by field."""
+    """How one turn comes back: whole (with its owner unit) or field by field."""
 
     message_index: int
     owner: int | None  # the unit holding the whole message; None when rebuilt per field
@@ -76,8 +75,8 @@ class _Plan:
 class Segmentation:
     units: tuple[Unit, ...]
     query: str  # the question the scorer uses
-    # What rebuild needs; references to the caller's messages, which must not change meanwhile.
-    _messages: tuple[dict[str, Any], ...] = field(default=(), repr=False, compare=False)
+    turns: tuple[Turn, ...] = field(default=(), repr=False, compare=False)  # what was segmented
+    # How each turn comes back, for ``edits``.
     _plans: tuple[_Plan, ...] = field(default=(), repr=False, compare=False)
 
 
@@ -276,77 +275,37 @@ def _atoms(text: str, blocks: Sequence[_Span], sentence_max_chars: int, room: _R
 # Messages -> units
 
 
-def _is_text_part(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+def _texts_of(turn: Turn) -> list[tuple[int, str]]:
+    """(part index, text) of each text part."""
+    return [(k, text) for k, text in enumerate(turn.parts) if text is not None]
 
 
-def _texts_of(message: dict[str, Any]) -> list[tuple[int | None, str]]:
-    """(part index, text) of each text the message holds; None for a str content."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return [(None, content)]
-    if isinstance(content, list):
-        return [(k, part["text"]) for k, part in enumerate(content) if _is_text_part(part)]
-    return []
+def _non_text_parts(turn: Turn) -> list[int]:
+    return [k for k, text in enumerate(turn.parts) if text is None]
 
 
-def _non_text_parts(message: dict[str, Any]) -> list[int]:
-    content = message.get("content")
-    if not isinstance(content, list):
-        return []
-    return [k for k, part in enumerate(content) if not _is_text_part(part)]
-
-
-def _message_text(message: dict[str, Any]) -> str:
-    return PART_JOINER.join(text for _, text in _texts_of(message))
-
-
-def _tool_call_ids(message: dict[str, Any]) -> list[str]:
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return []
-    return [call["id"] for call in calls if isinstance(call, dict) and isinstance(call.get("id"), str)]
-
-
-def _issues_tool_calls(message: dict[str, Any]) -> bool:
-    return message.get("role") == "assistant" and bool(
-        message.get("tool_calls") or message.get("function_call")
-    )
-
-
-def _tool_exchanges(messages: Sequence[dict[str, Any]]) -> dict[int, list[int]]:
-    """Index of each assistant message that calls tools -> the messages of its exchange."""
+def _tool_exchanges(turns: Sequence[Turn]) -> dict[int, list[int]]:
+    """Index of each assistant turn that calls tools -> the turns of its exchange."""
     exchanges: dict[int, list[int]] = {}
     # A call id points at the latest assistant that issued it: some servers reuse ids per turn.
     issuer_of: dict[str, int] = {}
-    for i, message in enumerate(messages):
-        role = message.get("role")
-        if _issues_tool_calls(message):
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant" and turn.calls:
             exchanges[i] = [i]
-            for call_id in _tool_call_ids(message):
+            for call_id in turn.calls:
                 issuer_of[call_id] = i
-        elif role == "tool" and message.get("tool_call_id") in issuer_of:
-            exchanges[issuer_of[message["tool_call_id"]]].append(i)
-        elif role == "function" and i > 0 and messages[i - 1].get("function_call") and (i - 1) in exchanges:
-            # The legacy functions API: the answer follows its call directly.
-            exchanges[i - 1].append(i)
+        elif turn.answers is not None and turn.answers in issuer_of:
+            exchanges[issuer_of[turn.answers]].append(i)
     return exchanges
 
 
-def _exchange_text(messages: Sequence[dict[str, Any]], members: Sequence[int]) -> str:
+def _exchange_text(turns: Sequence[Turn], members: Sequence[int]) -> str:
     """What the scorer reads for a tool exchange: the calls and the results, in order."""
     pieces: list[str] = []
     for i in members:
-        message = messages[i]
-        text = _message_text(message)
-        if text:
-            pieces.append(text)
-        calls = message.get("tool_calls")
-        functions = [call.get("function") for call in calls if isinstance(call, dict)] if isinstance(calls, list) else []
-        functions.append(message.get("function_call"))
-        for function in functions:
-            if isinstance(function, dict):
-                pieces.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+        for piece in (turns[i].text, turns[i].call_text):
+            if piece:
+                pieces.append(piece)
     return "\n".join(pieces)
 
 
@@ -399,7 +358,7 @@ class _NonTextUnits:
 
 
 def _field_from_atoms(
-    part_index: int | None, text: str, atoms: Sequence[_Span], unit_of_atom: Sequence[int]
+    part_index: int, text: str, atoms: Sequence[_Span], unit_of_atom: Sequence[int]
 ) -> _Field:
     if not atoms:
         return _Field(part_index, text, (), (), "")
@@ -412,20 +371,18 @@ def _field_from_atoms(
     )
 
 
-def _single_unit(
-    builder: _Builder, i: int, message: dict[str, Any], kind: UnitKind, protected: bool
-) -> None:
-    """The message's text as one unit; non-text parts beside it stay as protected units."""
-    texts = _texts_of(message)
-    non_text = _non_text_parts(message)
+def _single_unit(builder: _Builder, i: int, turn: Turn, kind: UnitKind, protected: bool) -> None:
+    """The turn's text as one unit; non-text parts beside it stay as protected units."""
+    texts = _texts_of(turn)
+    non_text = _non_text_parts(turn)
     if not non_text:
-        builder.whole(i, _message_text(message), kind, protected)
+        builder.whole(i, turn.text, kind, protected)
         return
     others = _NonTextUnits(builder, i, non_text)
     fields: tuple[_Field, ...] = ()
     if texts:
         others.add_before(texts[0][0])
-        unit = builder.add_unit(_message_text(message), kind, protected, i)
+        unit = builder.add_unit(turn.text, kind, protected, i)
         fields = tuple(_Field(part, "", ((unit, text),), (), "") for part, text in texts)
     others.add_rest()
     builder.plans.append(_Plan(i, None, fields))
@@ -434,12 +391,12 @@ def _single_unit(
 def _split_message(
     builder: _Builder,
     i: int,
-    message: dict[str, Any],
-    atoms_per_text: Sequence[tuple[int | None, str, list[_Span]]],
+    turn: Turn,
+    atoms_per_text: Sequence[tuple[int, str, list[_Span]]],
     query_from: tuple[int, int] | None = None,
 ) -> None:
-    """A long message as one unit per atom; from ``query_from`` (text, atom) on, one query unit."""
-    others = _NonTextUnits(builder, i, _non_text_parts(message))
+    """A long turn as one unit per atom; from ``query_from`` (text, atom) on, one query unit."""
+    others = _NonTextUnits(builder, i, _non_text_parts(turn))
     fields: list[_Field] = []
     query_unit: int | None = None
     query_pieces: list[str] = []
@@ -467,7 +424,7 @@ def _split_message(
     builder.plans.append(_Plan(i, None, tuple(fields)))
 
 
-def _query_start(blocks_per_text: Sequence[tuple[int | None, str, list[_Span]]]) -> tuple[int, int] | None:
+def _query_start(blocks_per_text: Sequence[tuple[int, str, list[_Span]]]) -> tuple[int, int] | None:
     """Where the question starts in a documents + question message, as (text, block).
 
     The question is the last prose paragraph and whatever follows it: code, JSON or a table
@@ -488,7 +445,7 @@ def _query_start(blocks_per_text: Sequence[tuple[int | None, str, list[_Span]]])
 def _segment_message(
     builder: _Builder,
     i: int,
-    message: dict[str, Any],
+    turn: Turn,
     *,
     short_kind: UnitKind,
     is_query: bool,
@@ -496,19 +453,16 @@ def _segment_message(
     paragraph_min_chars: int,
     sentence_max_chars: int,
 ) -> None:
-    """A message without tool calls: one unit when short, blocks/sentences when long."""
-    content = message.get("content")
-    if content is not None and not isinstance(content, (str, list)):
-        builder.whole(i, "", "other", True)  # a shape this module does not know travels untouched
-        return
-    is_long = len(_message_text(message)) > paragraph_min_chars and not protected
-    blocks_per_text = [(part, text, _blocks(text)) for part, text in _texts_of(message)] if is_long else []
+    """A turn without tool calls: one unit when short, blocks/sentences when long."""
+    text = turn.text
+    is_long = len(text) > paragraph_min_chars and not protected
+    blocks_per_text = [(part, text, _blocks(text)) for part, text in _texts_of(turn)] if is_long else []
     room = _Room(builder.max_units, len(builder.units))
     if is_query:
         query_from = _query_start(blocks_per_text)
         if query_from is None:
-            builder.query = _message_text(message)
-            _single_unit(builder, i, message, "query", True)
+            builder.query = text
+            _single_unit(builder, i, turn, "query", True)
             return
         # Documents before the question are ordinary context; cut them like any long message.
         t_query, b_query = query_from
@@ -522,77 +476,80 @@ def _segment_message(
                 query_from = (t, len(context))
             else:
                 atoms_per_text.append((part, text, list(blocks)))
-        _split_message(builder, i, message, atoms_per_text, query_from)
+        _split_message(builder, i, turn, atoms_per_text, query_from)
         return
     atoms_per_text = [
         (part, text, _atoms(text, blocks, sentence_max_chars, room)) for part, text, blocks in blocks_per_text
     ]
     if sum(len(atoms) for _, _, atoms in atoms_per_text) <= 1:
-        _single_unit(builder, i, message, short_kind, protected)
+        _single_unit(builder, i, turn, short_kind, protected)
         return
-    _split_message(builder, i, message, atoms_per_text)
+    _split_message(builder, i, turn, atoms_per_text)
 
 
 def segment(
-    messages: list[dict[str, Any]],
+    turns: Sequence[Turn],
     *,
     protect_system: bool = True,
     paragraph_min_chars: int = 400,
     sentence_max_chars: int = 2000,
     max_units: int | None = None,
 ) -> Segmentation:
-    """Split chat messages into units; see the module docstring for what is protected.
+    """Split turns into units; see the module docstring for what is protected.
     Raises TooManyUnits as soon as there would be more than ``max_units``."""
     if paragraph_min_chars < 0:
         raise ValueError(f"paragraph_min_chars must be >= 0, got {paragraph_min_chars}")
     if sentence_max_chars < 1:
         raise ValueError(f"sentence_max_chars must be >= 1, got {sentence_max_chars}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object, not {type(message).__name__}")
     builder = _Builder(max_units)
-    exchanges = _tool_exchanges(messages)
+    exchanges = _tool_exchanges(turns)
     exchange_of = {member: owner for owner, members in exchanges.items() for member in members}
     exchange_unit: dict[int, int] = {}
-    user_indices = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+    user_indices = [i for i, turn in enumerate(turns) if turn.role == "user"]
     last_user = user_indices[-1] if user_indices else None
-    for i, message in enumerate(messages):
-        role = message.get("role")
+    for i, turn in enumerate(turns):
         # The turn in progress (tool results the model is about to read, an assistant prefill)
         # is what the next answer continues from: dropping it would change the task.
         in_current_turn = last_user is not None and i > last_user
         owner = exchange_of.get(i)
         if owner is not None:
             if owner not in exchange_unit:
-                text = _exchange_text(messages, exchanges[owner])
-                exchange_unit[owner] = builder.add_unit(text, "tool_exchange", in_current_turn, i)
+                text = _exchange_text(turns, exchanges[owner])
+                pinned = any(turns[member].pinned for member in exchanges[owner])
+                exchange_unit[owner] = builder.add_unit(text, "tool_exchange", in_current_turn or pinned, i)
             builder.plans.append(_Plan(i, exchange_unit[owner]))
             continue
-        if role in ("tool", "function"):
-            # A result without its call is already invalid; pass it on for upstream to judge.
-            builder.whole(i, _message_text(message), "tool_exchange", True)
+        if turn.opaque:
+            builder.whole(i, "", "other", True)  # a shape the adapter does not know travels untouched
             continue
-        is_system = role in SYSTEM_ROLES
+        if turn.atomic and i != last_user:
+            builder.whole(i, turn.text, "turn", in_current_turn or turn.pinned or turn.role == "system")
+            continue
+        if turn.role == "tool":
+            # A result without its call is already invalid; pass it on for upstream to judge.
+            builder.whole(i, turn.text, "tool_exchange", True)
+            continue
+        is_system = turn.role == "system"
         _segment_message(
             builder,
             i,
-            message,
+            turn,
             short_kind="system" if is_system else "turn",
             is_query=i == last_user,
-            protected=(is_system and protect_system) or in_current_turn,
+            protected=(is_system and protect_system) or in_current_turn or turn.pinned,
             paragraph_min_chars=paragraph_min_chars,
             sentence_max_chars=sentence_max_chars,
         )
     return Segmentation(
         units=tuple(builder.units),
         query=builder.query,
-        _messages=tuple(messages),
+        turns=tuple(turns),
         _plans=tuple(builder.plans),
     )
 
 
 # --------------------------------------------------------------------------------------------
-# Units -> messages
+# Units -> edits
 
 
 def _strongest(separators: Sequence[str]) -> str:
@@ -616,53 +573,30 @@ def _rebuild_field(text_field: _Field, kept: Sequence[bool]) -> str | None:
     return "".join(pieces)
 
 
-def _rebuild_message(message: dict[str, Any], plan: _Plan, kept: Sequence[bool]) -> dict[str, Any] | None:
+def _edit_of(turn: Turn, plan: _Plan, kept: Sequence[bool]) -> TurnEdit | None:
     atoms_kept = [kept[unit] for text_field in plan.fields for unit, _ in text_field.atoms]
     if all(atoms_kept):
-        return copy.deepcopy(message)
-    texts = {text_field.part_index: _rebuild_field(text_field, kept) for text_field in plan.fields}
-    any_atom_kept = any(atoms_kept)
-    content = message.get("content")
-    if isinstance(content, str):
-        new_content: Any = texts.get(None)
-        if new_content is None:
-            return None
-    else:
-        parts: list[Any] = []
-        has_non_text = False
-        for k, part in enumerate(content):
-            if k not in texts:
-                has_non_text = True
-                parts.append(copy.deepcopy(part))
-            elif texts[k] is not None:
-                parts.append({**copy.deepcopy(part), "text": texts[k]})
-        if not (any_atom_kept or has_non_text):
-            return None
-        new_content = parts
-    return {
-        key: (new_content if key == "content" else copy.deepcopy(value))
-        for key, value in message.items()
-    }
+        return None
+    texts = tuple((text_field.part_index, _rebuild_field(text_field, kept)) for text_field in plan.fields)
+    has_non_text = any(part is None for part in turn.parts)
+    if turn.plain and texts[0][1] is None:
+        return TurnEdit(dropped=True)
+    if not (any(atoms_kept) or has_non_text):
+        return TurnEdit(dropped=True)
+    return TurnEdit(texts=texts)
 
 
-def rebuild(segmentation: Segmentation, keep: Sequence[bool]) -> list[dict[str, Any]]:
-    """New messages holding the kept units (protected ones always), in the original order.
-
-    A message whose units were all dropped disappears; a tool exchange goes as one; every key
-    other than ``content`` is copied unchanged. Keeping everything returns an equal copy.
-    """
+def edits(segmentation: Segmentation, keep: Sequence[bool]) -> Edits:
+    """Per turn: None when it is forwarded as it came, else what changes (protected units are
+    always kept). A turn whose units were all dropped goes; a tool exchange goes as one."""
     units = segmentation.units
     if len(keep) != len(units):
         raise ValueError(f"keep has {len(keep)} flags for {len(units)} units")
     kept = [bool(flag) or unit.protected for flag, unit in zip(keep, units)]
-    messages: list[dict[str, Any]] = []
+    result: list[TurnEdit | None] = []
     for plan in segmentation._plans:
-        message = segmentation._messages[plan.message_index]
         if plan.owner is not None:
-            if kept[plan.owner]:
-                messages.append(copy.deepcopy(message))
-            continue
-        rebuilt = _rebuild_message(message, plan, kept)
-        if rebuilt is not None:
-            messages.append(rebuilt)
-    return messages
+            result.append(None if kept[plan.owner] else TurnEdit(dropped=True))
+        else:
+            result.append(_edit_of(segmentation.turns[plan.message_index], plan, kept))
+    return tuple(result)

@@ -14,7 +14,7 @@ def test_compress_keeps_the_gold_passage_and_the_question_within_the_ratio() -> 
     item = random_distractor_items(load_records("eval"), 20, n_items=1, seed=11)[0]
     result = ccproxy.compress(item.messages(), ratio=0.2)
     assert result.outcome == "compressed"
-    content = result.messages[0]["content"]
+    content = result.forwarded[0]["content"]
     assert item.record.gold.text in content
     assert item.question in content
     unprotected = [unit for unit in result.units if not unit.protected]

@@ -14,7 +14,9 @@ import pytest
 from ccproxy.compression.bounds import SizeCaps, measure
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.offload import HeavyWork
-from ccproxy.compression.units import _SENTENCE_END, TooManyUnits, _split_at, segment
+from ccproxy.adapters.chat import parse
+from ccproxy.adapters.chat import segment_messages as segment
+from ccproxy.compression.units import _SENTENCE_END, TooManyUnits, _split_at
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
 
@@ -121,25 +123,24 @@ CAPS = SizeCaps(max_chars=1000, max_messages=10, max_parts=20, max_units=100, ma
 
 
 def test_measure_names_the_first_cap_crossed() -> None:
-    assert measure([{"role": "user", "content": "x" * 1000}], CAPS).over_cap is None
-    assert measure([{"role": "user", "content": "x" * 1001}], CAPS).over_cap == "chars"
-    assert measure([{"role": "user", "content": "x"}] * 11, CAPS).over_cap == "messages"
+    assert measure(parse([{"role": "user", "content": "x" * 1000}]).turns, CAPS).over_cap is None
+    assert measure(parse([{"role": "user", "content": "x" * 1001}]).turns, CAPS).over_cap == "chars"
+    assert measure(parse([{"role": "user", "content": "x"}] * 11).turns, CAPS).over_cap == "messages"
     parts = [{"type": "text", "text": "x"}] * 21
-    assert measure([{"role": "user", "content": parts}], CAPS).over_cap == "parts"
+    assert measure(parse([{"role": "user", "content": parts}]).turns, CAPS).over_cap == "parts"
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "y" * 2000}}
-    assert measure([{"role": "assistant", "content": None, "tool_calls": [call]}], CAPS).over_cap == "chars"
-    assert measure([{"role": "user", "content": "\n" * 51}], CAPS).over_cap == "lines"
-    assert measure([{"role": "user", "content": [{"type": "text", "text": "\n" * 50}]}], CAPS).over_cap is None
+    assert measure(parse([{"role": "assistant", "content": None, "tool_calls": [call]}]).turns, CAPS).over_cap == "chars"
+    assert measure(parse([{"role": "user", "content": "\n" * 51}]).turns, CAPS).over_cap == "lines"
+    assert measure(parse([{"role": "user", "content": [{"type": "text", "text": "\n" * 50}]}]).turns, CAPS).over_cap is None
 
 
 def test_measure_counts_what_the_segmenter_reads() -> None:
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {}}]},
         {"role": "assistant", "content": "de"},
-        "not a message",
     ]
-    size = measure(messages, CAPS)
-    assert (size.messages, size.parts, size.chars, size.lines, size.over_cap) == (3, 2, 5, 0, None)
+    size = measure(parse(messages).turns, CAPS)
+    assert (size.messages, size.parts, size.chars, size.lines, size.over_cap) == (2, 2, 5, 0, None)
 
 
 def _compressor(**settings: object) -> ContextCompressor:
@@ -160,7 +161,7 @@ def test_over_a_cap_the_request_goes_untouched_without_segmenting(history: str) 
     messages = _rag()
     result = asyncio.run(compressor.compress(messages, compressor.plan(CompressionControl()), words))
     assert result.outcome == "too_large"
-    assert result.messages is messages
+    assert result.forwarded is messages
 
 
 @pytest.mark.parametrize("history", ["rescore", "stable"])

@@ -8,11 +8,13 @@ from collections.abc import Sequence
 import pytest
 
 from ccproxy.compression.gateway import ContextCompressor
-from ccproxy.compression.history import HistoryMemo, compress_stable, turn_bounds
-from ccproxy.compression.pipeline import Compression, CompressionPlan, compress_messages
+from ccproxy.adapters import chat as chat_wire
+from ccproxy.compression.history import HistoryMemo
+from ccproxy.compression.history import turn_bounds as turn_bounds_of_turns
+from ccproxy.compression.pipeline import SEGMENTS_IN_FLIGHT, Compression, CompressionPlan, compress_wire
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
-from tests.unit.test_pipeline import overlap_score, plan, rag_messages, words
+from tests.unit.test_pipeline import compress_messages, overlap_score, plan, rag_messages, words
 
 TOPICS = ["zurich", "volcano", "penguin", "railway", "opera", "glacier", "comet", "harbor", "orchard", "cathedral",
           "desert", "lantern"]
@@ -38,6 +40,15 @@ def chat(n_turns: int, *, last_reply: bool = False) -> list[dict]:
     if last_reply:
         messages.append({"role": "assistant", "content": f"The {TOPICS[n_turns - 1]} answer is {n_turns}."})
     return messages
+
+
+def turn_bounds(messages: list[dict]) -> list[tuple[int, int]]:
+    return turn_bounds_of_turns(chat_wire.parse(messages).turns)
+
+
+def compress_stable(messages: list[dict], compression_plan: CompressionPlan, **options):
+    """The ``stable`` policy: the pipeline with a memo."""
+    return compress_wire(chat_wire.FORMAT, messages, compression_plan, **options)
 
 
 class CountingScorer:
@@ -88,13 +99,13 @@ def test_documents_sent_apart_from_the_question_are_still_compressed() -> None:
     result = stable(messages, plan(), HistoryMemo())
     assert result.outcome == "compressed"
     assert result.tokens_after < result.tokens_before
-    assert "treaty of zurich was signed in 1859" in result.messages[1]["content"]  # scored against q
+    assert "treaty of zurich was signed in 1859" in result.forwarded[1]["content"]  # scored against q
 
 
 def test_each_request_starts_with_what_the_previous_one_forwarded() -> None:
     compression_plan = plan(ratio=0.4, threshold_tokens=50)
     memo = HistoryMemo()
-    forwarded = [stable(chat(n), compression_plan, memo).messages for n in range(1, 11)]
+    forwarded = [stable(chat(n), compression_plan, memo).forwarded for n in range(1, 11)]
     for n in range(1, 10):
         previous, current = forwarded[n - 1], forwarded[n]
         assert starts_with(current, previous), f"turn {n + 1} rewrote the history"
@@ -102,13 +113,13 @@ def test_each_request_starts_with_what_the_previous_one_forwarded() -> None:
     final = stable(chat(10), compression_plan, HistoryMemo())
     assert final.outcome == "compressed" and final.tokens_after < final.tokens_before
     # The same chat under today's policy rewrites earlier turns, which is what busts the cache.
-    rescored = [rescore(chat(n), compression_plan).messages for n in range(1, 11)]
+    rescored = [rescore(chat(n), compression_plan).forwarded for n in range(1, 11)]
     assert not all(starts_with(rescored[n], rescored[n - 1]) for n in range(1, 10))
 
 
 def test_a_turn_is_compressed_against_its_own_question() -> None:
     compression_plan = plan(ratio=0.4, threshold_tokens=50)
-    forwarded = stable(chat(4), compression_plan, HistoryMemo()).messages
+    forwarded = stable(chat(4), compression_plan, HistoryMemo()).forwarded
     first_turn = forwarded[1]["content"]
     assert "Document 0: zurich filler" in first_turn  # the document on turn 0's topic
     assert first_turn.endswith("Question: what about the zurich volcano?")  # questions are never dropped
@@ -173,14 +184,14 @@ def test_decisions_do_not_depend_on_the_memo() -> None:
 def test_the_threshold_is_on_the_raw_chat_so_far() -> None:
     messages = chat(3)
     below = stable(messages, plan(threshold_tokens=100_000), HistoryMemo())
-    assert below.outcome == "below_threshold" and below.messages is messages
+    assert below.outcome == "below_threshold" and below.forwarded is messages
     assert below.tokens_before == below.tokens_after == sum(u.tokens for u in below.units)
     # Turn 0 alone is under the threshold, so it is forwarded whole; later turns are compressed.
     turn_0_tokens = rescore(chat(1), plan()).tokens_before
     mixed = stable(messages, plan(ratio=0.2, threshold_tokens=turn_0_tokens + 1), HistoryMemo())
     assert mixed.outcome == "compressed"
-    assert mixed.messages[:2] == messages[:2]
-    assert mixed.messages[3] != messages[3]
+    assert mixed.forwarded[:2] == messages[:2]
+    assert mixed.forwarded[3] != messages[3]
 
 
 def test_reports_and_token_counts_add_up() -> None:
@@ -188,7 +199,7 @@ def test_reports_and_token_counts_add_up() -> None:
     assert [u.index for u in result.units] == list(range(len(result.units)))
     assert result.tokens_before == sum(u.tokens for u in result.units)
     assert result.tokens_after == sum(u.tokens for u in result.units if u.kept)
-    forwarded_words = sum(len(str(m["content"]).split()) for m in result.messages)
+    forwarded_words = sum(len(str(m["content"]).split()) for m in result.forwarded)
     assert forwarded_words == result.tokens_after  # words() counts what is forwarded exactly
 
 
@@ -199,7 +210,7 @@ def test_a_budget_counts_the_history_and_stays_a_hard_cap() -> None:
     assert all(result.tokens_after <= 300 for result in results)
     # Turn 4 (about 355 words) fits by compressing its own turn only, the history left as sent...
     assert results[3].tokens_before > 300
-    assert starts_with(results[3].messages, results[2].messages)
+    assert starts_with(results[3].forwarded, results[2].forwarded)
     assert results[3] != rescore(chat(4), compression_plan)
     # ...by turn 10 the history's stable form alone is over the budget: that request is rescored.
     assert results[9] == rescore(chat(10), compression_plan)
@@ -211,7 +222,7 @@ def test_the_turn_in_progress_is_kept_and_joins_the_next_segment_afterwards() ->
     result_message = {"role": "tool", "tool_call_id": "c1", "content": "zurich volcano penguin " * 20}
     messages = [*chat(3), call, result_message]
     result = stable(messages, plan(ratio=0.2, threshold_tokens=0), HistoryMemo())
-    assert result.messages[-2:] == [call, result_message]
+    assert result.forwarded[-2:] == [call, result_message]
 
 
 def test_the_gateway_picks_the_policy_from_the_settings() -> None:
@@ -253,8 +264,6 @@ class SlowScorer:
 
 
 def test_a_new_long_chat_is_scored_a_few_turns_at_a_time() -> None:
-    from ccproxy.compression.history import SEGMENTS_IN_FLIGHT
-
     compression_plan = plan(ratio=0.4, threshold_tokens=0)
     messages = chat(12) * 3  # 34 turns (each copy's last question runs into the next copy), none seen
     n_turns = len(turn_bounds(messages))
@@ -265,8 +274,6 @@ def test_a_new_long_chat_is_scored_a_few_turns_at_a_time() -> None:
 
 
 def test_turns_not_yet_sent_to_the_scorer_are_dropped_when_the_gateway_gives_up() -> None:
-    from ccproxy.compression.history import SEGMENTS_IN_FLIGHT
-
     scorer = SlowScorer(0.2)
 
     async def timed_out() -> None:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import pytest
 
 from ccproxy.compression.gateway import ContextCompressor, compress_response
-from ccproxy.compression.pipeline import CompressionPlan, compress_messages
+from ccproxy.adapters import chat as chat_wire
+from ccproxy.compression.pipeline import CompressionPlan, compress_wire
 from ccproxy.protocol import CompressionControl, ProxyError, compression_control
 from ccproxy.settings import Settings
 
@@ -38,6 +39,11 @@ def plan(**overrides) -> CompressionPlan:
     return CompressionPlan(**values)
 
 
+def compress_messages(messages, compression_plan, **options):
+    """The whole request decided against its question (no memo: ``rescore``)."""
+    return compress_wire(chat_wire.FORMAT, messages, compression_plan, **options)
+
+
 def run(messages, compression_plan):
     return asyncio.run(compress_messages(messages, compression_plan, count_tokens=words, score=overlap_score))
 
@@ -46,10 +52,10 @@ def test_keeps_the_relevant_document_the_question_and_the_system_prompt() -> Non
     messages = rag_messages()
     result = run(messages, plan())
     assert result.outcome == "compressed"
-    text = result.messages[1]["content"]
+    text = result.forwarded[1]["content"]
     assert "treaty of zurich was signed in 1859" in text
     assert text.endswith("Question: when was the treaty of zurich signed?")
-    assert result.messages[0] == messages[0]
+    assert result.forwarded[0] == messages[0]
     assert result.tokens_after < result.tokens_before
     kept_unprotected = sum(u.tokens for u in result.units if u.kept and not u.protected)
     unprotected = sum(u.tokens for u in result.units if not u.protected)
@@ -85,7 +91,7 @@ def test_a_budget_caps_the_billed_prompt_framing_included(history: str) -> None:
         budget = 140
         result = asyncio.run(compressor.compress(chat, plan(ratio=None, budget_tokens=budget), counter))
         assert result.outcome == "compressed"
-        billed = counter.count_prompt({"messages": result.messages})
+        billed = counter.count_prompt({"messages": result.forwarded})
         assert billed <= budget
 
 
@@ -97,7 +103,7 @@ def test_skips_leave_messages_untouched(overrides: dict, outcome: str) -> None:
     messages = rag_messages()
     result = run(messages, plan(**overrides))
     assert result.outcome == outcome
-    assert result.messages is messages
+    assert result.forwarded is messages
     assert result.tokens_before == result.tokens_after
 
 
@@ -109,7 +115,7 @@ def test_a_failing_scorer_fails_open_with_the_original_messages() -> None:
     messages = rag_messages()
     result = asyncio.run(compressor.compress_or_original(messages, compressor.plan(CompressionControl()), words))
     assert result.outcome == "failed"
-    assert result.messages is messages
+    assert result.forwarded is messages
 
 
 def test_a_slow_scorer_times_out_and_fails_open() -> None:

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from ccproxy.compression.policy import allowance, select
-from ccproxy.compression.units import Segmentation, Unit, rebuild, segment
+from ccproxy.adapters.chat import rebuild_messages as rebuild
+from ccproxy.adapters.chat import segment_messages as segment
+from ccproxy.compression.units import Segmentation, Unit
 
 Message = dict[str, Any]
 
