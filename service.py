@@ -23,7 +23,7 @@ from ccproxy.auth import (
     OpenAccess,
     Principal,
 )
-from ccproxy.chat import ChatParts
+from ccproxy.serving import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.offload import favour_the_event_loop, serial_tokenizers
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
@@ -105,6 +105,9 @@ class Gateway:
         self.upstream: Upstream = (
             HttpUpstream(settings) if settings.upstream_url else EmbeddedUpstream(self.embedded_llm)
         )
+        self.anthropic_upstream: Upstream | None = (
+            HttpUpstream(settings, anthropic=True) if settings.anthropic_upstream_url else None
+        )
         # Apart: the flusher's writes may wait on an unreachable database, which must not hold
         # up key checks and /usage reads on the request path. Those share a pool of 4 per
         # worker (Postgres), so a slow read does not hold up the others either.
@@ -135,6 +138,8 @@ class Gateway:
             allowed_models=settings.allowed_models,
             # Built even without a cap: it reads the price table, so a bad one fails the start.
             spend_guard=SpendGuard.from_settings(self.store, settings),
+            anthropic=self.anthropic_upstream,
+            responses_bridged=settings.upstream_responses == "bridge",
         )
         configure_access_log()
         app.state.gate = self._gate()
@@ -170,6 +175,8 @@ class Gateway:
         self.flusher_store.close()
         self.store.close()
         await self.upstream.aclose()
+        if self.anthropic_upstream is not None:
+            await self.anthropic_upstream.aclose()
 
 
 metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token else None

@@ -21,12 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccproxy.auth import Authenticator, Principal
-from ccproxy.chat import ChatParts, complete_chat, limit_key
+from ccproxy.chat import CHAT
 from ccproxy.compress_endpoint import serve_compress
+from ccproxy.error_shapes import error_payload
+from ccproxy.messages.serving import MESSAGES, count_tokens
+from ccproxy.responses.serving import RESPONSES
+from ccproxy.serving import Api, ChatParts, limit_key, serve_conversation
 from ccproxy.limits import ConcurrencyLimitMiddleware, RateLimiter
 from ccproxy.metrics import ChatObserver, NoMetrics
-from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, USAGE
-from ccproxy.protocol import ProxyError, error_body
+from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, RESPONSES_ROUTE, USAGE
+from ccproxy.protocol import ProxyError
 from ccproxy.settings import Settings
 from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, relay, route_of
 from ccproxy.upstream import RawCall, UpstreamReply
@@ -37,7 +41,9 @@ logger = logging.getLogger("ccproxy")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The routes that do real work; the concurrency cap and the rate limits guard these.
-LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/compress"})
+LIMITED_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/compress"}
+)
 
 
 def exception_summary(exc: BaseException) -> str:
@@ -84,8 +90,8 @@ class RequestContextMiddleware:
                 # leaves the response unfinished, which the server ends by closing the connection.
                 return
             response = JSONResponse(
-                error_body(
-                    "The server had an error while processing your request.", type="server_error"
+                error_payload(
+                    scope["path"], 500, "The server had an error while processing your request.", type="server_error"
                 ),
                 status_code=500,
             )
@@ -158,23 +164,40 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        body = error_payload(request.url.path, exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
-            error_body(str(exc.detail), code=code), status_code=exc.status_code
+        body = error_payload(request.url.path, exc.status_code, str(exc.detail), code=code)
+        return JSONResponse(body, status_code=exc.status_code)
+
+    async def conversation(api: Api[Any], request: Request) -> Response:
+        principal = await admitted(request)
+        raw = await read_body(request, settings.max_body_bytes)
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        return await serve_conversation(
+            api, _state(request, "parts"), principal, request.headers, raw, request_id, limiter=limiter
         )
 
     @app.post("/v1/chat/completions", openapi_extra=CHAT_COMPLETIONS)
     async def chat_completions(request: Request) -> Response:
+        return await conversation(CHAT, request)
+
+    @app.post("/v1/responses", openapi_extra=RESPONSES_ROUTE)
+    async def responses(request: Request) -> Response:
+        return await conversation(RESPONSES, request)
+
+    @app.post("/v1/messages", openapi_extra=MESSAGES_ROUTE)
+    async def messages(request: Request) -> Response:
+        return await conversation(MESSAGES, request)
+
+    @app.post("/v1/messages/count_tokens", openapi_extra=COUNT_TOKENS_ROUTE)
+    async def messages_count_tokens(request: Request) -> Response:
         principal = await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
-        request_id = request.scope.get("state", {}).get("request_id", "")
-        return await complete_chat(
-            _state(request, "parts"), principal, request.headers, raw, request_id, limiter=limiter
-        )
+        return await count_tokens(_state(request, "parts"), principal, request.headers, raw)
 
     @app.post("/v1/compress", openapi_extra=COMPRESS)
     async def compress(request: Request) -> Response:

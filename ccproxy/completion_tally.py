@@ -43,14 +43,18 @@ class CompletionTally:
         self._max_chars = max_chars
 
     def feed(self, chunk: Any) -> None:
-        """One streamed chunk's payload, as the usage tap parsed it (``usage_tap.chunk_of``)."""
+        """One chat chunk's payload, as the usage tap parsed it (``usage_tap.chunk_of``)."""
         for text in _delta_texts(chunk):
-            room = self._max_chars - self._held
-            kept = text[: max(0, room)]
-            if kept:
-                self._pieces.append(kept)
-                self._held += len(kept)
-            self._overflow += len(text) - len(kept)
+            self.feed_text(text)
+
+    def feed_text(self, text: str) -> None:
+        """Generated text of any API's stream (a Responses or Messages delta)."""
+        room = self._max_chars - self._held
+        kept = text[: max(0, room)]
+        if kept:
+            self._pieces.append(kept)
+            self._held += len(kept)
+        self._overflow += len(text) - len(kept)
 
     def tokens(self, count_texts: Callable[[Sequence[str]], list[int]]) -> int:
         """Completion tokens seen: the held text counted with the model's tokenizer, plus an

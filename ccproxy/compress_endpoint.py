@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from fastapi.responses import Response
 
 from ccproxy.auth import Principal
-from ccproxy.chat import ChatParts, count_prompt_or_zero, limit_key
+from ccproxy.serving import ChatParts, count_prompt_or_zero, limit_key
 from ccproxy.compression.gateway import compress_response
 from ccproxy.compression.pipeline import Compression
 from ccproxy.limits import RateLimiter

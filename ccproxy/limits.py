@@ -19,7 +19,8 @@ from typing import Literal
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ccproxy.protocol import ProxyError, error_body
+from ccproxy.error_shapes import error_payload
+from ccproxy.protocol import ProxyError
 
 # --- token buckets (pure) ---------------------------------------------------------------------
 
@@ -196,7 +197,8 @@ class ConcurrencyLimitMiddleware:
         if not self.gate.enter():
             self._on_refused()
             response = JSONResponse(
-                error_body(
+                error_payload(
+                    scope["path"], 503,
                     "The server is handling too many requests right now; please retry shortly.",
                     type="server_error",
                     code="server_overloaded",

@@ -12,7 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ccproxy.messages.protocol import MessagesRequest
 from ccproxy.protocol import ChatCompletionRequest, CompressRequest
+from ccproxy.responses.protocol import ResponsesRequest
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -61,37 +63,58 @@ def inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolve(schema)
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
+ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+def _errors(*statuses: int, schema: dict[str, Any] = ERROR_SCHEMA) -> dict[str, Any]:
     return {
         str(status): {
             "description": _ERRORS[status],
-            "content": {"application/json": {"schema": ERROR_SCHEMA}},
+            "content": {"application/json": {"schema": schema}},
         }
         for status in statuses
     }
 
 
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": inlined_schema(model)}}}
+def _body(model: type[BaseModel], **extra: dict[str, Any]) -> dict[str, Any]:
+    """The model's schema; ``extra`` declares the fields the route checks apart from the model."""
+    schema = inlined_schema(model)
+    if extra:
+        schema = {**schema, "properties": {**schema.get("properties", {}), **extra},
+                  "required": [*schema.get("required", []), *extra]}
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_RELAYED_ANSWER = {
+    "description": "The upstream's answer, relayed (JSON, or server-sent events when stream is true).",
+    "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+            }
+        },
+    },
+}
 
 
 CHAT_COMPLETIONS: dict[str, Any] = {
     "requestBody": _body(ChatCompletionRequest),
     "responses": {
-        "200": {
-            "description": "The upstream's answer, relayed (JSON, or server-sent events when stream is true).",
-            "content": {
-                "application/json": {"schema": {"type": "object"}},
-                # One server-sent event (data: a chunk as JSON, [DONE], or an error object).
-                "text/event-stream": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["data"],
-                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-                    }
-                },
-            },
-        },
+        "200": _RELAYED_ANSWER,
         **_errors(400, 401, 413, 429, 502, 503, 504),
         "default": {"description": "The upstream's own error status and body, relayed unchanged."},
     },
@@ -144,5 +167,50 @@ USAGE: dict[str, Any] = {
             },
         },
         **_errors(400, 401, 503),
+    },
+}
+
+RESPONSES_ROUTE: dict[str, Any] = {
+    "requestBody": _body(
+        ResponsesRequest,
+        input={"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    ),
+    "responses": {
+        "200": _RELAYED_ANSWER,
+        **_errors(400, 401, 413, 429, 502, 503, 504),
+        "default": {"description": "The upstream's own error status and body, relayed unchanged."},
+    },
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": ["user", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    },
+}
+
+MESSAGES_ROUTE: dict[str, Any] = {
+    "requestBody": _body(MessagesRequest, messages={"type": "array", "minItems": 1, "items": _MESSAGE}),
+    "responses": {
+        "200": _RELAYED_ANSWER,
+        **_errors(400, 401, 413, 429, 502, 503, 504, schema=ANTHROPIC_ERROR_SCHEMA),
+        "404": {
+            "description": "No Anthropic upstream is configured (CCPROXY_ANTHROPIC_UPSTREAM_URL).",
+            "content": {"application/json": {"schema": ANTHROPIC_ERROR_SCHEMA}},
+        },
+        "default": {"description": "The upstream's own error status and body, relayed unchanged."},
+    },
+}
+
+COUNT_TOKENS_ROUTE: dict[str, Any] = {
+    **MESSAGES_ROUTE,
+    "responses": {
+        **MESSAGES_ROUTE["responses"],
+        "200": {
+            "description": "The upstream's count of the request as /v1/messages would forward it.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
     },
 }

@@ -21,7 +21,7 @@ import orjson
 from fastapi.responses import Response, StreamingResponse
 
 from ccproxy.auth import Principal
-from ccproxy.chat import ChatParts
+from ccproxy.serving import ChatParts
 from ccproxy.identifiers import MAX_MODEL_CHARS, unsafe_reason
 from ccproxy.logs import log_request
 from ccproxy.protocol import ProxyError, parse_json_object, sse_event

@@ -110,7 +110,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
 
 
-def _param_path(loc: tuple[int | str, ...]) -> str:
+def param_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
@@ -291,7 +291,7 @@ def _validated(raw: bytes, schema: type[_Request]) -> tuple[dict[str, Any], _Req
                 _check_messages(messages, start)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        param = _param_path(tuple(first["loc"]))
+        param = param_path(tuple(first["loc"]))
         raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
     return body, request
 
@@ -302,7 +302,7 @@ def _check_messages(messages: list[Any], start: int) -> None:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         loc = first["loc"]
-        param = _param_path(("messages", start + int(loc[0]), *loc[1:]))
+        param = param_path(("messages", start + int(loc[0]), *loc[1:]))
         raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
 
 

@@ -40,6 +40,24 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(
         default=200, ge=1, description="Pooled connections to the upstream per worker."
     )
+    upstream_responses: Literal["native", "bridge"] = Field(
+        default="native",
+        description="How `POST /v1/responses` reaches the upstream. `native`: to its own /v1/responses "
+        "(OpenAI, llama.cpp's llama-server). `bridge`: translated to /v1/chat/completions and the answer "
+        "back into the Responses shape, for upstreams without the route (vLLM builds, llama-cpp-python's "
+        "server). The embedded model is always bridged.",
+    )
+    anthropic_upstream_url: str | None = Field(
+        default=None,
+        description="Base URL of the Anthropic Messages upstream, including /v1 (e.g. "
+        "https://api.anthropic.com/v1, or a llama.cpp llama-server's /v1). Unset: `POST /v1/messages` "
+        "answers 404.",
+    )
+    anthropic_upstream_api_key: SecretStr | None = Field(
+        default=None,
+        description="Key sent to the Anthropic upstream as x-api-key. Unset: the caller's own provider key "
+        "is passed through (sent to ccproxy as the Bearer token, its ccproxy key as x-api-key).",
+    )
 
     # --- request limits ---------------------------------------------------------------------
     max_body_bytes: int = Field(
@@ -427,7 +445,7 @@ class Settings(BaseSettings):
         # Frozen settings key caches (lru_cache); the default hash fails on the dict field.
         return hash(self.model_dump_json())
 
-    @field_validator("upstream_url")
+    @field_validator("upstream_url", "anthropic_upstream_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:
         if value is None or not value.strip():

@@ -20,7 +20,7 @@ from ccproxy.protocol import ProxyError, dumps_bytes, split_sse, sse_fields
 from ccproxy.settings import Settings
 
 # Response headers worth relaying to the caller: rate-limit state and retry hints.
-_RELAYED_HEADER_PREFIXES = ("x-ratelimit-", "openai-")
+_RELAYED_HEADER_PREFIXES = ("x-ratelimit-", "openai-", "anthropic-ratelimit-")
 _RELAYED_HEADERS = {"retry-after", "retry-after-ms"}
 # With a server-held key, the upstream's account is the server's: its organization, project
 # and rate-limit state (x-ratelimit-*, quotas shared by every caller) are not the caller's to
@@ -34,6 +34,8 @@ _UPSTREAM_DEFAULT_HEADERS = {"accept-encoding": "identity"}
 _CALLER_ACCOUNT_HEADERS = ("authorization", "openai-organization", "openai-project")
 # Caller headers a relayed route needs as they came (the Assistants API wants OpenAI-Beta).
 _PASSTHROUGH_CALLER_HEADERS = ("openai-beta", "idempotency-key")
+# Anthropic's API version and feature flags: the upstream reads them, ccproxy does not.
+_ANTHROPIC_CALLER_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
 @dataclass
@@ -62,6 +64,12 @@ class Upstream(Protocol):
     async def chat_completions(
         self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
     ) -> UpstreamReply: ...
+
+    async def call(
+        self, route: str, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
+    ) -> UpstreamReply:
+        """POST a JSON body to ``route`` below the base URL (``responses``, ``messages``, …)."""
+        ...
 
     async def models(self, caller_headers: Mapping[str, str]) -> UpstreamReply: ...
 
@@ -105,6 +113,24 @@ def upstream_request_headers(
     return forwarded
 
 
+def anthropic_request_headers(caller_headers: Mapping[str, str], server_api_key: str | None) -> dict[str, str]:
+    """Anthropic's credentials: the server's key as x-api-key, else the caller's own provider
+    key, which it sends as its Bearer token (its x-api-key is its ccproxy key); and the
+    caller's anthropic-version and anthropic-beta as they came."""
+    lowered = {name.lower(): value for name, value in caller_headers.items()}
+    forwarded = {name: lowered[name] for name in _ANTHROPIC_CALLER_HEADERS if name in lowered}
+    if server_api_key is not None:
+        forwarded["x-api-key"] = server_api_key
+    else:
+        scheme, _, token = lowered.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token and not token.startswith(KEY_PREFIX):
+            forwarded["x-api-key"] = token
+    if not all(value.isascii() for value in forwarded.values()):
+        raise ProxyError(400, "Request headers must be ASCII.", code="invalid_header")
+    return forwarded
+
+
 def transport_error(exc: httpx.HTTPError) -> ProxyError:
     if isinstance(exc, httpx.TimeoutException):
         return ProxyError(
@@ -144,14 +170,20 @@ def redact(data: bytes, secret: str | None) -> bytes:
 
 
 class HttpUpstream:
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        assert settings.upstream_url is not None
-        self._api_key = (
-            settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-        )
+    """An upstream over HTTP. ``anthropic``: the Messages API's credentials (x-api-key) and
+    headers; else OpenAI's (a Bearer token)."""
+
+    def __init__(
+        self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None, *, anthropic: bool = False
+    ) -> None:
+        base_url = settings.anthropic_upstream_url if anthropic else settings.upstream_url
+        api_key = settings.anthropic_upstream_api_key if anthropic else settings.upstream_api_key
+        assert base_url is not None
+        self._api_key = api_key.get_secret_value() if api_key else None
+        self._anthropic = anthropic
         self._connect_retries = settings.upstream_connect_retries
         self._client = httpx.AsyncClient(
-            base_url=settings.upstream_url + "/",
+            base_url=base_url + "/",
             timeout=httpx.Timeout(
                 settings.upstream_read_timeout_s, connect=settings.upstream_connect_timeout_s
             ),
@@ -203,14 +235,21 @@ class HttpUpstream:
     async def chat_completions(
         self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
     ) -> UpstreamReply:
+        return await self.call("chat/completions", body, caller_headers, stream, size_hint)
+
+    async def call(
+        self, route: str, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
+    ) -> UpstreamReply:
+        credentials = (
+            anthropic_request_headers(caller_headers, self._api_key)
+            if self._anthropic
+            else upstream_request_headers(caller_headers, self._api_key)
+        )
         request = self._client.build_request(
             "POST",
-            "chat/completions",
+            route,
             content=await _encoded(body, size_hint),
-            headers={
-                "content-type": "application/json",
-                **upstream_request_headers(caller_headers, self._api_key),
-            },
+            headers={"content-type": "application/json", **credentials},
         )
         response = await self._send(request)
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
@@ -324,6 +363,20 @@ class EmbeddedUpstream:
 
     def __init__(self, llm: EmbeddedLLMHandle) -> None:
         self._llm = llm
+
+    async def call(
+        self, route: str, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0
+    ) -> UpstreamReply:
+        if route == "chat/completions":
+            return await self.chat_completions(body, caller_headers, stream, size_hint)
+        if route == "responses":
+            from ccproxy.responses.bridge import bridged
+
+            async def chat(chat_body: dict[str, Any], chat_stream: bool) -> UpstreamReply:
+                return await self.chat_completions(chat_body, caller_headers, chat_stream, size_hint)
+
+            return await bridged(chat, body, stream)
+        raise ProxyError(404, "The embedded model does not serve this route.", code="not_found")
 
     async def chat_completions(
         self, body: dict[str, Any], caller_headers: Mapping[str, str], stream: bool, size_hint: int = 0

@@ -24,19 +24,20 @@ class UpstreamUsage:
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
 
+def count_of(source: dict[str, Any], name: str) -> int | None:
+    """A token count the upstream reported, when it is a sane one."""
+    value = source.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def usage_of(payload: Any) -> UpstreamUsage | None:
     """The ``usage`` of a chat completion (or chunk), when it has a sane one."""
     usage = payload.get("usage") if isinstance(payload, dict) else None
     if not isinstance(usage, dict):
         return None
-
-    def count(source: dict[str, Any], name: str) -> int | None:
-        value = source.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
     details = usage.get("prompt_tokens_details")
-    cached = count(details, "cached_tokens") if isinstance(details, dict) else None
-    return UpstreamUsage(count(usage, "prompt_tokens"), count(usage, "completion_tokens"), cached)
+    cached = count_of(details, "cached_tokens") if isinstance(details, dict) else None
+    return UpstreamUsage(count_of(usage, "prompt_tokens"), count_of(usage, "completion_tokens"), cached)
 
 
 def usage_of_body(body: bytes) -> UpstreamUsage | None:

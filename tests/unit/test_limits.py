@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ccproxy.chat import tokens_to_settle
+from ccproxy.serving import tokens_to_settle
 from ccproxy.limits import Bucket, ConcurrencyGate, RateLimiter, debit, refilled, retry_after_header, try_take
 from ccproxy.protocol import ProxyError
 from ccproxy.usage_tap import UpstreamUsage

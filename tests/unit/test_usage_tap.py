@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ccproxy.chat import token_figures
+from ccproxy.serving import token_figures
 from ccproxy.protocol import sse_event, sse_fields
 from ccproxy.usage_tap import (
     UpstreamUsage,
