@@ -127,6 +127,56 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], bool]] = {
 }
 
 
+def _responses(input_value: object, **extra: object) -> bytes:
+    return json.dumps({"model": "fault-ok", "input": input_value, **extra}).encode()
+
+
+def _responses_tool_loop(steps: int, output: str) -> bytes:
+    items: list[dict[str, object]] = [{"role": "user", "content": "Fix the bug."}]
+    for k in range(steps):
+        items.append({"type": "function_call", "call_id": f"c{k}", "name": "read", "arguments": "{}"})
+        items.append({"type": "function_call_output", "call_id": f"c{k}", "output": output})
+    items.append({"role": "user", "content": "And now?"})
+    return _responses(items)
+
+
+def _messages(messages: list[dict[str, object]], **extra: object) -> bytes:
+    return json.dumps({"model": "fault-ok", "max_tokens": 8, "messages": messages, **extra}).encode()
+
+
+def _messages_tool_loop(steps: int, result: str) -> bytes:
+    messages: list[dict[str, object]] = [{"role": "user", "content": "Fix the bug."}]
+    for k in range(steps):
+        messages.append({"role": "assistant", "content": [{"type": "tool_use", "id": f"t{k}", "name": "read", "input": {}}]})
+        messages.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{k}", "content": result}]})
+    messages.append({"role": "user", "content": "And now?"})
+    return _messages(messages)
+
+
+# The same kinds of body on the Responses and Messages routes: path -> name -> (body, refused).
+ROUTE_HOSTILE: dict[str, dict[str, tuple[Callable[[], bytes], bool]]] = {
+    "/v1/responses": {
+        "1 MB of '.'": (lambda: _responses("." * 1_000_000 + QUESTION), False),
+        "1 M tiny paragraphs in a tool output": (lambda: _responses_tool_loop(1, "a\n\n" * 1_000_000), False),
+        "100 k input items": (lambda: _responses([{"role": "user", "content": "hi"}] * 100_000), False),
+        "400 k content parts": (lambda: _responses([{"role": "user", "content": [{"type": "x"}] * 400_000}]), False),
+        "500-step tool loop": (lambda: _responses_tool_loop(500, "line of output\n" * 20), False),
+        "NUL in model": (lambda: json.dumps({"model": "fault-ok\u0000", "input": "hi"}).encode(), True),
+        "input of the wrong type": (lambda: _responses({"text": "hi"}), True),
+    },
+    "/v1/messages": {
+        "1 MB of '.'": (lambda: _messages([{"role": "user", "content": "." * 1_000_000 + QUESTION}]), False),
+        "1 M tiny paragraphs in a tool result": (lambda: _messages_tool_loop(1, "a\n\n" * 1_000_000), False),
+        "100 k messages": (lambda: _messages([{"role": "user", "content": "hi"}] * 100_000), False),
+        "400 k content blocks": (lambda: _messages([{"role": "user", "content": [{"type": "x"}] * 400_000}]), False),
+        "500-step tool loop": (lambda: _messages_tool_loop(500, "line of output\n" * 20), False),
+        "NUL in model": (lambda: json.dumps({"model": "fault-ok\u0000", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "hi"}]}).encode(), True),
+        "a role Anthropic does not have": (lambda: _messages([{"role": "system", "content": "hi"}]), True),
+    },
+}
+
+
 @dataclass
 class Outcome:
     name: str
@@ -156,6 +206,9 @@ def hostile_gateway(
         "CCPROXY_GATEWAY_WORKERS": "1",
         "CCPROXY_COMPRESSOR_TIMEOUT_S": str(COMPRESSOR_TIMEOUT_S),
         "CCPROXY_UPSTREAM_API_KEY": "sk-hostile-upstream",
+        # The echoing stand-in answers /v1/messages too.
+        "CCPROXY_ANTHROPIC_UPSTREAM_URL": fault_upstream,
+        "CCPROXY_ANTHROPIC_UPSTREAM_API_KEY": "sk-hostile-upstream",
     }
     _wait_until_idle(remote_compressor)
     stall = [sys.executable, "-m", "tests.e2e.stall_proxy", "--port", str(stall_port), "--target", remote_compressor]
@@ -213,7 +266,7 @@ def _probe(client: httpx.Client, base: str, key: str) -> float:
 
 
 def _send_with_probes(
-    base: str, server_pid: int, key: str, name: str, body: bytes, compression: str
+    base: str, server_pid: int, key: str, name: str, body: bytes, compression: str, path: str = "/v1/chat/completions"
 ) -> tuple[Outcome, bytes]:
     """The hostile request in a thread; probes on a second connection until it has its answer."""
     answer: dict[str, object] = {}
@@ -222,7 +275,7 @@ def _send_with_probes(
         started = time.perf_counter()
         try:
             response = httpx.post(
-                f"{base}/v1/chat/completions", content=body, timeout=TIMEOUT,
+                f"{base}{path}", content=body, timeout=TIMEOUT,
                 headers={"x-api-key": key, "content-type": "application/json", "x-compression": compression},
             )
             answer["status"], answer["body"] = response.status_code, response.content
@@ -246,30 +299,36 @@ def _send_with_probes(
     return outcome, bytes(answer["body"])  # type: ignore[call-overload]
 
 
-CASES = [(name, compression) for name in HOSTILE for compression in ("on", "off")]
+ALL_HOSTILE = {"/v1/chat/completions": HOSTILE, **ROUTE_HOSTILE}
+CASES = [(path, name, compression) for path, bodies in ALL_HOSTILE.items() for name in bodies for compression in ("on", "off")]
 _measured: list[Outcome] = []
 
 
-@pytest.mark.parametrize(("name", "compression"), CASES, ids=[f"{n} [{c}]" for n, c in CASES])
-def test_hostile_body(hostile_gateway: tuple[str, int], key: str, name: str, compression: str) -> None:
+@pytest.mark.parametrize(("path", "name", "compression"), CASES, ids=[f"{p} {n} [{c}]" for p, n, c in CASES])
+def test_hostile_body(hostile_gateway: tuple[str, int], key: str, path: str, name: str, compression: str) -> None:
     base, server_pid = hostile_gateway
-    make, refused = HOSTILE[name]
+    make, refused = ALL_HOSTILE[path][name]
     hostile = make()
-    outcome, body = _send_with_probes(base, server_pid, key, name, hostile, compression)
+    label = name if path == "/v1/chat/completions" else f"{path} {name}"
+    outcome, body = _send_with_probes(base, server_pid, key, label, hostile, compression, path)
     _measured.append(outcome)
     if outcome.probe_max_s >= PROBE_BUDGET_S:
         # Once more, and this time it must hold: a stall in the Gateway repeats (the old regex
         # held a worker for seconds every time), while the scheduler of two cores shared with
         # the test client, the stand-in upstream and idle servers sometimes is not. The report
         # keeps both attempts (`retry` marks the second).
-        outcome, body = _send_with_probes(base, server_pid, key, name, hostile, compression)
+        outcome, body = _send_with_probes(base, server_pid, key, label, hostile, compression, path)
         outcome.retry = True
         _measured.append(outcome)
     if refused:
         assert 400 <= outcome.status < 500, body[:300]
-        error = json.loads(body)["error"]
-        assert set(error) == {"message", "type", "param", "code"}
-        assert "\u0000" not in error["message"] and len(error["message"]) < 300  # nothing quoted back
+        answer = json.loads(body)
+        if path == "/v1/messages":  # Anthropic's shape
+            assert answer["type"] == "error" and set(answer["error"]) == {"type", "message"}
+        else:
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+        message = answer["error"]["message"]
+        assert "\u0000" not in message and len(message) < 300  # nothing quoted back
     else:
         assert outcome.status == 200, body[:300]
     assert outcome.probe_max_s < PROBE_BUDGET_S, f"a probe waited {outcome.probe_max_s * 1000:.0f} ms, twice"
