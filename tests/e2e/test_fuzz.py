@@ -48,7 +48,10 @@ def fuzz_key(database_url: str) -> str:
     return create_key({"CCPROXY_DATABASE_URL": database_url}, "fuzz")
 
 
-OPERATIONS = [("/v1/chat/completions", "POST"), ("/v1/compress", "POST"), ("/usage", "GET")]
+OPERATIONS = [
+    ("/v1/chat/completions", "POST"), ("/v1/responses", "POST"), ("/v1/messages", "POST"),
+    ("/v1/messages/count_tokens", "POST"), ("/v1/compress", "POST"), ("/usage", "GET"),
+]
 
 
 @pytest.fixture(scope="module")
