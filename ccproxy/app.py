@@ -40,10 +40,13 @@ from ccproxy.usage.store import UsageStore
 logger = logging.getLogger("ccproxy")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# The routes that do real work; the concurrency cap and the rate limits guard these.
-LIMITED_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/compress"}
-)
+# Cheap reads the concurrency cap leaves alone; every other /v1 route (the compressed APIs,
+# /v1/compress and the relayed ones, whose uploads and downloads hold a worker too) is capped.
+_UNCAPPED = frozenset({"/v1/models", "/v1/openapi.json"})
+
+
+def is_capped(path: str) -> bool:
+    return path.startswith("/v1/") and path not in _UNCAPPED
 
 
 def exception_summary(exc: BaseException) -> str:
@@ -142,7 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="ccproxy", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
     # Added first, so it runs inside the request-id middleware and its 503s carry the id too.
     app.add_middleware(
-        ConcurrencyLimitMiddleware, cap=settings.max_concurrent_requests, paths=LIMITED_PATHS,
+        ConcurrencyLimitMiddleware, cap=settings.max_concurrent_requests, limited=is_capped,
         on_refused=lambda: _observer(app).refused("overloaded"),
     )
     app.add_middleware(RequestContextMiddleware)

@@ -183,15 +183,15 @@ class ConcurrencyLimitMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, cap: int, paths: frozenset[str], on_refused: Callable[[], None] = lambda: None
+        self, app: ASGIApp, cap: int, limited: Callable[[str], bool], on_refused: Callable[[], None] = lambda: None
     ) -> None:
         self.app = app
         self.gate = ConcurrencyGate(cap)
-        self._paths = paths
+        self._limited = limited  # which paths the cap guards
         self._on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self._paths or not self.gate.cap:
+        if scope["type"] != "http" or not self._limited(scope["path"]) or not self.gate.cap:
             await self.app(scope, receive, send)
             return
         if not self.gate.enter():

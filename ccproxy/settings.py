@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     rate_limit_requests_per_minute: int = Field(
         default=0,
         ge=0,
-        description="Chat and compress requests per minute per API key, per Gateway worker "
+        description="Requests per minute per API key on /v1 routes (chat, responses, messages, compress, "
+        "relayed), per Gateway worker "
         "(in-process; a key spread over N workers gets up to N times this). 0: no limit.",
     )
     rate_limit_tokens_per_minute: int = Field(
@@ -90,8 +91,8 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         default=1000,
         ge=0,
-        description="Chat and compress requests one Gateway worker handles at once; more get 503 "
-        "with Retry-After. 0: no cap.",
+        description="Requests one Gateway worker handles at once on /v1 routes (all but /v1/models); "
+        "more get 503 with Retry-After. 0: no cap.",
     )
 
     # --- embedded upstream (llama.cpp) ------------------------------------------------------

@@ -146,7 +146,7 @@ def test_the_concurrency_cap_reports_what_it_refuses() -> None:
 
     async def run() -> list[int]:
         middleware = ConcurrencyLimitMiddleware(
-            slow_app, cap=1, paths=frozenset({"/v1/chat/completions"}), on_refused=lambda: refusals.append("overloaded")
+            slow_app, cap=1, limited=lambda path: path == "/v1/chat/completions", on_refused=lambda: refusals.append("overloaded")
         )
         statuses: list[int] = []
 
