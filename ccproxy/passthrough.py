@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,7 +25,7 @@ from ccproxy.auth import Principal
 from ccproxy.serving import ChatParts
 from ccproxy.identifiers import MAX_MODEL_CHARS, unsafe_reason
 from ccproxy.logs import log_request
-from ccproxy.protocol import ProxyError, parse_json_object, sse_event
+from ccproxy.protocol import ProxyError, parse_json_object, sse_event, sse_fields
 from ccproxy.upstream import RawCall, UpstreamReply
 from ccproxy.usage.events import UsageEvent, new_event_id
 
@@ -93,10 +94,11 @@ def _count(usage: Mapping[str, Any], *names: str) -> int | None:
 
 
 def usage_event(
-    principal: Principal, kind: str, model: str, reply_body: bytes, latency_ms: float, created_at: datetime
+    principal: Principal, kind: str, model: str, reply_body: bytes, latency_ms: float, created_at: datetime,
+    stream: bool = False,
 ) -> UsageEvent | None:
-    """The event of an answered call whose JSON reports ``usage`` (OpenAI's chat-style or the
-    Responses API's names), else None."""
+    """The event of an answered call whose JSON (a whole answer, or one streamed event) reports
+    ``usage`` (OpenAI's chat-style or the Responses API's names), else None."""
     try:
         answer = orjson.loads(reply_body)
     except ValueError:
@@ -112,7 +114,7 @@ def usage_event(
         event_id=new_event_id(), account_id=principal.account_id, key_id=principal.key_id, model=model,
         tokens_before=prompt, tokens_after=prompt, tokens_saved=0, prompt_tokens=prompt,
         completion_tokens=completion, compression="disabled", compression_ms=0.0,
-        latency_ms=round(latency_ms, 3), status=200, stream=False, created_at=created_at, kind=kind,
+        latency_ms=round(latency_ms, 3), status=200, stream=stream, created_at=created_at, kind=kind,
     )
 
 
@@ -127,9 +129,11 @@ async def relay(
     await parts.admit_spending(model, principal)
     reply = await parts.upstream.passthrough(call, headers)
     if reply.events is not None:
+        metered = _Metered(parts, principal, kind, model, request_id, started, created_at)
+        is_sse = reply.media_type.startswith("text/event-stream") and model is not None
         return StreamingResponse(
-            _events(reply.events), status_code=reply.status, media_type=reply.media_type,
-            headers={**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            _events(reply.events, metered if is_sse else None), status_code=reply.status,
+            media_type=reply.media_type, headers={**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
     if reply.status == 200 and model is not None:
         latency_ms = (time.perf_counter() - started) * 1000
@@ -144,10 +148,44 @@ def _whole(reply: UpstreamReply) -> Response:
     return Response(content=reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
 
 
-async def _events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+@dataclass
+class _Metered:
+    """A relayed stream's usage: the last event that reported one (a completions stream's usage
+    chunk, when the caller asked for it) is written as the call's usage event at its end."""
+
+    parts: ChatParts
+    principal: Principal
+    kind: str
+    model: str | None
+    request_id: str
+    started: float
+    created_at: datetime
+    event: UsageEvent | None = None
+
+    def read(self, event: bytes) -> None:
+        data = sse_fields(event).get("data")
+        if self.model is None or not data or '"usage"' not in data:
+            return
+        latency_ms = (time.perf_counter() - self.started) * 1000
+        found = usage_event(self.principal, self.kind, self.model, data.encode(), latency_ms, self.created_at, True)
+        self.event = found or self.event
+
+    def finish(self) -> None:
+        if self.event is not None:
+            log_request(self.request_id, self.event)
+            self.parts.recorder.record_now(self.event)
+            self.event = None
+
+
+async def _events(events: AsyncIterator[bytes], metered: _Metered | None) -> AsyncIterator[bytes]:
     try:
         async for event in events:
+            if metered is not None:
+                metered.read(event)
             yield event
     except ProxyError as exc:  # the status line is sent: the failure is told inside the stream
         logger.warning("upstream stream broke: %s", exc.code)
         yield sse_event(exc.body())
+    finally:
+        if metered is not None:
+            metered.finish()

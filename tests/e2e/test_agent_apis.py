@@ -33,10 +33,10 @@ COMPRESSING = {"x-compression-ratio": "0.2"}
 def apis_gateway(
     llama_server: str, remote_compressor: str, database_url: str, logs_dir: Path
 ) -> Iterator[str]:
-    """Holds llama-server's key for both APIs: OpenAI's routes and Anthropic's Messages."""
+    """llama-server for both APIs. OpenAI callers bring their own provider key (so every OpenAI
+    route is relayed, not only the metered ones); the server holds the Anthropic one."""
     yield from _gateway_to(
         f"{llama_server}/v1", remote_compressor, database_url, logs_dir, "apis",
-        CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY,
         CCPROXY_ANTHROPIC_UPSTREAM_URL=f"{llama_server}/v1",
         CCPROXY_ANTHROPIC_UPSTREAM_API_KEY=UPSTREAM_KEY,
         CCPROXY_COMPRESSION_THRESHOLD_TOKENS="200",
@@ -77,8 +77,13 @@ def _question_and_documents(item: Item) -> tuple[str, str]:
 # --- the Responses API -------------------------------------------------------------------------
 
 
+def _openai(gateway: str, key: str) -> openai.OpenAI:
+    """The caller's own provider key as the Bearer token, its ccproxy key beside it."""
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=UPSTREAM_KEY, default_headers={"x-api-key": key})
+
+
 def test_responses_rag_request_reaches_llama_server_compressed(apis_gateway: str, key: str, usage_events, rag_item: Item) -> None:
-    client = openai.OpenAI(base_url=f"{apis_gateway}/v1", api_key=key)
+    client = _openai(apis_gateway, key)
     documents, question = _question_and_documents(rag_item)
     raw = client.responses.with_raw_response.create(
         model=MODEL, instructions="Answer from the documents.", input=f"{documents}\n\n{question}",
@@ -95,7 +100,7 @@ def test_responses_rag_request_reaches_llama_server_compressed(apis_gateway: str
 
 
 def test_responses_stream_keeps_its_typed_events_and_reports_usage(apis_gateway: str, key: str, usage_events, rag_item: Item) -> None:
-    client = openai.OpenAI(base_url=f"{apis_gateway}/v1", api_key=key)
+    client = _openai(apis_gateway, key)
     documents, question = _question_and_documents(rag_item)
     # Iterated as sent: llama-server's deltas omit content_index, which the SDK's accumulating
     # ``responses.stream`` helper needs (an upstream gap, relayed as it is).
@@ -117,7 +122,7 @@ def test_responses_stream_keeps_its_typed_events_and_reports_usage(apis_gateway:
 def test_a_tool_exchange_in_responses_history_is_forwarded_valid(apis_gateway: str, key: str, rag_item: Item) -> None:
     """An old call and its output may go as one unit; what arrives is still a request the
     upstream accepts (no output without its call)."""
-    client = openai.OpenAI(base_url=f"{apis_gateway}/v1", api_key=key)
+    client = _openai(apis_gateway, key)
     documents, question = _question_and_documents(rag_item)
     items = [
         {"role": "user", "content": "Find the weather in Oslo."},
@@ -136,12 +141,12 @@ def test_a_tool_exchange_in_responses_history_is_forwarded_valid(apis_gateway: s
 
 
 def test_responses_errors_come_in_openai_shape(apis_gateway: str, key: str) -> None:
-    client = openai.OpenAI(base_url=f"{apis_gateway}/v1", api_key=key)
+    client = _openai(apis_gateway, key)
     with pytest.raises(openai.BadRequestError) as raised:
         client.responses.create(model=MODEL, input=42)  # type: ignore[arg-type]
     assert raised.value.body["param"] == "input"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{apis_gateway}/v1", api_key="ccp_wrong_key").responses.create(model=MODEL, input="hi")
+        _openai(apis_gateway, "ccp_wrong_key").responses.create(model=MODEL, input="hi")
 
 
 def test_responses_are_bridged_to_chat_on_the_embedded_model(embedded_gateway: str, embedded_key: str) -> None:
@@ -251,3 +256,16 @@ def test_messages_without_an_anthropic_upstream_is_an_anthropic_404(embedded_gat
     assert answer.status_code == 404
     assert answer.json()["type"] == "error" and answer.json()["error"]["type"] == "not_found_error"
     assert "CCPROXY_ANTHROPIC_UPSTREAM_URL" in answer.json()["error"]["message"]
+
+
+def test_a_relayed_stream_that_reports_usage_writes_a_usage_event(apis_gateway: str, key: str, usage_events) -> None:
+    """Legacy completions, relayed: its streamed usage chunk (asked for) becomes a usage event."""
+    client = _openai(apis_gateway, key)
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="One, two,", max_tokens=3, stream=True, stream_options={"include_usage": True}
+    ))
+    usage = chunks[-1].usage
+    assert usage is not None  # llama-server reports it in the last chunk
+    [event] = usage_events("completions", 1)
+    assert event["stream"] is True
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
