@@ -269,3 +269,64 @@ def test_a_relayed_stream_that_reports_usage_writes_a_usage_event(apis_gateway: 
     [event] = usage_events("completions", 1)
     assert event["stream"] is True
     assert (event["prompt_tokens"], event["completion_tokens"]) == (usage.prompt_tokens, usage.completion_tokens)
+
+
+EARLIER_QUESTIONS = ("Which of these documents mentions a year?", "Which document is about a place?")
+
+
+def _turns(item: Item, n: int) -> list[str]:
+    """n user turns, each a share of the item's documents and a question of its own (the item's
+    in the last): compressing the history again against the newest question would change it."""
+    documents, question = _question_and_documents(item)
+    pieces = documents.split("\n\n")
+    size = -(-len(pieces) // n)
+    questions = [*EARLIER_QUESTIONS[: n - 1], question]
+    return ["\n\n".join(pieces[k * size : (k + 1) * size] + [questions[k]]) for k in range(n)]
+
+
+REPLY = "I could not find it in these documents."
+
+
+def test_a_responses_history_is_resent_as_forwarded_and_llama_server_reuses_its_cache(
+    apis_gateway: str, key: str, rag_item: Item
+) -> None:
+    """Three requests of one conversation: each compressed, each later one starting with what
+    the earlier one forwarded, so llama-server's prompt cache holds all of it (cached_tokens)."""
+    client = _openai(apis_gateway, key)
+    items: list[dict] = []
+    previous_input = 0
+    for k, text in enumerate(_turns(rag_item, 3)):
+        if k:
+            items.append({"type": "message", "role": "assistant", "content": REPLY})
+        items.append({"role": "user", "content": text})
+        raw = client.responses.with_raw_response.create(
+            model=MODEL, input=items, max_output_tokens=2, temperature=0, extra_headers=COMPRESSING
+        )
+        usage = raw.parse().usage
+        assert raw.headers["x-compression"] == "compressed"
+        assert int(raw.headers["x-tokens-after"]) == usage.input_tokens
+        if k:
+            assert usage.input_tokens_details.cached_tokens >= previous_input - 2, (k, usage)
+        previous_input = usage.input_tokens
+
+
+def test_a_messages_history_is_resent_as_forwarded_and_llama_server_reuses_its_cache(
+    apis_gateway: str, key: str, rag_item: Item
+) -> None:
+    client = _anthropic(apis_gateway, key)
+    messages: list[dict] = []
+    previous_prompt = 0
+    for k, text in enumerate(_turns(rag_item, 3)):
+        if k:
+            messages.append({"role": "assistant", "content": REPLY})
+        messages.append({"role": "user", "content": text})
+        raw = client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=2, messages=messages, extra_headers=COMPRESSING
+        )
+        usage = raw.parse().usage
+        read = usage.cache_read_input_tokens or 0
+        assert raw.headers["x-compression"] == "compressed"
+        assert int(raw.headers["x-tokens-after"]) == usage.input_tokens + read
+        if k:
+            assert read >= previous_prompt - 2, (k, usage)
+        previous_prompt = usage.input_tokens + read
