@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test test-unit fuzz build bench load multiturn parity acceptance clean
+.PHONY: install llama-server serve test test-unit fuzz build bench load multiturn parity acceptance clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/bentoml serve service:Gateway --port $(PORT)
 
-test: install
+# llama.cpp's native llama-server (OpenAI /v1/responses, Anthropic /v1/messages) for the e2e tests,
+# built from the llama.cpp vendored in the pinned llama-cpp-python sdist and kept in
+# ~/.cache/ccproxy/llama-server-<version>/ (outlives `make clean`); skipped when already there.
+llama-server:
+	PYTHON=$(PYTHON) tools/build_llama_server.sh
+
+test: install llama-server
 	$(PY) -m pytest
 
 test-unit: install

@@ -8,7 +8,10 @@ import pytest
 
 from bench.nq import Item, load_records, random_distractor_items
 from ccproxy.embedded import embedded_gguf_path
-from tests.e2e.servers import bentoml_serve, create_key, free_port, llama_cpp_server, running
+from tests.e2e.servers import (
+    bentoml_serve, create_key, free_port, llama_cpp_server, llama_server_binary, llama_server_command,
+    running,
+)
 from tests.postgres import fresh_database
 
 UPSTREAM_KEY = "sk-upstream-test-key"
@@ -62,6 +65,23 @@ def llama_upstream(logs_dir: Path) -> Iterator[str]:
     with running(
         command, probe_url=f"{base}/models", log=logs_dir / "llama.log", ok_statuses=frozenset({200, 401})
     ):
+        yield base
+
+
+@pytest.fixture(scope="session")
+def llama_server(logs_dir: Path) -> Iterator[str]:
+    """llama.cpp's native ``llama-server`` on the embedded GGUF, protected by an API key: it serves
+    OpenAI /v1/responses and Anthropic /v1/messages (+ count_tokens). Yields the base URL without
+    /v1 (Anthropic clients add /v1 themselves; OpenAI clients want ``base + "/v1"``). Fails, not
+    skips, when the binary is missing: ``make test`` builds it (``make llama-server``)."""
+    try:
+        binary = llama_server_binary()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = llama_server_command(port, embedded_gguf_path(), api_key=UPSTREAM_KEY, binary=binary)
+    with running(command, probe_url=f"{base}/health", log=logs_dir / "llama-server.log"):
         yield base
 
 

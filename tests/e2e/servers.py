@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,3 +135,44 @@ def llama_cpp_server(port: int, model: Path, api_key: str | None = None) -> list
         "--n_ctx", "4096", "--model_alias", "smollm2-upstream",
     ]
     return command + (["--api_key", api_key] if api_key else [])
+
+
+def llama_server_binary() -> Path:
+    """llama.cpp's native ``llama-server``, as ``make llama-server`` (tools/build_llama_server.sh)
+    installs it: ``$CCPROXY_LLAMA_SERVER`` when set, else the cache directory for the
+    llama-cpp-python version pinned in pyproject.toml. Raises FileNotFoundError, with the way out,
+    when it is not there."""
+    override = os.environ.get("CCPROXY_LLAMA_SERVER")
+    if override:
+        path = Path(override)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise FileNotFoundError(f"CCPROXY_LLAMA_SERVER={override} is not an executable file")
+        return path
+    pin = re.search(r'"llama-cpp-python==([0-9][0-9A-Za-z.]*)"', (REPO / "pyproject.toml").read_text())
+    if pin is None:
+        raise FileNotFoundError("no llama-cpp-python==<version> pin in pyproject.toml")
+    cache = Path(
+        os.environ.get("CCPROXY_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ccproxy"
+    )
+    path = cache / f"llama-server-{pin.group(1)}" / "llama-server"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise FileNotFoundError(
+            f"llama-server is not built: {path} is missing. Run `make llama-server` "
+            "(tools/build_llama_server.sh), or point CCPROXY_LLAMA_SERVER at a llama-server binary."
+        )
+    return path
+
+
+def llama_server_command(
+    port: int, model: Path, api_key: str | None = None, *, binary: Path | None = None, ctx_size: int = 8192
+) -> list[str]:
+    """llama.cpp's native server: OpenAI /v1/chat/completions and /v1/responses, Anthropic
+    /v1/messages and /v1/messages/count_tokens. Jinja renders the GGUF's own chat template."""
+    command = [
+        str(binary or llama_server_binary()),
+        "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--ctx-size", str(ctx_size), "--threads", "2", "--threads-batch", "2",
+        "--alias", "smollm2-upstream", "--jinja", "--no-webui",
+    ]
+    return command + (["--api-key", api_key] if api_key else [])
