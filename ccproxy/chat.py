@@ -12,15 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi.responses import Response
-
 from ccproxy.adapters import chat as chat_wire
-from ccproxy.auth import Principal
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.image_urls import enforce_image_policy
-from ccproxy.limits import RateLimiter
 from ccproxy.protocol import ProxyError, parse_chat_request, sse_event, sse_fields
-from ccproxy.serving import Api, ChatParts, ParsedRequest, serve_conversation
+from ccproxy.serving import Api, ChatParts, ParsedRequest
 from ccproxy.upstream import UpstreamReply
 from ccproxy.usage_tap import (
     UpstreamUsage,
@@ -80,13 +76,3 @@ CHAT: Api[list[dict[str, Any]]] = Api(
     prepare_stream=with_usage_requested,
 )
 
-
-async def complete_chat(
-    parts: ChatParts,
-    principal: Principal,
-    headers: Mapping[str, str],
-    raw: bytes,
-    request_id: str,
-    limiter: RateLimiter | None = None,
-) -> Response:
-    return await serve_conversation(CHAT, parts, principal, headers, raw, request_id, limiter)

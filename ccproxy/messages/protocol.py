@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.identifiers import ModelName
-from ccproxy.protocol import ProxyError, param_path, parse_json_object, sse_event, sse_fields
+from ccproxy.protocol import ProxyError, parse_json_object, sse_event, sse_fields, validated_fields
 from ccproxy.usage_tap import UpstreamUsage, count_of
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
@@ -57,12 +57,7 @@ class MessagesRequest(BaseModel):
 
 def parse_messages_request(raw: bytes) -> tuple[dict[str, Any], MessagesRequest]:
     body = parse_json_object(raw)
-    try:
-        request = MessagesRequest.model_validate({k: v for k, v in body.items() if k != "messages"})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = param_path(tuple(first["loc"]))
-        raise ProxyError(400, f"{param}: {first['msg']}", param=param) from None
+    request = validated_fields(MessagesRequest, body, apart="messages")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProxyError(400, "messages: Field required (a non-empty list)", param="messages")

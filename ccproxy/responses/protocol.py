@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.identifiers import EndUserId, ModelName
-from ccproxy.protocol import ProxyError, param_path, parse_json_object, sse_fields
+from ccproxy.protocol import ProxyError, parse_json_object, sse_fields, validated_fields
 from ccproxy.usage_tap import UpstreamUsage, count_of
 
 # The events that end a streamed response; each carries the whole response, usage included.
@@ -34,12 +34,7 @@ class ResponsesRequest(BaseModel):
 
 def parse_responses_request(raw: bytes) -> tuple[dict[str, Any], ResponsesRequest]:
     body = parse_json_object(raw)
-    try:
-        request = ResponsesRequest.model_validate({k: v for k, v in body.items() if k != "input"})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = param_path(tuple(first["loc"]))
-        raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
+    request = validated_fields(ResponsesRequest, body, apart="input")
     items = body.get("input")
     if items is None:
         raise ProxyError(400, "Missing required parameter: 'input'.", param="input")
