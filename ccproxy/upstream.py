@@ -155,6 +155,10 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 _REDACTED = b"[redacted]"
 
 
+def _is_stale_connection(exc: httpx.RemoteProtocolError) -> bool:
+    return "without sending a response" in str(exc)
+
+
 def connect_retry_delay(attempt: int) -> float:
     """Seconds before retry ``attempt`` (0-based): long enough for a restarting upstream or a
     load balancer to move on, short enough to stay well inside a caller's patience."""
@@ -197,6 +201,7 @@ class HttpUpstream:
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         attempt = 0
+        stale_retried = False
         while True:
             try:
                 return await self._client.send(request, stream=True)
@@ -205,6 +210,15 @@ class HttpUpstream:
                     raise transport_error(exc) from exc
                 await asyncio.sleep(connect_retry_delay(attempt))
                 attempt += 1
+            except httpx.RemoteProtocolError as exc:
+                # A pooled connection the upstream had already closed: llama.cpp's llama-server
+                # drops every connection after a streamed answer although it announced
+                # keep-alive, and the next request on it meets a closed socket before any byte
+                # of an answer. Sent once more, on a fresh connection; any other protocol error,
+                # and a second one, is the caller's 502.
+                if stale_retried or not _is_stale_connection(exc):
+                    raise transport_error(exc) from exc
+                stale_retried = True
             except httpx.HTTPError as exc:
                 raise transport_error(exc) from exc
 

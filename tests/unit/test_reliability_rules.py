@@ -112,6 +112,31 @@ def test_failures_after_the_request_may_have_left_are_never_retried(error: httpx
     assert len(attempts) == 1
 
 
+def test_a_pooled_connection_the_upstream_closed_is_retried_once_on_a_fresh_one() -> None:
+    """llama-server closes every connection after a stream: the next request on it fails before
+    any answer ("Server disconnected without sending a response"), once, then goes through."""
+    attempts: list[int] = []
+    stale = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise stale
+        return httpx.Response(200, json={"ok": True})
+
+    assert _chat(_upstream(handler, retries=0)).status == 200
+    assert len(attempts) == 2
+
+    def always_stale(request: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        raise stale
+
+    attempts.clear()
+    with pytest.raises(ProxyError) as caught:
+        _chat(_upstream(always_stale, retries=0))
+    assert len(attempts) == 2 and caught.value.status == 502  # once, never twice
+
+
 def test_retry_delays_grow_and_stay_short() -> None:
     delays = [connect_retry_delay(attempt) for attempt in range(6)]
     assert delays == sorted(delays) and delays[0] > 0 and max(delays) <= 1.0
