@@ -84,21 +84,18 @@ def parse(body: dict[str, Any]) -> Conversation:
 
 
 def _chat_prefix(body: dict[str, Any], turns: Sequence[Turn], end: int) -> dict[str, Any]:
-    """The first ``end`` turns as chat messages, for counting the prompt's framing."""
+    """The first ``end`` turns as chat messages (the bridge's translation), for counting the
+    prompt's framing. Each turn's source is an input item, or ``{"instructions": …}`` /
+    ``{"input": …}`` for the body's two strings."""
     from ccproxy.responses.bridge import chat_request_from_responses  # the bridge imports protocol
 
-    items = [turn.source for turn in turns[:end] if turn.source is not None]
-    instructions = body.get("instructions") if turns and "instructions" in (turns[0].source or {}) else None
     prefix: dict[str, Any] = {"model": body.get("model", ""), "input": []}
-    for source in items:
-        if isinstance(source, dict) and set(source) == {"input"}:
-            prefix["input"] = source["input"]
-        elif isinstance(source, dict) and set(source) == {"instructions"}:
-            continue
+    for turn in turns[:end]:
+        source = turn.source
+        if isinstance(source, dict) and set(source) in ({"instructions"}, {"input"}):
+            prefix.update(source)
         else:
             prefix["input"].append(source)
-    if instructions is not None and end > 0:
-        prefix["instructions"] = instructions
     try:
         return {"messages": chat_request_from_responses(prefix)["messages"]}
     except Exception:  # an item the bridge cannot express: no framing is set aside
