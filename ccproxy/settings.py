@@ -136,6 +136,23 @@ class Settings(BaseSettings):
         "`rescore`: the whole history again against each new question (keeps what the newest question "
         "needs; the forwarded prefix changes every turn).",
     )
+    compression_agent_steps: bool = Field(
+        default=True,
+        description="With `stable` history: compress the tool results of the turn in progress (an agent "
+        "loop's steps) against the task, each step once, when the model has read it; later steps resend it "
+        "exactly as forwarded. Off: everything after the last user message is forwarded whole.",
+    )
+    compression_tool_result_min_chars: int = Field(
+        default=2000,
+        ge=1,
+        description="Agent steps: tool results shorter than this are kept whole.",
+    )
+    compression_keep_newest_tool_result: bool = Field(
+        default=True,
+        description="Agent steps: the newest step's tool results (what the model is about to read) are "
+        "forwarded whole. Off: they are compressed at once (each is then decided on the request that "
+        "brings it).",
+    )
     compression_max_chars: int = Field(
         default=2_000_000,
         ge=1,

@@ -65,6 +65,10 @@ class ContextCompressor:
             default_ratio=self._settings.compression_ratio,
             threshold_tokens=self._settings.compression_threshold_tokens,
             protect_system=self._settings.compression_protect_system,
+            tool_result_min_chars=(
+                self._settings.compression_tool_result_min_chars if self._settings.compression_agent_steps else None
+            ),
+            keep_newest_tool_result=self._settings.compression_keep_newest_tool_result,
         )
 
     async def compress(

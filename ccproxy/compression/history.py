@@ -50,17 +50,42 @@ if TYPE_CHECKING:
 MEMO_ENTRIES = 4096
 
 
-def turn_bounds(turns: Sequence[Turn]) -> list[tuple[int, int]]:
+def turn_bounds(turns: Sequence[Turn], agent_steps: bool = False) -> list[tuple[int, int]]:
     """(start, end) of each turn segment. A turn ends with a user turn that the assistant
     answered, so consecutive user turns (documents, then the question) stay one segment, and
-    whatever follows the last user turn (a tool exchange in progress) joins the last one."""
+    whatever follows the last user turn (a tool exchange in progress) joins the last one.
+
+    ``agent_steps``: the turn in progress is cut too, into agent steps, each an assistant turn
+    and the tool results that answer it, so that each step is decided once, when the model has
+    read it, and resent as decided on every later step."""
     last_user = max((i for i, turn in enumerate(turns) if turn.role == "user"), default=-1)
     ends = [
         i + 1
-        for i in range(last_user)
-        if turns[i].role == "user" and turns[i + 1].role == "assistant"
+        for i in range(len(turns) - 1)
+        if turns[i + 1].role == "assistant"
+        and (
+            (i < last_user and turns[i].role == "user")
+            or (agent_steps and i >= last_user >= 0 and turns[i].role in ("user", "tool"))
+        )
     ]
     return list(zip([0, *ends], [*ends, len(turns)]))
+
+
+def is_agent_step(turns: Sequence[Turn], start: int, end: int) -> bool:
+    """Whether turns[start:end] is an agent step: it opens with tool calls and holds no user turn."""
+    first = turns[start]
+    return (
+        start > 0 and first.role == "assistant" and bool(first.calls)
+        and all(turn.role != "user" for turn in turns[start:end])
+    )
+
+
+def task_before(turns: Sequence[Turn], start: int) -> str:
+    """The text of the last user turn before ``start``: what the agent was asked to do."""
+    for turn in reversed(turns[:start]):
+        if turn.role == "user":
+            return turn.text
+    return ""
 
 
 @dataclass(frozen=True)

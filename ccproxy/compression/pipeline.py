@@ -19,10 +19,10 @@ from itertools import accumulate
 from typing import Any, Generic, Literal, TypeVar
 
 from ccproxy.compression.conversation import Conversation, Edits, TurnEdit, WireFormat
-from ccproxy.compression.history import HistoryMemo, SegmentDecision, memo_key, turn_bounds
+from ccproxy.compression.history import HistoryMemo, SegmentDecision, is_agent_step, memo_key, task_before, turn_bounds
 from ccproxy.compression.offload import Offload, inline
 from ccproxy.compression.policy import allowance, select, should_compress
-from ccproxy.compression.units import Segmentation, Unit, UnitKind, edits, segment
+from ccproxy.compression.units import AgentStep, Segmentation, Unit, UnitKind, edits, segment
 from ccproxy.tokens import TokenCounter
 
 T = TypeVar("T")
@@ -57,6 +57,10 @@ class CompressionPlan:
     budget_tokens: int | None
     threshold_tokens: int
     protect_system: bool
+    # Agent steps of the turn in progress (history.turn_bounds): tool results of at least this
+    # many characters are compressed against the task; None: the turn in progress is kept whole.
+    tool_result_min_chars: int | None = None
+    keep_newest_tool_result: bool = True
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,7 @@ class _Segment:
     end: int
     segmentation: Segmentation
     tokens: tuple[int, ...]
-    key: Hashable | None  # None: not memoised (a conversation decided as one segment)
+    key: Hashable | None  # None: not memoised (a conversation decided as one segment, a live step)
     found: SegmentDecision | None
 
 
@@ -213,21 +217,30 @@ def _segments(
     """Blocking (segmentation, hashing, counting): run through ``Execution``. Each turn segment
     with its memoised decision where there is one; misses are counted here."""
     turns = conversation.turns
-    bounds = turn_bounds(turns) if memo is not None else [(0, len(turns))]
+    steps = plan.tool_result_min_chars is not None
+    bounds = turn_bounds(turns, agent_steps=steps) if memo is not None else [(0, len(turns))]
     if len(bounds) == 1:
         memo = None  # a single segment is the whole request: nothing later resends its decision
     segments = []
     units_left = max_units
     digest = b""
-    for start, end in bounds:
+    for k, (start, end) in enumerate(bounds):
+        step = None
+        if steps and is_agent_step(turns, start, end):
+            live = k == len(bounds) - 1 and plan.keep_newest_tool_result
+            step = AgentStep(task_before(turns, start), plan.tool_result_min_chars or 0, live)
         # The cap is on the whole request's units, whichever segments they fall in.
-        segmentation = segment(turns[start:end], protect_system=plan.protect_system, max_units=units_left)
+        segmentation = segment(turns[start:end], protect_system=plan.protect_system, max_units=units_left, step=step)
         if units_left is not None:
             units_left -= len(segmentation.units)
         key = found = None
         if memo is not None:
             digest, key = memo_key(digest, turns[start:end], (scope, conversation.wire), plan, count_tokens)
-            found = memo.get(key)
+            # The step the model is about to read is kept whole for now, not decided: it is
+            # decided (and memoised) on the next request, when it is no longer the newest.
+            found = None if step is not None and step.live else memo.get(key)
+            if step is not None and step.live:
+                key = None
         tokens = found.tokens if found else tuple(count_tokens([unit.text for unit in segmentation.units]))
         segments.append(_Segment(start, end, segmentation, tokens, key, found))
     return segments
@@ -343,6 +356,8 @@ def plan_for(
     default_ratio: float,
     threshold_tokens: int,
     protect_system: bool,
+    tool_result_min_chars: int | None = None,
+    keep_newest_tool_result: bool = True,
 ) -> CompressionPlan:
     """The caller's choices where it made them, the server's defaults elsewhere."""
     if ratio is None and budget_tokens is None:
@@ -353,4 +368,6 @@ def plan_for(
         budget_tokens=budget_tokens,
         threshold_tokens=threshold_tokens,
         protect_system=protect_system,
+        tool_result_min_chars=tool_result_min_chars,
+        keep_newest_tool_result=keep_newest_tool_result,
     )

@@ -32,6 +32,8 @@ UnitKind = Literal[
     "table",
     "json",
     "tool_exchange",
+    "tool_call",  # an agent step's call: kept
+    "tool_result",  # a piece of an agent step's tool output
     "query",
     "system",
     "other",
@@ -487,6 +489,70 @@ def _segment_message(
     _split_message(builder, i, turn, atoms_per_text)
 
 
+@dataclass(frozen=True)
+class AgentStep:
+    """The turns segmented are one step of an agent loop in the turn in progress: an assistant's
+    tool calls and their results. A result of at least ``min_chars`` is cut into pieces of
+    lines, to be kept or dropped against ``task`` (the user's request) and the calls' arguments;
+    its first piece always stays, so no call is left without a result. ``live``: the step the
+    model is about to read, kept whole."""
+
+    task: str
+    min_chars: int
+    live: bool = False
+
+
+# Lines of tool output are grouped into pieces of about this many characters: one unit per
+# line would make a 10 k-line log 10 k units.
+TOOL_PIECE_CHARS = 400
+
+
+def _line_pieces(text: str, room: _Room) -> list[_Span]:
+    """Runs of whole lines of ``text``, each ending where it passes TOOL_PIECE_CHARS."""
+    pieces: list[_Span] = []
+    start = 0
+    for match in _LINE_BREAK.finditer(text):
+        if match.start() - start >= TOOL_PIECE_CHARS:
+            room.take()
+            pieces.append(_Span(start, match.start(), "tool_result"))
+            start = match.end()
+    if start < len(text):
+        room.take()
+        pieces.append(_Span(start, len(text), "tool_result"))
+    return [piece for piece in pieces if text[piece.start : piece.end].strip()]
+
+
+def _split_tool_result(builder: _Builder, i: int, turn: Turn) -> None:
+    """A step's tool output as pieces of lines; its first piece protected."""
+    others = _NonTextUnits(builder, i, _non_text_parts(turn))
+    room = _Room(builder.max_units, len(builder.units))
+    fields: list[_Field] = []
+    first = True
+    for part, text in _texts_of(turn):
+        others.add_before(part)
+        pieces = _line_pieces(text, room)
+        units = []
+        for piece in pieces:
+            units.append(builder.add_unit(text[piece.start : piece.end], "tool_result", first, i))
+            first = False
+        fields.append(_field_from_atoms(part, text, pieces, units))
+    others.add_rest()
+    builder.plans.append(_Plan(i, None, tuple(fields)))
+
+
+def _segment_step(builder: _Builder, turns: Sequence[Turn], step: AgentStep) -> None:
+    calls = []
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant" and turn.calls:
+            calls.append(turn.call_text)
+            builder.whole(i, "\n".join(filter(None, (turn.text, turn.call_text))), "tool_call", True)
+        elif turn.role == "tool" and not (step.live or turn.pinned or turn.opaque) and len(turn.text) >= step.min_chars:
+            _split_tool_result(builder, i, turn)
+        else:
+            builder.whole(i, turn.text, "tool_result" if turn.role == "tool" else "turn", True)
+    builder.query = "\n".join([step.task, *calls])
+
+
 def segment(
     turns: Sequence[Turn],
     *,
@@ -494,9 +560,15 @@ def segment(
     paragraph_min_chars: int = 400,
     sentence_max_chars: int = 2000,
     max_units: int | None = None,
+    step: AgentStep | None = None,
 ) -> Segmentation:
-    """Split turns into units; see the module docstring for what is protected.
-    Raises TooManyUnits as soon as there would be more than ``max_units``."""
+    """Split turns into units; see the module docstring for what is protected, and
+    ``AgentStep`` for the turns of an agent step. Raises TooManyUnits as soon as there would
+    be more than ``max_units``."""
+    if step is not None:
+        builder = _Builder(max_units)
+        _segment_step(builder, turns, step)
+        return Segmentation(units=tuple(builder.units), query=builder.query, turns=tuple(turns), _plans=tuple(builder.plans))
     if paragraph_min_chars < 0:
         raise ValueError(f"paragraph_min_chars must be >= 0, got {paragraph_min_chars}")
     if sentence_max_chars < 1:
