@@ -163,16 +163,27 @@ def chat_view(body: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def _edited_blocks(blocks: list[Any], edit: TurnEdit, is_result: bool) -> list[Any] | str | None:
+def _edited_list(parts: list[Any], texts: dict[int, str | None]) -> list[Any]:
+    """Blocks with their new texts; a block whose text was dropped whole goes."""
+    edited = []
+    for k, part in enumerate(parts):
+        if k not in texts:
+            edited.append(part)
+        elif texts[k] is not None:
+            edited.append({**part, "text": texts[k]})
+    return edited
+
+
+def _edited_blocks(blocks: list[Any], edit: TurnEdit, is_result: bool) -> list[Any]:
+    """A slice's blocks after ``edit``: a tool result's content, or the slice's own blocks."""
     texts = dict(edit.texts)
-    if is_result:
-        block = blocks[0]
-        content = block.get("content")
-        if isinstance(content, str):
-            return [{**block, "content": texts.get(0, content)}]
-        kept = [part if k not in texts else {**part, "text": texts[k]} for k, part in enumerate(content) if texts.get(k, "") is not None]
-        return [{**block, "content": kept}]
-    return [block if k not in texts else {**block, "text": texts[k]} for k, block in enumerate(blocks) if texts.get(k, "") is not None]
+    if not is_result:
+        return _edited_list(blocks, texts)
+    block = blocks[0]
+    content = block.get("content")
+    if isinstance(content, str):
+        return [{**block, "content": texts.get(0, content)}]
+    return [{**block, "content": _edited_list(content, texts)}]
 
 
 def render(body: dict[str, Any], changes: Edits) -> dict[str, Any]:
