@@ -240,4 +240,9 @@ def render(body: dict[str, Any], changes: Edits) -> dict[str, Any]:
     return forwarded
 
 
-FORMAT: WireFormat[dict[str, Any]] = WireFormat(WIRE, parse, render)
+def _count(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    return len(messages) if isinstance(messages, list) else 0
+
+
+FORMAT: WireFormat[dict[str, Any]] = WireFormat(WIRE, parse, render, count=_count)

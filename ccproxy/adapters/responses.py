@@ -143,4 +143,4 @@ def render(body: dict[str, Any], changes: Edits) -> dict[str, Any]:
     return forwarded
 
 
-FORMAT: WireFormat[dict[str, Any]] = WireFormat(WIRE, parse, render)
+FORMAT: WireFormat[dict[str, Any]] = WireFormat(WIRE, parse, render, count=lambda body: len(_items(body)))

@@ -88,3 +88,6 @@ class WireFormat(Generic[P]):
     name: str
     parse: Callable[[P], Conversation]
     render: Callable[[P, Edits], P]
+    # How many messages or items the payload holds, read without parsing it: a request over the
+    # message cap is forwarded untouched before any work grows with it.
+    count: Callable[[P], int] = len  # type: ignore[assignment]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from ccproxy.adapters import chat as chat_wire
@@ -91,6 +92,8 @@ class ContextCompressor:
             return untouched(payload, "disabled")
         if prompt_tokens is not None and not should_compress(prompt_tokens, plan.threshold_tokens):
             return untouched(payload, "below_threshold")
+        if wire.count(payload) > self._caps.max_messages:
+            return untouched(payload, "too_large")
         conversation = await self.heavy_work(size_hint, wire.parse, payload)
         size = measure(conversation.turns, self._caps)
         if size.over_cap is not None:
@@ -149,14 +152,19 @@ def untouched(payload: P, outcome: Outcome) -> Compression[P]:
     return Compression(payload, outcome, 0, 0, ())
 
 
-def compress_response(compression: Compression) -> dict[str, Any]:
-    """Body of ``POST /v1/compress``."""
+def compress_response(compression: Compression, ccr_hashes: Sequence[str] = ()) -> dict[str, Any]:
+    """Body of ``POST /v1/compress``. ``compression_ratio`` (after ÷ before; 1.0 when nothing was
+    read, as the ``x-compression-ratio`` header) and ``ccr_hashes`` (the retrieval ids of sidecar
+    mode's markers) complete the fields LiteLLM's headroom guardrail reads (docs/SIDECAR.md)."""
+    before, after = compression.tokens_before, compression.tokens_after
     return {
         "object": "ccproxy.compression",
         "outcome": compression.outcome,
         "messages": compression.forwarded,
-        "tokens_before": compression.tokens_before,
-        "tokens_after": compression.tokens_after,
+        "tokens_before": before,
+        "tokens_after": after,
         "tokens_saved": compression.tokens_saved,
+        "compression_ratio": round(after / before, 4) if before > 0 else 1.0,
+        "ccr_hashes": list(ccr_hashes),
         "units": [unit.as_dict() for unit in compression.units],
     }
