@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install llama-server serve test test-unit fuzz build bench load multiturn parity acceptance clean
+.PHONY: install llama-server litellm serve test test-unit fuzz build bench load multiturn parity acceptance clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,17 @@ serve: install
 llama-server:
 	PYTHON=$(PYTHON) tools/build_llama_server.sh
 
-test: install llama-server
+# LiteLLM's proxy for tests/e2e/test_litellm_sidecar.py, in a virtual environment of its own: its
+# pins are not ccproxy's (tests/e2e/litellm-requirements.txt says why not litellm[proxy]).
+LITELLM_VENV ?= .venv-litellm
+$(LITELLM_VENV)/.installed: tests/e2e/litellm-requirements.txt
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --requirement tests/e2e/litellm-requirements.txt
+	touch $@
+
+litellm: $(LITELLM_VENV)/.installed
+
+test: install llama-server litellm
 	$(PY) -m pytest
 
 test-unit: install
@@ -76,4 +86,4 @@ acceptance: install
 	$(PY) -m pytest -m acceptance tests/e2e/test_acceptance.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LITELLM_VENV) .pytest_cache

@@ -22,14 +22,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccproxy.auth import Authenticator, Principal
 from ccproxy.chat import CHAT
-from ccproxy.compress_endpoint import serve_compress
+from ccproxy.compress_endpoint import serve_compress, serve_retrieve
 from ccproxy.error_shapes import error_payload
 from ccproxy.messages.serving import MESSAGES, count_tokens
 from ccproxy.responses.serving import RESPONSES
 from ccproxy.serving import Api, ChatParts, limit_key, serve_conversation
 from ccproxy.limits import ConcurrencyLimitMiddleware, RateLimiter
 from ccproxy.metrics import ChatObserver, NoMetrics
-from ccproxy.openapi import CHAT_COMPLETIONS, COMPRESS, COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, RESPONSES_ROUTE, USAGE
+from ccproxy.openapi import (
+    CHAT_COMPLETIONS, COMPRESS, COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, RESPONSES_ROUTE, RETRIEVE, USAGE,
+)
 from ccproxy.protocol import ProxyError
 from ccproxy.settings import Settings
 from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, relay, route_of
@@ -208,6 +210,11 @@ def create_app(settings: Settings) -> FastAPI:
         raw = await read_body(request, settings.max_body_bytes)
         request_id = request.scope.get("state", {}).get("request_id", "")
         return await serve_compress(_state(request, "parts"), principal, raw, request_id, limiter)
+
+    # Sidecar mode's originals (docs/SIDECAR.md); declared before the catch-all /v1 route below.
+    @app.get("/v1/retrieve/{ref}", openapi_extra=RETRIEVE)
+    async def retrieve(request: Request) -> Response:
+        return serve_retrieve(await admitted(request), request.path_params["ref"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from ccproxy.messages.protocol import MessagesRequest
-from ccproxy.protocol import ChatCompletionRequest, CompressRequest
+from ccproxy.compress_endpoint import CompressCall
+from ccproxy.protocol import ChatCompletionRequest
 from ccproxy.responses.protocol import ResponsesRequest
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -121,16 +122,18 @@ CHAT_COMPLETIONS: dict[str, Any] = {
 }
 
 COMPRESS: dict[str, Any] = {
-    "requestBody": _body(CompressRequest),
+    "requestBody": _body(CompressCall),
     "responses": {
         "200": {
-            "description": "The compressed messages and one report per unit.",
+            "description": "The compressed messages and one report per unit. With `config` (sidecar mode, "
+            "docs/SIDECAR.md): one message per message sent, shortened ones ending with a marker; "
+            "`ccr_hashes` lists the markers' retrieval ids (`config.mode` `ccr`).",
             "content": {
                 "application/json": {
                     "schema": {
                         "type": "object",
                         "required": ["object", "outcome", "messages", "tokens_before", "tokens_after",
-                                     "tokens_saved", "units"],
+                                     "tokens_saved", "compression_ratio", "ccr_hashes", "units"],
                         "properties": {
                             "object": {"const": "ccproxy.compression"},
                             "outcome": {"type": "string"},
@@ -138,6 +141,8 @@ COMPRESS: dict[str, Any] = {
                             "tokens_before": {"type": "integer", "minimum": 0},
                             "tokens_after": {"type": "integer", "minimum": 0},
                             "tokens_saved": {"type": "integer"},
+                            "compression_ratio": {"type": "number", "minimum": 0},
+                            "ccr_hashes": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{24}$"}},
                             "units": {"type": "array", "items": {"type": "object"}},
                         },
                     }
@@ -145,6 +150,49 @@ COMPRESS: dict[str, Any] = {
             },
         },
         **_errors(400, 401, 413, 429, 503),
+    },
+}
+
+RETRIEVE: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "ref",
+            "in": "path",
+            "required": True,
+            "description": "An id from `ccr_hashes` (a marker's `hash=`).",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "query",
+            "in": "query",
+            "required": False,
+            "description": "Accepted for the headroom contract and ignored: the whole original comes back.",
+            "schema": {"type": "string"},
+        }
+    ],
+    "responses": {
+        "200": {
+            "description": "The original text of a message that sidecar mode shortened, for the account "
+            "that compressed it, while it is kept (CCPROXY_RETRIEVAL_TTL_S).",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["object", "hash", "original_content"],
+                        "properties": {
+                            "object": {"const": "ccproxy.retrieval"},
+                            "hash": {"type": "string"},
+                            "original_content": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        },
+        **_errors(401, 429),
+        "404": {
+            "description": "Unknown, expired or evicted id, or one kept for another account.",
+            "content": {"application/json": {"schema": ERROR_SCHEMA}},
+        },
     },
 }
 

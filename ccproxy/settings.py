@@ -263,6 +263,23 @@ class Settings(BaseSettings):
         default=Path.home() / ".cache" / "ccproxy" / "models",
         description="Where converted models are cached (the GGUF dequantised once).",
     )
+    retrieval_ttl_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Sidecar mode of /v1/compress (docs/SIDECAR.md): seconds the original of a message it "
+        "shortened stays retrievable at /v1/retrieve/{id}. Kept in memory, per Gateway worker, never on disk.",
+    )
+    retrieval_max_entries: int = Field(
+        default=1000,
+        ge=1,
+        description="Sidecar mode: most originals kept per account (per worker); the oldest go first.",
+    )
+    retrieval_max_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="Sidecar mode: most bytes of originals kept per account (per worker); the oldest go "
+        "first. A message longer than this gets a marker without an id.",
+    )
 
     # --- accounts and usage ------------------------------------------------------------------
     auth_mode: Literal["keys", "open"] = Field(

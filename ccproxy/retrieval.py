@@ -1,0 +1,138 @@
+"""Originals of what compression dropped, kept briefly so that a model can ask for them back.
+
+``POST /v1/compress`` in sidecar mode (docs/SIDECAR.md) replaces what it drops from a message
+with a marker naming an id; ``GET /v1/retrieve/{id}`` hands the message's original text back,
+to the account that compressed it only. The product keeps no context long-term, so the store
+is in memory, per Gateway worker, and bounded three ways: each entry lives ``ttl_s`` seconds,
+and each account holds at most ``max_entries`` entries and ``max_bytes`` bytes of text (the
+oldest go first). Ids are 96 random bits in lowercase hex: unguessable, and of the shape
+LiteLLM's headroom guardrail accepts (``[a-f0-9]{12,24}``). Nothing here logs text or ids.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ccproxy.settings import Settings, get_settings
+
+ID_BYTES = 12  # 24 hex characters
+SWEEP_EVERY = 256  # every this many puts, expired entries of every account go
+
+
+@dataclass(frozen=True)
+class _Entry:
+    expires_at: float
+    text: str
+    size: int  # bytes of text, UTF-8
+
+
+class _Shelf:
+    """One account's entries, oldest first (one TTL for all, so also soonest to expire first)."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.size = 0
+
+    def drop_oldest(self) -> None:
+        _, entry = self.entries.popitem(last=False)
+        self.size -= entry.size
+
+
+class RetrievalStore:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int,
+        max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._shelves: dict[str, _Shelf] = {}
+        self._puts = 0
+        self._lock = threading.Lock()  # callers may be threads (heavy work) as well as the loop
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetrievalStore:
+        return cls(settings.retrieval_ttl_s, settings.retrieval_max_entries, settings.retrieval_max_bytes)
+
+    def put(self, account: str, text: str) -> str | None:
+        """Keeps ``text`` for ``account``; its id, or None when the text alone is over the
+        account's byte bound (nothing is stored, and nothing else is evicted for it)."""
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > self.max_bytes or self.max_entries < 1:
+            return None
+        ref = secrets.token_hex(ID_BYTES)
+        now = self._clock()
+        with self._lock:
+            self._puts += 1
+            if self._puts % SWEEP_EVERY == 0:  # accounts that stopped calling hold nothing for long
+                self._sweep(now)
+            shelf = self._shelves.setdefault(account, _Shelf())
+            self._expire(shelf, now)
+            while shelf.entries and (len(shelf.entries) >= self.max_entries or shelf.size + size > self.max_bytes):
+                shelf.drop_oldest()
+            shelf.entries[ref] = _Entry(now + self.ttl_s, text, size)
+            shelf.size += size
+        return ref
+
+    def get(self, account: str, ref: str) -> str | None:
+        """The text kept under ``ref`` for ``account``; None when unknown, expired, evicted,
+        or kept for another account (the caller cannot tell which)."""
+        now = self._clock()
+        with self._lock:
+            shelf = self._shelves.get(account)
+            if shelf is None:
+                return None
+            self._expire(shelf, now)
+            if not shelf.entries:
+                del self._shelves[account]
+                return None
+            entry = shelf.entries.get(ref)
+            return None if entry is None else entry.text
+
+    def sweep(self) -> None:
+        """Drops every expired entry (and the accounts left with none)."""
+        with self._lock:
+            self._sweep(self._clock())
+
+    def stats(self) -> tuple[int, int]:
+        """(entries, bytes) held, all accounts together."""
+        with self._lock:
+            return (
+                sum(len(shelf.entries) for shelf in self._shelves.values()),
+                sum(shelf.size for shelf in self._shelves.values()),
+            )
+
+    def _sweep(self, now: float) -> None:
+        for account in list(self._shelves):
+            shelf = self._shelves[account]
+            self._expire(shelf, now)
+            if not shelf.entries:
+                del self._shelves[account]
+
+    @staticmethod
+    def _expire(shelf: _Shelf, now: float) -> None:
+        while shelf.entries and next(iter(shelf.entries.values())).expires_at <= now:
+            shelf.drop_oldest()
+
+
+_store: RetrievalStore | None = None
+_store_lock = threading.Lock()
+
+
+def shared_store() -> RetrievalStore:
+    """This worker's store, built from the settings on first use."""
+    global _store
+    if _store is None:
+        with _store_lock:
+            if _store is None:
+                _store = RetrievalStore.from_settings(get_settings())
+    return _store
