@@ -3,9 +3,9 @@
 ``POST /v1/compress`` in sidecar mode (docs/SIDECAR.md) replaces what it drops from a message
 with a marker naming an id; ``GET /v1/retrieve/{id}`` hands the message's original text back,
 to the account that compressed it only. The product keeps no context long-term, so the store
-is in memory, per Gateway worker, and bounded three ways: each entry lives ``ttl_s`` seconds,
-and each account holds at most ``max_entries`` entries and ``max_bytes`` bytes of text (the
-oldest go first). Ids are 96 random bits in lowercase hex: unguessable, and of the shape
+is in memory, per Gateway worker, and bounded four ways: each entry lives ``ttl_s`` seconds,
+each account holds at most ``max_entries`` entries and ``max_bytes`` bytes of text, and all
+accounts together at most ``max_total_bytes`` (the oldest go first, whoever put them). Ids are 96 random bits in lowercase hex: unguessable, and of the shape
 LiteLLM's headroom guardrail accepts (``[a-f0-9]{12,24}``). Nothing here logs text or ids.
 """
 
@@ -38,9 +38,11 @@ class _Shelf:
         self.entries: OrderedDict[str, _Entry] = OrderedDict()
         self.size = 0
 
-    def drop_oldest(self) -> None:
-        _, entry = self.entries.popitem(last=False)
+    def drop(self, ref: str) -> int:
+        """Removes ``ref``; the bytes it held."""
+        entry = self.entries.pop(ref)
         self.size -= entry.size
+        return entry.size
 
 
 class RetrievalStore:
@@ -50,24 +52,32 @@ class RetrievalStore:
         max_entries: int,
         max_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        max_total_bytes: int | None = None,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        # Default: 16 accounts' worth; a worker's memory must not grow with the number of accounts.
+        self.max_total_bytes = 16 * max_bytes if max_total_bytes is None else max_total_bytes
         self._clock = clock
         self._shelves: dict[str, _Shelf] = {}
+        self._order: OrderedDict[tuple[str, str], None] = OrderedDict()  # every entry, oldest first
+        self._total = 0
         self._puts = 0
         self._lock = threading.Lock()  # callers may be threads (heavy work) as well as the loop
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetrievalStore:
-        return cls(settings.retrieval_ttl_s, settings.retrieval_max_entries, settings.retrieval_max_bytes)
+        return cls(
+            settings.retrieval_ttl_s, settings.retrieval_max_entries, settings.retrieval_max_bytes,
+            max_total_bytes=settings.retrieval_max_total_bytes,
+        )
 
     def put(self, account: str, text: str) -> str | None:
         """Keeps ``text`` for ``account``; its id, or None when the text alone is over the
         account's byte bound (nothing is stored, and nothing else is evicted for it)."""
         size = len(text.encode("utf-8", "surrogatepass"))
-        if size > self.max_bytes or self.max_entries < 1:
+        if size > min(self.max_bytes, self.max_total_bytes) or self.max_entries < 1:
             return None
         ref = secrets.token_hex(ID_BYTES)
         now = self._clock()
@@ -76,11 +86,15 @@ class RetrievalStore:
             if self._puts % SWEEP_EVERY == 0:  # accounts that stopped calling hold nothing for long
                 self._sweep(now)
             shelf = self._shelves.setdefault(account, _Shelf())
-            self._expire(shelf, now)
+            self._expire(account, shelf, now)
             while shelf.entries and (len(shelf.entries) >= self.max_entries or shelf.size + size > self.max_bytes):
-                shelf.drop_oldest()
+                self._drop(account, next(iter(shelf.entries)))
+            while self._order and self._total + size > self.max_total_bytes:
+                self._drop(*next(iter(self._order)))
             shelf.entries[ref] = _Entry(now + self.ttl_s, text, size)
             shelf.size += size
+            self._order[(account, ref)] = None
+            self._total += size
         return ref
 
     def get(self, account: str, ref: str) -> str | None:
@@ -91,7 +105,7 @@ class RetrievalStore:
             shelf = self._shelves.get(account)
             if shelf is None:
                 return None
-            self._expire(shelf, now)
+            self._expire(account, shelf, now)
             if not shelf.entries:
                 del self._shelves[account]
                 return None
@@ -114,14 +128,20 @@ class RetrievalStore:
     def _sweep(self, now: float) -> None:
         for account in list(self._shelves):
             shelf = self._shelves[account]
-            self._expire(shelf, now)
+            self._expire(account, shelf, now)
             if not shelf.entries:
                 del self._shelves[account]
 
-    @staticmethod
-    def _expire(shelf: _Shelf, now: float) -> None:
-        while shelf.entries and next(iter(shelf.entries.values())).expires_at <= now:
-            shelf.drop_oldest()
+    def _drop(self, account: str, ref: str) -> None:
+        self._total -= self._shelves[account].drop(ref)
+        del self._order[(account, ref)]
+
+    def _expire(self, account: str, shelf: _Shelf, now: float) -> None:
+        while shelf.entries:
+            ref, entry = next(iter(shelf.entries.items()))
+            if entry.expires_at > now:
+                return
+            self._drop(account, ref)
 
 
 _store: RetrievalStore | None = None

@@ -280,6 +280,12 @@ class Settings(BaseSettings):
         description="Sidecar mode: most bytes of originals kept per account (per worker); the oldest go "
         "first. A message longer than this gets a marker without an id.",
     )
+    retrieval_max_total_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Bytes of retrievable originals a Gateway worker keeps for all accounts together; the "
+        "oldest go first.",
+    )
 
     # --- accounts and usage ------------------------------------------------------------------
     auth_mode: Literal["keys", "open"] = Field(

@@ -289,3 +289,11 @@ def test_sidecar_answers_odd_rows_without_failing(store: RetrievalStore) -> None
     assert answer["messages"][0] == sent[0] and answer["messages"][1] == sent[1]
     assert answer["messages"][4:] == sent[4:]  # neither a system-like nor an unknown role is shortened
     assert answer["messages"][3]["content"][0] == {"type": "text", "text": 5}
+
+
+def test_all_accounts_together_stay_under_the_total_bound() -> None:
+    """Many accounts, each under its own bound: the oldest entries go, whoever put them."""
+    kept = RetrievalStore(ttl_s=300, max_entries=100, max_bytes=100, max_total_bytes=250)
+    refs = [(f"acct_{n}", kept.put(f"acct_{n}", "x" * 50)) for n in range(10)]
+    assert kept.stats() == (5, 250)
+    assert [kept.get(account, ref) is not None for account, ref in refs] == [False] * 5 + [True] * 5
