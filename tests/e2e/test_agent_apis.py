@@ -330,3 +330,33 @@ def test_a_messages_history_is_resent_as_forwarded_and_llama_server_reuses_its_c
         if k:
             assert read >= previous_prompt - 2, (k, usage)
         previous_prompt = usage.input_tokens + read
+
+
+def _tool_output(step: int) -> str:
+    lines = [f"src/module{step}/file{j}.py:{j}: unrelated noise token{step}x{j}" for j in range(60)]
+    lines[7 + step] = f"src/treaty/parser.py:{step}: the treaty parser fails on dates"
+    return "\n".join(lines)
+
+
+def test_an_agent_loops_older_tool_results_reach_llama_server_compressed(apis_gateway: str, key: str) -> None:
+    """Three steps of an agent loop through /v1/messages: the two older tool results are cut
+    to what the task needs, the newest is whole, and the upstream accepts every call/result pair."""
+    client = _anthropic(apis_gateway, key)
+    messages: list[dict] = [{"role": "user", "content": "Find where the treaty parser fails."}]
+    for k in range(3):
+        messages.append({"role": "assistant", "content": [
+            {"type": "tool_use", "id": f"toolu_{k}", "name": "grep", "input": {"pattern": f"treaty {k}"}},
+        ]})
+        messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": f"toolu_{k}", "content": _tool_output(k)},
+        ]})
+    raw = client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=2, messages=messages, extra_headers={"x-compression-ratio": "0.2"},
+        tools=[{"name": "grep", "description": "Search the code.",
+                "input_schema": {"type": "object", "properties": {"pattern": {"type": "string"}}}}],
+    )
+    usage = raw.parse().usage
+    billed = usage.input_tokens + (usage.cache_read_input_tokens or 0)
+    assert raw.headers["x-compression"] == "compressed"
+    assert int(raw.headers["x-tokens-after"]) == billed
+    assert int(raw.headers["x-tokens-saved"]) > 0.3 * int(raw.headers["x-tokens-before"])
