@@ -522,15 +522,65 @@ def _line_pieces(text: str, room: _Room) -> list[_Span]:
     return [piece for piece in pieces if text[piece.start : piece.end].strip()]
 
 
+_JSON_SPACE = re.compile(r"\s*")
+
+
+def _json_array_items(text: str) -> list[_Span] | None:
+    """The items of ``text`` when it is one JSON array (search results, rows, records), as
+    spans; None otherwise. Each item is read once by the decoder: linear in the text."""
+    start = _JSON_SPACE.match(text).end()  # type: ignore[union-attr]
+    if not text.startswith("[", start):
+        return None
+    items: list[_Span] = []
+    position = _JSON_SPACE.match(text, start + 1).end()  # type: ignore[union-attr]
+    if text.startswith("]", position):
+        return None
+    while True:
+        try:
+            _, end = _JSON_DECODER.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return None
+        items.append(_Span(position, end, "tool_result"))
+        position = _JSON_SPACE.match(text, end).end()  # type: ignore[union-attr]
+        if text.startswith("]", position):
+            rest = text[position + 1 :]
+            return items if not rest.strip() else None
+        if not text.startswith(",", position):
+            return None
+        position = _JSON_SPACE.match(text, position + 1).end()  # type: ignore[union-attr]
+
+
+def _grouped(items: list[_Span], min_chars: int, room: _Room) -> list[_Span]:
+    """Consecutive items joined into pieces of at least ``min_chars`` (the text between them,
+    commas and all, stays inside a piece)."""
+    pieces: list[_Span] = []
+    for item in items:
+        if pieces and pieces[-1].end - pieces[-1].start < min_chars:
+            pieces[-1] = _Span(pieces[-1].start, item.end, "tool_result")
+        else:
+            room.take()
+            pieces.append(item)
+    return pieces
+
+
+def _tool_pieces(text: str, room: _Room) -> list[_Span]:
+    """A JSON array's items (grouped), so that dropping some leaves a valid array; else runs of
+    lines."""
+    items = _json_array_items(text)
+    if items is not None:
+        return _grouped(items, TOOL_PIECE_CHARS // 2, room)
+    return _line_pieces(text, room)
+
+
 def _split_tool_result(builder: _Builder, i: int, turn: Turn) -> None:
-    """A step's tool output as pieces of lines; its first piece protected."""
+    """A step's tool output as pieces (array items or lines); its first piece protected."""
     others = _NonTextUnits(builder, i, _non_text_parts(turn))
     room = _Room(builder.max_units, len(builder.units))
     fields: list[_Field] = []
     first = True
     for part, text in _texts_of(turn):
         others.add_before(part)
-        pieces = _line_pieces(text, room)
+        pieces = _tool_pieces(text, room)
         units = []
         for piece in pieces:
             units.append(builder.add_unit(text[piece.start : piece.end], "tool_result", first, i))

@@ -127,3 +127,18 @@ def test_a_messages_agent_loop_with_text_and_list_results() -> None:
     second = forwarded[4]["content"][0]["content"]
     assert len(first) < 0.5 * len(_output(0)) and "parser.py:0: zurich treaty" in first
     assert len(second) < 0.5 * len(_output(1)) and "parser.py:1: zurich treaty" in second
+
+
+def test_a_json_array_result_keeps_whole_items_and_stays_valid_json() -> None:
+    import json
+
+    records = [{"id": k, "title": f"record {k} about unrelated noise " * 3} for k in range(40)]
+    records[23]["title"] = "zurich treaty parser fails on dates"
+    for indent in (None, 2):
+        messages = _chat_loop(2)
+        messages[3]["content"] = json.dumps(records, indent=indent)
+        sent = _run(chat_wire.FORMAT, messages, HistoryMemo()).forwarded[3]["content"]
+        kept = json.loads(sent)  # still one valid JSON array
+        assert len(sent) < 0.5 * len(messages[3]["content"])
+        assert kept[0] == records[0] and records[23] in kept  # the first piece, and the match
+        assert all(record in records for record in kept)  # whole items only, none cut open
