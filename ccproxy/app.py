@@ -113,12 +113,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
-    received = bytearray()
+    # Joined once at the end: growing one buffer chunk by chunk copied it again and again on
+    # the event loop (a 5.6 MB body arrives in hundreds of chunks).
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        received += chunk
-        if len(received) > limit:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise too_large
-    return bytes(received)
+    return b"".join(chunks)
 
 
 def _reply_response(reply: UpstreamReply) -> Response:

@@ -29,6 +29,7 @@ from ccproxy.auth import Principal
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.compression.conversation import WireFormat
 from ccproxy.compression.gateway import ContextCompressor
+from ccproxy.compression.offload import RELEASE_MIN_BYTES, release
 from ccproxy.compression.pipeline import Compression
 from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
@@ -323,6 +324,8 @@ async def serve_conversation(
         raise
     compression_header = {"x-compression": compression.outcome}
     ledger.upstream_accepted = reply.status < 400
+    if len(raw) >= RELEASE_MIN_BYTES:  # forwarded: the parsed body is freed off the loop
+        await heavy_work(len(raw), release, request.body, without_control, forwarded)
     if reply.events is None or tap is None:
         if reply.status == 200:
             ledger.usage = await heavy_work(len(reply.body), api.usage_of_answer, reply.body)

@@ -243,3 +243,13 @@ def test_heavy_work_keeps_the_loop_free_and_bounds_threads_even_for_abandoned_wo
     probe = asyncio.run(main())
     assert probe < 0.25
     assert peak <= 2
+
+
+def test_a_large_body_is_freed_piece_by_piece_and_completely() -> None:
+    from ccproxy.compression.offload import release
+
+    content = [{"type": "x", "n": [k]} for k in range(5000)]
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    shared = {**body}  # a second view sharing the same lists, as the forwarded body does
+    release(body, shared)
+    assert body == {} and shared == {} and content == []
