@@ -113,12 +113,17 @@ class HeavyWork:
 RELEASE_MIN_BYTES = 1 << 20
 
 
+# Elements of a long list freed per step: ~0.3 ms of deallocation each for small dicts.
+RELEASE_SLICE = 1000
+
+
 def release(*values: Any) -> None:
-    """Empties parsed request bodies container by container, in the calling thread (a heavy-work
-    one). Freeing a body of 400 k content parts in one go is one C deallocation that never gives
-    the GIL up: ~150 ms on the event loop, where a coroutine's locals die when it returns. Each
-    step here frees one small container, and Python switches threads between steps. The
-    containers are emptied in place: call it only once nothing will read them again."""
+    """Empties parsed request bodies in steps, in the calling thread (a heavy-work one). Freeing
+    a body of 400 k content parts in one go is one C deallocation that never gives the GIL up:
+    ~150 ms on the event loop, where a coroutine's locals die when it returns. Here a long list
+    loses RELEASE_SLICE elements per step, and Python switches threads between steps; dicts and
+    short lists are opened to reach the long lists inside them. The containers are emptied in
+    place: call it only once nothing will read them again."""
     pending: list[Any] = list(values)
     while pending:
         item = pending.pop()
@@ -126,5 +131,9 @@ def release(*values: Any) -> None:
             pending.extend(value for value in item.values() if isinstance(value, (dict, list)))
             item.clear()
         elif isinstance(item, list):
-            pending.extend(value for value in item if isinstance(value, (dict, list)))
-            item.clear()
+            if len(item) <= RELEASE_SLICE:
+                pending.extend(value for value in item if isinstance(value, (dict, list)))
+                item.clear()
+                continue
+            while item:
+                del item[-RELEASE_SLICE:]
