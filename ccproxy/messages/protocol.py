@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.identifiers import ModelName
-from ccproxy.protocol import ProxyError, parse_json_object, sse_event, sse_fields, validated_fields
-from ccproxy.usage_tap import UpstreamUsage, count_of
+from ccproxy.protocol import ProxyError, parse_json_object, sse_event, validated_fields
+from ccproxy.usage_tap import UpstreamUsage, chunk_of, count_of
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
 _ERROR_TYPES = {
@@ -107,11 +107,7 @@ class MessagesStreamTap:
         self.tally = CompletionTally()
 
     def read(self, event: bytes) -> tuple[bytes | None, bool]:
-        data = sse_fields(event).get("data")
-        try:
-            payload = orjson.loads(data) if data else None
-        except ValueError:
-            payload = None
+        payload = chunk_of(event)  # the event's JSON, parsed once; None when it has none
         kind = payload.get("type") if isinstance(payload, dict) else None
         if kind == "message_start" and isinstance(payload.get("message"), dict):
             self.usage = usage_of_message(payload["message"].get("usage"))

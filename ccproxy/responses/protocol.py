@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.identifiers import EndUserId, ModelName
-from ccproxy.protocol import ProxyError, parse_json_object, sse_fields, validated_fields
-from ccproxy.usage_tap import UpstreamUsage, count_of
+from ccproxy.protocol import ProxyError, parse_json_object, validated_fields
+from ccproxy.usage_tap import UpstreamUsage, chunk_of, count_of
 
 # The events that end a streamed response; each carries the whole response, usage included.
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -72,11 +72,7 @@ class ResponsesStreamTap:
         self.tally = CompletionTally()
 
     def read(self, event: bytes) -> tuple[bytes | None, bool]:
-        data = sse_fields(event).get("data")
-        try:
-            payload = orjson.loads(data) if data else None
-        except ValueError:
-            payload = None
+        payload = chunk_of(event)  # the event's JSON, parsed once; None when it has none
         kind = payload.get("type") if isinstance(payload, dict) else None
         if not isinstance(kind, str):
             return event, False
