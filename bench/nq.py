@@ -1,4 +1,4 @@
-"""Multi-document QA items from the shared NaturalQuestions dev file.
+"""Multi-document QA items from the NaturalQuestions dev file in ``data/nq/``.
 
 The split is fixed and written down here, for benchmarks and training alike:
 lines 0–499 of ``nq_open_oracle_dev.jsonl.gz`` are the TRAINING part (head detection, LoRA),
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle_dev.jsonl.gz"
+DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "nq" / "nq_open_oracle_dev.jsonl.gz"
 Split = Literal["train", "eval"]
 SPLIT_LINES: dict[str, range] = {"train": range(0, 500), "eval": range(500, 1000)}
 
