@@ -140,6 +140,7 @@ class Gateway:
             spend_guard=SpendGuard.from_settings(self.store, settings),
             anthropic=self.anthropic_upstream,
             responses_bridged=settings.upstream_responses == "bridge",
+            retrieve_max_rounds=settings.retrieve_max_rounds,
         )
         configure_access_log()
         app.state.gate = self._gate()

@@ -15,6 +15,7 @@ from typing import Any
 from ccproxy.adapters import chat as chat_wire
 from ccproxy.completion_tally import CompletionTally
 from ccproxy.image_urls import enforce_image_policy
+from ccproxy.lossless.chat import ChatDialect
 from ccproxy.protocol import ProxyError, parse_chat_request, sse_event, sse_fields
 from ccproxy.serving import Api, ChatParts, ParsedRequest
 from ccproxy.upstream import UpstreamReply
@@ -74,5 +75,6 @@ CHAT: Api[list[dict[str, Any]]] = Api(
     stream_tap=lambda body: ChatStreamTap(caller_asked_for_usage(body)),
     error_event=_error_event,
     prepare_stream=with_usage_requested,
+    retrieval=ChatDialect(),
 )
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -332,12 +332,18 @@ class CompressionControl:
     enabled: bool | None = None
     ratio: float | None = None
     budget_tokens: int | None = None
+    mode: Literal["lossy", "lossless", "citation"] | None = None
 
 
 _CONTROL_FIELD = "ccproxy"
 
 
-_EXPECTED = {"compression": "'on' or 'off'", "ratio": "a number in (0, 1]", "budget": "a whole number >= 1"}
+_EXPECTED = {
+    "compression": "'on' or 'off'",
+    "ratio": "a number in (0, 1]",
+    "budget": "a whole number >= 1",
+    "mode": "'lossy', 'lossless' or 'citation'",
+}
 
 
 def _control_value(option: str, name: str, raw: Any, parse: Callable[[Any], Any]) -> Any:
@@ -362,6 +368,12 @@ def _ratio(raw: Any) -> float:
     return value
 
 
+def _mode(raw: Any) -> str:
+    if not isinstance(raw, str) or raw.strip().lower() not in ("lossy", "lossless", "citation"):
+        raise ValueError("mode")
+    return raw.strip().lower()
+
+
 def _budget(raw: Any) -> int:
     if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
         raise ValueError(raw)
@@ -376,22 +388,23 @@ def compression_control(
 ) -> tuple[CompressionControl, dict[str, Any]]:
     """Per-request compression settings, and the body without ccproxy's own field.
 
-    Sources: the optional body field ``"ccproxy": {"compression", "ratio", "budget"}`` and the
-    headers ``X-Compression``, ``X-Compression-Ratio``, ``X-Compression-Budget``; a header wins
-    over the body field. The field never reaches the upstream.
+    Sources: the optional body field ``"ccproxy": {"compression", "ratio", "budget", "mode"}`` and
+    the headers ``X-Compression``, ``X-Compression-Ratio``, ``X-Compression-Budget``,
+    ``X-Compression-Mode``; a header wins over the body field. The field never reaches the upstream.
     """
     field = body.get(_CONTROL_FIELD, {})
     if not isinstance(field, dict):
         raise ProxyError(400, "'ccproxy' must be an object.", param=_CONTROL_FIELD)
     if set(field) - set(_EXPECTED):
         raise ProxyError(
-            400, "Unknown 'ccproxy' option; the options are compression, ratio and budget.", param=_CONTROL_FIELD
+            400, "Unknown 'ccproxy' option; the options are compression, ratio, budget and mode.", param=_CONTROL_FIELD
         )
     lowered = {name.lower(): value for name, value in headers.items()}
     sources = {
         "compression": ("x-compression", _switch),
         "ratio": ("x-compression-ratio", _ratio),
         "budget": ("x-compression-budget", _budget),
+        "mode": ("x-compression-mode", _mode),
     }
     values: dict[str, Any] = {}
     for option, (header, parse) in sources.items():
@@ -400,7 +413,8 @@ def compression_control(
         elif field.get(option) is not None:
             values[option] = _control_value(option, f"{_CONTROL_FIELD}.{option}", field[option], parse)
     control = CompressionControl(
-        enabled=values.get("compression"), ratio=values.get("ratio"), budget_tokens=values.get("budget")
+        enabled=values.get("compression"), ratio=values.get("ratio"), budget_tokens=values.get("budget"),
+        mode=values.get("mode"),
     )
     forwarded = {key: value for key, value in body.items() if key != _CONTROL_FIELD}
     return control, forwarded

@@ -1,16 +1,22 @@
 """Originals of what compression dropped, kept briefly so that a model can ask for them back.
 
-``POST /v1/compress`` in sidecar mode (docs/SIDECAR.md) replaces what it drops from a message
-with a marker naming an id; ``GET /v1/retrieve/{id}`` hands the message's original text back,
-to the account that compressed it only. The product keeps no context long-term, so the store
+Lossless mode (``ccproxy/lossless/``) replaces each dropped stretch with a marker naming an id,
+which the ``ccproxy_retrieve`` tool answers from here; citation mode and ``POST /v1/compress``
+in sidecar mode (docs/SIDECAR.md) name ids that ``GET /v1/retrieve/{id}`` answers, to the
+account that compressed the text only. The product keeps no context long-term, so the store
 is in memory, per Gateway worker, and bounded four ways: each entry lives ``ttl_s`` seconds,
 each account holds at most ``max_entries`` entries and ``max_bytes`` bytes of text, and all
-accounts together at most ``max_total_bytes`` (the oldest go first, whoever put them). Ids are 96 random bits in lowercase hex: unguessable, and of the shape
-LiteLLM's headroom guardrail accepts (``[a-f0-9]{12,24}``). Nothing here logs text or ids.
+accounts together at most ``max_total_bytes`` (the oldest go first, whoever put them). Ids are 96 bits in lowercase hex, of the shape LiteLLM's headroom guardrail accepts
+(``[a-f0-9]{12,24}``): random for the sidecar; for lossless and citation markers a keyed hash
+of the account and the text (``stable_ref``), so the same dropped text gets the same marker on
+every request and the forwarded history stays byte-identical (provider prompt caches keep
+hitting), on every worker and across restarts. Keeping it again restarts its TTL. An id is
+only ever looked up within its account. Nothing here logs text or ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -21,6 +27,16 @@ from dataclasses import dataclass
 from ccproxy.settings import Settings, get_settings
 
 ID_BYTES = 12  # 24 hex characters
+_REF_KEY = b"ccproxy-retrieve-v1"  # separates these hashes from any other use of BLAKE2b
+
+
+def stable_ref(account: str, text: str) -> str:
+    """The id ``text`` is kept under for ``account`` by ``keep``."""
+    digest = hashlib.blake2b(digest_size=ID_BYTES, key=_REF_KEY)
+    digest.update(account.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0")
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 SWEEP_EVERY = 256  # every this many puts, expired entries of every account go
 
 
@@ -74,12 +90,20 @@ class RetrievalStore:
         )
 
     def put(self, account: str, text: str) -> str | None:
-        """Keeps ``text`` for ``account``; its id, or None when the text alone is over the
-        account's byte bound (nothing is stored, and nothing else is evicted for it)."""
+        """Keeps ``text`` for ``account`` under a new random id; the id, or None when the text
+        alone is over the account's byte bound (nothing is stored, and nothing else is evicted
+        for it)."""
+        return self._keep(account, text, secrets.token_hex(ID_BYTES))
+
+    def keep(self, account: str, text: str) -> str | None:
+        """Keeps ``text`` for ``account`` under ``stable_ref`` (again: its TTL restarts); the
+        id, or None as ``put``."""
+        return self._keep(account, text, stable_ref(account, text))
+
+    def _keep(self, account: str, text: str, ref: str) -> str | None:
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > min(self.max_bytes, self.max_total_bytes) or self.max_entries < 1:
             return None
-        ref = secrets.token_hex(ID_BYTES)
         now = self._clock()
         with self._lock:
             self._puts += 1
@@ -87,6 +111,8 @@ class RetrievalStore:
                 self._sweep(now)
             shelf = self._shelves.setdefault(account, _Shelf())
             self._expire(account, shelf, now)
+            if ref in shelf.entries:
+                self._drop(account, ref)  # kept again: it goes to the back, with a new TTL
             while shelf.entries and (len(shelf.entries) >= self.max_entries or shelf.size + size > self.max_bytes):
                 self._drop(account, next(iter(shelf.entries)))
             while self._order and self._total + size > self.max_total_bytes:

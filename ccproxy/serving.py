@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -30,11 +30,14 @@ from ccproxy.completion_tally import CompletionTally
 from ccproxy.compression.conversation import WireFormat
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.offload import RELEASE_MIN_BYTES, release
-from ccproxy.compression.pipeline import Compression
+from ccproxy.compression.pipeline import Compression, CompressionPlan
 from ccproxy.limits import RateLimiter
 from ccproxy.logs import log_request
+from ccproxy.lossless.loop import Dialect, RetrieveRounds, Retriever
+from ccproxy.lossless.markers import Marking
 from ccproxy.metrics import ChatObserver, NoMetrics
-from ccproxy.protocol import CompressionControl, ProxyError, compression_control
+from ccproxy.protocol import ProxyError, compression_control
+from ccproxy.retrieval import RetrievalStore, shared_store
 from ccproxy.spend import SpendGuard, check_model_allowed
 from ccproxy.tokens import PromptCounter
 from ccproxy.upstream import Upstream, UpstreamReply
@@ -64,10 +67,16 @@ class TokenFigures:
         }
 
 
-def token_figures(counted_before: int, counted_after: int, upstream_prompt_tokens: int | None) -> TokenFigures:
+def token_figures(
+    counted_before: int, counted_after: int, upstream_prompt_tokens: int | None, retrieval_tokens: int = 0
+) -> TokenFigures:
+    """``retrieval_tokens``: prompt tokens of lossless mode's extra upstream calls, already in
+    ``upstream_prompt_tokens`` (the upstream's sum): they are a cost of compression, so they
+    come off ``saved`` (which may then be negative) and are not part of ``before``."""
     saved = counted_before - counted_after
     after = counted_after if upstream_prompt_tokens is None else upstream_prompt_tokens
-    return TokenFigures(before=after + saved, after=after, saved=saved)
+    before = after - retrieval_tokens + saved
+    return TokenFigures(before=before, after=after, saved=before - after)
 
 
 def tokens_to_settle(counted_after: int, usage: UpstreamUsage | None) -> int:
@@ -98,6 +107,10 @@ class ChatParts:
     anthropic: Upstream | None = None
     # /v1/responses translated to chat completions (an upstream without the route).
     responses_bridged: bool = False
+    # Lossless and citation modes: the dropped originals, and how many extra upstream calls one
+    # request may make to answer ccproxy_retrieve (CCPROXY_RETRIEVE_MAX_ROUNDS).
+    store: RetrievalStore = field(default_factory=shared_store)
+    retrieve_max_rounds: int = 3
 
     async def admit_spending(self, model: str | None, principal: Principal) -> None:
         """The model allow-list and the spend cap: before any scoring or forwarding."""
@@ -132,10 +145,12 @@ class _Ledger:
     upstream_accepted: bool = False
     tally: CompletionTally | None = None  # a stream's completion so far
     count_texts: Callable[[Sequence[str]], list[int]] | None = None
+    retrieval: RetrieveRounds | None = None  # lossless mode's extra rounds, when it ran
 
     def figures(self) -> TokenFigures:
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
-        return token_figures(self.counted_before, self.counted_after, prompt_tokens)
+        extra = self.retrieval.extra_prompt_tokens if self.retrieval and prompt_tokens is not None else 0
+        return token_figures(self.counted_before, self.counted_after, prompt_tokens, extra)
 
     def _usage_seen(self) -> UpstreamUsage:
         """An answer without the upstream's usage (a stream cut short, an upstream that does
@@ -229,29 +244,42 @@ class Api(Generic[P]):
     error_event: Callable[[ProxyError], bytes]  # a failure told inside a stream already started
     # The body as forwarded when streaming (chat asks for the usage chunk); identity elsewhere.
     prepare_stream: Callable[[dict[str, Any]], dict[str, Any]] = lambda body: body
+    # Lossless mode's tool and loop in this API's shapes (ccproxy/lossless/).
+    retrieval: Dialect | None = None
+
+
+def mode_for(api: Api[Any], plan: CompressionPlan, body: dict[str, Any]) -> CompressionPlan:
+    """Lossless mode needs a loop this API can run: without one (or with several choices per
+    answer, ``n`` > 1, which one loop cannot continue) its markers point at /v1/retrieve."""
+    if plan.mode == "lossless" and (api.retrieval is None or body.get("n") not in (None, 1)):
+        return replace(plan, mode="citation")
+    return plan
 
 
 async def _compressed(
     api: Api[Any],
     parts: ChatParts,
     body: dict[str, Any],
-    control: CompressionControl,
+    plan: CompressionPlan,
+    marking: Marking,
     counter: PromptCounter,
     prompt_tokens: int | None,
-    account_id: str,
     size_hint: int,
 ) -> tuple[dict[str, Any], Compression[Any], float]:
     started = time.perf_counter()
     compressor = parts.compressor
     compression = await compressor.compress_or_original(
-        api.payload_of(body), compressor.plan(control), counter, wire=api.wire, prompt_tokens=prompt_tokens,
-        scope=account_id, size_hint=size_hint,
+        api.payload_of(body), plan, counter, wire=api.wire, prompt_tokens=prompt_tokens,
+        scope=marking.account, size_hint=size_hint, elide=marking,
     )
     elapsed = time.perf_counter() - started
     parts.metrics.compressed(compression.outcome, elapsed)
-    if compression.outcome == "compressed":
-        return api.with_payload(body, compression.forwarded), compression, elapsed * 1000
-    return body, compression, elapsed * 1000
+    if compression.outcome != "compressed":
+        return body, compression, elapsed * 1000
+    forwarded = api.with_payload(body, compression.forwarded)
+    if plan.mode == "lossless" and marking.made and api.retrieval is not None:
+        forwarded = api.retrieval.with_tool(forwarded)  # the tool that answers the markers
+    return forwarded, compression, elapsed * 1000
 
 
 def count_prompt_or_zero(counter: PromptCounter, body: dict[str, Any]) -> int:
@@ -296,9 +324,14 @@ async def serve_conversation(
     if limiter is not None:
         # On the raw count, before any scoring: a key over its limit costs no compression work.
         limiter.admit_tokens(key, counted_before)
+    plan = mode_for(api, parts.compressor.plan(control), without_control)
+    marking = Marking(plan.mode, principal.account_id, parts.store)
     forwarded, compression, compression_ms = await _compressed(
-        api, parts, without_control, control, counter, counted_before or None, principal.account_id, len(raw)
+        api, parts, without_control, plan, marking, counter, counted_before or None, len(raw)
     )
+    retriever = None
+    if plan.mode == "lossless" and marking.made and api.retrieval is not None:
+        retriever = Retriever(api.retrieval, parts.store, principal.account_id, parts.retrieve_max_rounds, RetrieveRounds())
     counted_after = (
         await heavy_work(len(raw), count_view, api, counter, forwarded)
         if compression.outcome == "compressed"
@@ -312,12 +345,13 @@ async def serve_conversation(
     ledger = _Ledger(
         parts, request_id, principal, request.model, counter.name, api.kind, stream, compression.outcome,
         compression_ms, counted_before, counted_after, started, settle=settle, count_texts=counter,
+        retrieval=retriever.done if retriever else None,
     )
     tap = api.stream_tap(forwarded) if stream else None
     if stream:
         forwarded = api.prepare_stream(forwarded)
     try:
-        reply = await _forward(api, parts, forwarded, headers, stream, len(raw))
+        reply = await _forward(api, parts, forwarded, headers, stream, len(raw), retriever)
     except ProxyError as exc:
         ledger.upstream_accepted = exc.upstream_accepted
         await ledger.finish(exc.status)
@@ -350,11 +384,28 @@ async def serve_conversation(
 
 
 async def _forward(
-    api: Api[Any], parts: ChatParts, body: dict[str, Any], headers: Mapping[str, str], stream: bool, size_hint: int
+    api: Api[Any],
+    parts: ChatParts,
+    body: dict[str, Any],
+    headers: Mapping[str, str],
+    stream: bool,
+    size_hint: int,
+    retriever: Retriever | None = None,
 ) -> UpstreamReply:
     started = time.perf_counter()
+
+    async def send(round_body: dict[str, Any], round_stream: bool) -> UpstreamReply:
+        return await api.forward(parts, round_body, headers, round_stream, size_hint)
+
     try:
-        reply = await api.forward(parts, body, headers, stream, size_hint)
+        if retriever is None:
+            reply = await send(body, stream)
+        elif not stream:
+            reply = await retriever.answered(send, body)
+        else:
+            reply = await send(body, True)
+            if reply.events is not None:
+                reply = replace(reply, events=retriever.spliced(send, body, reply.events))
     except ProxyError:
         parts.metrics.upstream_answered(time.perf_counter() - started, None)
         raise

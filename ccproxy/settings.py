@@ -153,6 +153,21 @@ class Settings(BaseSettings):
         "forwarded whole. Off: they are compressed at once (each is then decided on the request that "
         "brings it).",
     )
+    compression_mode: Literal["lossy", "lossless", "citation"] = Field(
+        default="lossy",
+        description="What becomes of dropped text (X-Compression-Mode overrides). `lossy`: it goes (a "
+        "shortened tool result says how many lines or items went). `lossless`: each dropped stretch becomes a "
+        "marker with an id, ccproxy adds a `ccproxy_retrieve` tool and answers the model's calls of it "
+        "itself, so the client never sees the tool (README, *Lossless mode*). `citation`: the marker names "
+        "`GET /v1/retrieve/{id}` instead, and no tool is added.",
+    )
+    retrieve_max_rounds: int = Field(
+        default=3,
+        ge=1,
+        le=16,
+        description="Lossless mode: most upstream calls ccproxy makes to answer `ccproxy_retrieve` calls "
+        "within one request; a call beyond them is removed from the answer.",
+    )
     compression_max_chars: int = Field(
         default=2_000_000,
         ge=1,
@@ -266,19 +281,20 @@ class Settings(BaseSettings):
     retrieval_ttl_s: float = Field(
         default=300.0,
         gt=0,
-        description="Sidecar mode of /v1/compress (docs/SIDECAR.md): seconds the original of a message it "
-        "shortened stays retrievable at /v1/retrieve/{id}. Kept in memory, per Gateway worker, never on disk.",
+        description="Lossless and citation modes, and sidecar mode of /v1/compress (docs/SIDECAR.md): seconds "
+        "a dropped original stays retrievable (each request that drops it again restarts the clock). Kept in "
+        "memory, per Gateway worker, never on disk.",
     )
     retrieval_max_entries: int = Field(
         default=1000,
         ge=1,
-        description="Sidecar mode: most originals kept per account (per worker); the oldest go first.",
+        description="Retrievable originals: most kept per account (per worker); the oldest go first.",
     )
     retrieval_max_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1,
-        description="Sidecar mode: most bytes of originals kept per account (per worker); the oldest go "
-        "first. A message longer than this gets a marker without an id.",
+        description="Retrievable originals: most bytes kept per account (per worker); the oldest go first. "
+        "A text longer than this is not dropped in lossless mode; in sidecar mode its marker has no id.",
     )
     retrieval_max_total_bytes: int = Field(
         default=256 * 1024 * 1024,

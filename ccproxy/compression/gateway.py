@@ -28,7 +28,7 @@ from ccproxy.compression.pipeline import (
     render_decided,
 )
 from ccproxy.compression.policy import should_compress
-from ccproxy.compression.units import TooManyUnits
+from ccproxy.compression.units import Elide, TooManyUnits
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
 from ccproxy.tokens import TokenCounter
@@ -70,6 +70,7 @@ class ContextCompressor:
                 self._settings.compression_tool_result_min_chars if self._settings.compression_agent_steps else None
             ),
             keep_newest_tool_result=self._settings.compression_keep_newest_tool_result,
+            mode=control.mode or self._settings.compression_mode,
         )
 
     async def compress(
@@ -82,6 +83,7 @@ class ContextCompressor:
         prompt_tokens: int | None = None,
         scope: str = "",
         size_hint: int = 0,
+        elide: Elide | None = None,
     ) -> Compression[P]:
         """Compress or raise; bounded by the compressor timeout. ``payload`` is the conversation
         in its wire format (chat: the messages list). ``prompt_tokens``, the whole prompt's count
@@ -104,7 +106,7 @@ class ContextCompressor:
         async def work() -> Decided:
             return await decide(
                 conversation, plan, count_tokens=count_tokens, score=self._score, execution=execution,
-                memo=memo, scope=scope,
+                memo=memo, scope=scope, elide=elide,
             )
 
         try:
@@ -137,10 +139,12 @@ class ContextCompressor:
         prompt_tokens: int | None = None,
         scope: str = "",
         size_hint: int = 0,
+        elide: Elide | None = None,
     ) -> Compression[P]:
         try:
             return await self.compress(
-                payload, plan, count_tokens, wire=wire, prompt_tokens=prompt_tokens, scope=scope, size_hint=size_hint
+                payload, plan, count_tokens, wire=wire, prompt_tokens=prompt_tokens, scope=scope, size_hint=size_hint,
+                elide=elide,
             )
         except Exception as exc:  # fail-open: any failure forwards the original request
             logger.warning("compression failed open: %s", type(exc).__name__)

@@ -22,13 +22,18 @@ from ccproxy.compression.conversation import Conversation, Edits, TurnEdit, Wire
 from ccproxy.compression.history import HistoryMemo, SegmentDecision, is_agent_step, memo_key, task_before, turn_bounds
 from ccproxy.compression.offload import Offload, inline
 from ccproxy.compression.policy import allowance, select, should_compress
-from ccproxy.compression.units import AgentStep, Segmentation, Unit, UnitKind, edits, segment
+from ccproxy.compression.units import AgentStep, Elide, Segmentation, Unit, UnitKind, edits, segment
 from ccproxy.tokens import TokenCounter
 
 T = TypeVar("T")
 P = TypeVar("P")
 Scorer = Callable[[str, Sequence[str]], Awaitable[list[float]]]
 Outcome = Literal["compressed", "disabled", "below_threshold", "nothing_to_drop", "too_large", "failed"]
+# What becomes of a dropped stretch: it goes (lossy; a tool result says how many lines or items
+# went); it is replaced by a marker naming an id the model can retrieve it by, through a tool
+# ccproxy answers (lossless); or by a marker pointing at GET /v1/retrieve/{id} (citation).
+Mode = Literal["lossy", "lossless", "citation"]
+MODES: tuple[Mode, ...] = ("lossy", "lossless", "citation")
 # A conversation this worker has not seen has every turn to score. Sent all at once, a long one
 # queues whole at the Compressor, which goes on scoring it after the Gateway has given up on it
 # (CCPROXY_COMPRESSOR_TIMEOUT_S) and delays everyone else's requests; with a bounded fan-out at
@@ -61,6 +66,7 @@ class CompressionPlan:
     # many characters are compressed against the task; None: the turn in progress is kept whole.
     tool_result_min_chars: int | None = None
     keep_newest_tool_result: bool = True
+    mode: Mode = "lossy"
 
 
 @dataclass(frozen=True)
@@ -255,11 +261,14 @@ async def decide(
     execution: Execution = Execution(),
     memo: HistoryMemo | None = None,
     scope: str = "",
+    elide: Elide | None = None,
 ) -> Decided:
     """Every droppable unit decided: with ``memo``, each turn segment against its own question
     and once (``history``); without, the whole conversation against the current question.
     ``scope`` (the account) is part of every memo key: one account's chat never reads
-    another's decisions, even for byte-identical messages."""
+    another's decisions, even for byte-identical messages. ``elide`` tells each dropped stretch
+    (``units.edits``); the memo holds decisions, not texts, so it must be deterministic for the
+    forwarded history to stay byte-identical from request to request."""
     segments = await execution.run(_segments, conversation, plan, count_tokens, memo, execution.max_units, scope)
     raw_upto = list(accumulate(sum(s.tokens) for s in segments))
     reasons = {
@@ -311,15 +320,15 @@ async def decide(
     if len(segments) > 1 and over_budget:
         # The history's stable form leaves no room for the budget: this one request is decided
         # whole (the provider's cache misses once; the budget holds).
-        return await decide(conversation, plan, count_tokens=count_tokens, score=score, execution=execution)
-    changes = await execution.run(_edits, segments, decisions)
+        return await decide(conversation, plan, count_tokens=count_tokens, score=score, execution=execution, elide=elide)
+    changes = await execution.run(_edits, segments, decisions, elide)
     return Decided(changes, "compressed", raw_total, kept_total, tuple(reports))
 
 
-def _edits(segments: Sequence[_Segment], decisions: Sequence[Decision]) -> Edits:
+def _edits(segments: Sequence[_Segment], decisions: Sequence[Decision], elide: Elide | None) -> Edits:
     changes: list[TurnEdit | None] = []
     for s, decision in zip(segments, decisions):
-        changes.extend(edits(s.segmentation, decision.keep))
+        changes.extend(edits(s.segmentation, decision.keep, elide))
     return tuple(changes)
 
 
@@ -333,11 +342,13 @@ async def compress_wire(
     execution: Execution = Execution(),
     memo: HistoryMemo | None = None,
     scope: str = "",
+    elide: Elide | None = None,
 ) -> Compression[P]:
     """``decide`` on the adapter's view of ``payload``, rendered back into its wire format."""
     conversation = await execution.run(wire.parse, payload)
     decided = await decide(
-        conversation, plan, count_tokens=count_tokens, score=score, execution=execution, memo=memo, scope=scope
+        conversation, plan, count_tokens=count_tokens, score=score, execution=execution, memo=memo, scope=scope,
+        elide=elide,
     )
     return await render_decided(wire, payload, decided, execution)
 
@@ -358,6 +369,7 @@ def plan_for(
     protect_system: bool,
     tool_result_min_chars: int | None = None,
     keep_newest_tool_result: bool = True,
+    mode: Mode = "lossy",
 ) -> CompressionPlan:
     """The caller's choices where it made them, the server's defaults elsewhere."""
     if ratio is None and budget_tokens is None:
@@ -370,4 +382,5 @@ def plan_for(
         protect_system=protect_system,
         tool_result_min_chars=tool_result_min_chars,
         keep_newest_tool_result=keep_newest_tool_result,
+        mode=mode,
     )

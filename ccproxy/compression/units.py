@@ -20,7 +20,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from ccproxy.compression.conversation import PART_JOINER, Edits, Turn, TurnEdit
 
@@ -50,6 +50,22 @@ class Unit:
     message_index: int  # the (first) turn it belongs to
 
 
+# What the atoms of a field are, which decides how a dropped stretch of them is told: prose
+# (sentences, paragraphs), lines of tool output, or items of a JSON array (told as a JSON
+# string item, so the array stays valid JSON); "turn": a whole turn dropped as one unit.
+Flavour = Literal["text", "lines", "items", "turn"]
+
+
+class Elide(Protocol):
+    """What replaces a dropped stretch: ``original`` is its text, ``count`` how many units it
+    held. None: nothing (the stretch just goes)."""
+
+    # A turn dropped as one unit stays, its text parts told (lossless mode), rather than going.
+    tells_turns: bool
+
+    def __call__(self, original: str, count: int, flavour: Flavour) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class _Field:
     """One text that rebuild may shorten: one text part of a turn.
@@ -62,6 +78,7 @@ class _Field:
     atoms: tuple[tuple[int, str], ...]  # (unit index, text)
     separators: tuple[str, ...]  # separators[k] lies between atoms[k] and atoms[k + 1]
     trailing: str
+    flavour: Flavour = "text"
 
 
 @dataclass(frozen=True)
@@ -360,16 +377,17 @@ class _NonTextUnits:
 
 
 def _field_from_atoms(
-    part_index: int, text: str, atoms: Sequence[_Span], unit_of_atom: Sequence[int]
+    part_index: int, text: str, atoms: Sequence[_Span], unit_of_atom: Sequence[int], flavour: Flavour = "text"
 ) -> _Field:
     if not atoms:
-        return _Field(part_index, text, (), (), "")
+        return _Field(part_index, text, (), (), "", flavour)
     return _Field(
         part_index=part_index,
         leading=text[: atoms[0].start],
         atoms=tuple((unit, text[a.start : a.end]) for unit, a in zip(unit_of_atom, atoms)),
         separators=tuple(text[a.end : b.start] for a, b in zip(atoms, atoms[1:])),
         trailing=text[atoms[-1].end :],
+        flavour=flavour,
     )
 
 
@@ -563,13 +581,62 @@ def _grouped(items: list[_Span], min_chars: int, room: _Room) -> list[_Span]:
     return pieces
 
 
-def _tool_pieces(text: str, room: _Room) -> list[_Span]:
-    """A JSON array's items (grouped), so that dropping some leaves a valid array; else runs of
-    lines."""
+# A top-level definition in the common languages: where a file's next piece starts. Decorators,
+# comments and blank lines just above it go with it.
+_DEFINITION = re.compile(
+    r"(?:(?:export\s+)?(?:default\s+)?(?:async\s+)?(?:def|class|function|fn|func|interface|struct|enum|trait|impl|type)\b"
+    r"|(?:pub(?:\([a-z]+\))?\s+)(?:async\s+)?(?:fn|struct|enum|trait|mod)\b)"
+)
+_LEADING = re.compile(r"@|#|//|/\*|\*|--")
+
+
+def _code_pieces(text: str, room: _Room) -> list[_Span] | None:
+    """Source code cut at its top-level definitions (a function, a class and what leads into
+    it); None when the text has fewer than two. A definition longer than a few pieces is cut
+    again into runs of lines."""
+    lines = _lines(text)
+    starts: list[int] = []
+    lead: int | None = None  # the first line of a run of decorators/comments/blanks
+    for k, (_, line) in enumerate(lines):
+        if line[:1].isspace() or not line.strip():
+            lead = None  # blank lines and indented code go between pieces or inside one
+            continue
+        if _DEFINITION.match(line):
+            starts.append(lead if lead is not None else k)
+            lead = None
+        elif _LEADING.match(line):
+            lead = k if lead is None else lead
+        else:
+            lead = None
+    if len(starts) < 2:
+        return None
+    if starts[0] != 0:
+        starts.insert(0, 0)
+    pieces: list[_Span] = []
+    for first, stop in zip(starts, [*starts[1:], len(lines)]):
+        start = lines[first][0]
+        last = stop - 1
+        while last > first and not lines[last][1].strip():
+            last -= 1  # trailing blank lines go to the separator
+        end = _line_end(*lines[last])
+        if end - start > 4 * TOOL_PIECE_CHARS:
+            pieces.extend(_Span(start + p.start, start + p.end, "tool_result") for p in _line_pieces(text[start:end], room))
+        elif text[start:end].strip():
+            room.take()
+            pieces.append(_Span(start, end, "tool_result"))
+    return pieces
+
+
+def _tool_pieces(text: str, room: _Room) -> tuple[list[_Span], Flavour]:
+    """A JSON array's items (grouped), so that dropping some leaves a valid array; source code
+    by its top-level definitions; else runs of lines."""
     items = _json_array_items(text)
     if items is not None:
-        return _grouped(items, TOOL_PIECE_CHARS // 2, room)
-    return _line_pieces(text, room)
+        return _grouped(items, TOOL_PIECE_CHARS // 2, room), "items"
+    definitions = _code_pieces(text, room)
+    if definitions is not None:
+        return definitions, "lines"
+    return _line_pieces(text, room), "lines"
 
 
 def _split_tool_result(builder: _Builder, i: int, turn: Turn) -> None:
@@ -580,12 +647,12 @@ def _split_tool_result(builder: _Builder, i: int, turn: Turn) -> None:
     first = True
     for part, text in _texts_of(turn):
         others.add_before(part)
-        pieces = _tool_pieces(text, room)
+        pieces, flavour = _tool_pieces(text, room)
         units = []
         for piece in pieces:
             units.append(builder.add_unit(text[piece.start : piece.end], "tool_result", first, i))
             first = False
-        fields.append(_field_from_atoms(part, text, pieces, units))
+        fields.append(_field_from_atoms(part, text, pieces, units, flavour))
     others.add_rest()
     builder.plans.append(_Plan(i, None, tuple(fields)))
 
@@ -680,45 +747,96 @@ def _strongest(separators: Sequence[str]) -> str:
     return max(separators, key=lambda separator: separator.count("\n"))
 
 
-def _rebuild_field(text_field: _Field, kept: Sequence[bool]) -> str | None:
-    """The field's text with dropped atoms removed; None when every atom was dropped."""
+def _stretches(kept_atoms: Sequence[bool]) -> list[tuple[int, int]]:
+    """The runs of dropped atoms, as (first, last) positions."""
+    runs: list[tuple[int, int]] = []
+    for k, kept in enumerate(kept_atoms):
+        if kept:
+            continue
+        if runs and runs[-1][1] == k - 1:
+            runs[-1] = (runs[-1][0], k)
+        else:
+            runs.append((k, k))
+    return runs
+
+
+def _told(text_field: _Field, first: int, last: int, elide: Elide) -> str | None:
+    """The text that stands for the dropped atoms first..last, or None."""
+    original = [text_field.atoms[first][1]]
+    for k in range(first, last):
+        original.append(text_field.separators[k])
+        original.append(text_field.atoms[k + 1][1])
+    told = elide("".join(original), last - first + 1, text_field.flavour)
+    if told is not None and text_field.flavour == "items":
+        return json.dumps(told, ensure_ascii=False)  # one more item: the array stays valid JSON
+    return told
+
+
+def _rebuild_field(text_field: _Field, kept: Sequence[bool], elide: Elide | None = None) -> str | None:
+    """The field's text with dropped atoms removed (or, with ``elide``, each dropped stretch
+    replaced by what it returns); None when nothing is left."""
     if not text_field.atoms:
         return text_field.leading + text_field.trailing
-    positions = [k for k, (unit, _) in enumerate(text_field.atoms) if kept[unit]]
-    if not positions:
+    kept_atoms = [kept[unit] for unit, _ in text_field.atoms]
+    # (first atom position, last atom position, text): the kept atoms and the told stretches.
+    pieces: list[tuple[int, int, str]] = [(k, k, atom) for k, (_, atom) in enumerate(text_field.atoms) if kept_atoms[k]]
+    if elide is not None:
+        for first, last in _stretches(kept_atoms):
+            told = _told(text_field, first, last, elide)
+            if told is not None:
+                pieces.append((first, last, told))
+        pieces.sort()
+    if not pieces:
         return None
-    pieces = [text_field.leading, text_field.atoms[positions[0]][1]]
-    for previous, current in zip(positions, positions[1:]):
-        pieces.append(_strongest(text_field.separators[previous:current]))
-        pieces.append(text_field.atoms[current][1])
-    pieces.append(text_field.trailing)
-    return "".join(pieces)
+    out = [text_field.leading, pieces[0][2]]
+    for previous, current in zip(pieces, pieces[1:]):
+        out.append(_strongest(text_field.separators[previous[1] : current[0]]))
+        out.append(current[2])
+    out.append(text_field.trailing)
+    return "".join(out)
 
 
-def _edit_of(turn: Turn, plan: _Plan, kept: Sequence[bool]) -> TurnEdit | None:
+def _edit_of(turn: Turn, plan: _Plan, kept: Sequence[bool], elide: Elide | None = None) -> TurnEdit | None:
     atoms_kept = [kept[unit] for text_field in plan.fields for unit, _ in text_field.atoms]
     if all(atoms_kept):
         return None
-    texts = tuple((text_field.part_index, _rebuild_field(text_field, kept)) for text_field in plan.fields)
+    texts = tuple((text_field.part_index, _rebuild_field(text_field, kept, elide)) for text_field in plan.fields)
     has_non_text = any(part is None for part in turn.parts)
     if turn.plain and texts[0][1] is None:
         return TurnEdit(dropped=True)
-    if not (any(atoms_kept) or has_non_text):
+    if not (any(text is not None for _, text in texts) or has_non_text):
         return TurnEdit(dropped=True)
     return TurnEdit(texts=texts)
 
 
-def edits(segmentation: Segmentation, keep: Sequence[bool]) -> Edits:
+def _whole_turn_told(turn: Turn, elide: Elide) -> TurnEdit | None:
+    """A turn dropped as one unit, each text part replaced by what ``elide`` tells of it; the
+    rest of the turn (tool calls, images) stays as it came."""
+    texts = tuple((k, elide(part, 1, "turn") or "") for k, part in enumerate(turn.parts) if part)
+    return TurnEdit(texts=texts) if texts else None
+
+
+def edits(segmentation: Segmentation, keep: Sequence[bool], elide: Elide | None = None) -> Edits:
     """Per turn: None when it is forwarded as it came, else what changes (protected units are
-    always kept). A turn whose units were all dropped goes; a tool exchange goes as one."""
+    always kept). A turn whose units were all dropped goes; a tool exchange goes as one.
+
+    With ``elide`` each dropped stretch is told by the text it returns (lossless mode's
+    retrievable markers, a count of lines cut from a tool result): a turn dropped whole then
+    stays, its text replaced, so a tool call keeps its result and alternation holds."""
     units = segmentation.units
     if len(keep) != len(units):
         raise ValueError(f"keep has {len(keep)} flags for {len(units)} units")
     kept = [bool(flag) or unit.protected for flag, unit in zip(keep, units)]
     result: list[TurnEdit | None] = []
     for plan in segmentation._plans:
+        turn = segmentation.turns[plan.message_index]
         if plan.owner is not None:
-            result.append(None if kept[plan.owner] else TurnEdit(dropped=True))
+            if kept[plan.owner]:
+                result.append(None)
+            elif elide is not None and elide.tells_turns:
+                result.append(_whole_turn_told(turn, elide))
+            else:
+                result.append(TurnEdit(dropped=True))
         else:
-            result.append(_edit_of(segmentation.turns[plan.message_index], plan, kept))
+            result.append(_edit_of(turn, plan, kept, elide))
     return tuple(result)

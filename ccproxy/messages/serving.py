@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from ccproxy.adapters import messages as messages_wire
 from ccproxy.auth import Principal
 from ccproxy.messages.protocol import MessagesStreamTap, error_event, parse_messages_request, usage_of_answer
+from ccproxy.lossless.messages import MessagesDialect
 from ccproxy.protocol import ProxyError, compression_control
 from ccproxy.serving import Api, ChatParts, ParsedRequest, count_view
 from ccproxy.upstream import Upstream, UpstreamReply
@@ -51,6 +52,7 @@ MESSAGES: Api[dict[str, Any]] = Api(
     usage_of_answer=usage_of_answer,
     stream_tap=lambda body: MessagesStreamTap(),
     error_event=error_event,
+    retrieval=MessagesDialect(),
 )
 
 

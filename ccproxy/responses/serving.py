@@ -9,6 +9,7 @@ from typing import Any
 
 from ccproxy.adapters import responses as responses_wire
 from ccproxy.image_urls import enforce_image_policy
+from ccproxy.lossless.responses import ResponsesDialect
 from ccproxy.protocol import ProxyError, sse_event
 from ccproxy.responses.bridge import bridged, chat_request_from_responses
 from ccproxy.responses.protocol import ResponsesStreamTap, parse_responses_request, usage_of_answer
@@ -59,4 +60,5 @@ RESPONSES: Api[dict[str, Any]] = Api(
     usage_of_answer=usage_of_answer,
     stream_tap=lambda body: ResponsesStreamTap(),
     error_event=_error_event,
+    retrieval=ResponsesDialect(),
 )

@@ -1,0 +1,1 @@
+"""Lossless mode: dropped text stays retrievable, by a tool ccproxy answers itself."""
