@@ -37,6 +37,10 @@ class ChatObserver(Protocol):
         self, family: str, status: int, stream: bool, seconds: float, tokens_in: int, tokens_saved: int, tokens_forwarded: int
     ) -> None: ...
 
+    def retrieved(self, rounds: int, found: int, missing: int) -> None:
+        """Lossless mode: extra upstream rounds one request took, ccproxy_retrieve calls answered."""
+        ...
+
 
 class NoMetrics:
     def compressed(self, outcome: str, seconds: float) -> None:
@@ -53,6 +57,9 @@ class NoMetrics:
     ) -> None:
         return None
 
+    def retrieved(self, rounds: int, found: int, missing: int) -> None:
+        return None
+
 
 @dataclass(frozen=True)
 class GatewayMetrics:
@@ -66,6 +73,8 @@ class GatewayMetrics:
     upstream_latency: Any
     upstream_errors: Any
     refused_requests: Any
+    retrieve_rounds: Any
+    retrieve_calls: Any
 
     def compressed(self, outcome: str, seconds: float) -> None:
         self.compression_latency.labels(outcome=outcome).observe(seconds)
@@ -88,8 +97,14 @@ class GatewayMetrics:
         self.requests.labels(status_class=status_class(status)).inc()
         self.latency.labels(stream=str(stream).lower()).observe(seconds)
         self.tokens_in.labels(model_family=family).inc(tokens_in)
-        self.tokens_saved.labels(model_family=family).inc(tokens_saved)
+        # A counter only grows: lossless mode's retrieve rounds can make a request's saving negative.
+        self.tokens_saved.labels(model_family=family).inc(max(0, tokens_saved))
         self.tokens_forwarded.labels(model_family=family).inc(tokens_forwarded)
+
+    def retrieved(self, rounds: int, found: int, missing: int) -> None:
+        self.retrieve_rounds.inc(rounds)
+        self.retrieve_calls.labels(result="found").inc(found)
+        self.retrieve_calls.labels(result="missing").inc(missing)
 
 
 @lru_cache(maxsize=1)
@@ -119,6 +134,14 @@ def gateway_metrics() -> GatewayMetrics:
             "Chat and compress requests refused before any work by a rate limit (requests_per_minute, "
             "tokens_per_minute) or the concurrency cap (overloaded).",
             ["reason"],
+        ),
+        retrieve_rounds=Counter(
+            "retrieve_rounds", "Lossless mode: extra upstream calls made to answer ccproxy_retrieve."
+        ),
+        retrieve_calls=Counter(
+            "retrieve_calls",
+            "Lossless mode: ccproxy_retrieve calls answered, by whether the id was held (found) or not (missing).",
+            ["result"],
         ),
     )
 

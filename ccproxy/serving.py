@@ -194,6 +194,9 @@ class _Ledger:
             event.tokens_before, event.tokens_saved, event.tokens_after,
         )
         log_request(self.request_id, event)
+        if self.retrieval is not None and self.retrieval.calls:
+            done = self.retrieval
+            self.parts.metrics.retrieved(done.rounds, done.calls - done.missing, done.missing)
         if self.settle is not None and (status < 400 or self.upstream_accepted):
             self.settle(tokens_to_settle(self.counted_after, self.usage))
         return event

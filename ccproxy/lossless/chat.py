@@ -70,6 +70,15 @@ class ChatDialect:
                 answer["choices"][0]["finish_reason"] = "stop"
         return answer
 
+    def joined(self, earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+        before, after = _message(earlier), _message(later)
+        if before is None or after is None or not before.get("content"):
+            return later
+        later = copy.deepcopy(later)
+        message = _message(later) or {}
+        message["content"] = f"{before['content']}{after.get('content') or ''}"
+        return later
+
     def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
         usage = answer.get("usage")
         return usage if isinstance(usage, dict) else None

@@ -91,6 +91,11 @@ class Dialect(Protocol):
 
     def without_ours(self, answer: dict[str, Any]) -> dict[str, Any]: ...
 
+    def joined(self, earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+        """``later`` with what ``earlier`` (a round before, without ccproxy's calls) showed the
+        client first: a streamed answer shows every round's text, and so does a whole one."""
+        ...
+
     def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None: ...
 
     def with_usage(self, answer: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]: ...
@@ -161,6 +166,7 @@ class Retriever:
         """A whole (non-streamed) answer, after as many rounds as the model asks for."""
         reply = await send(body, False)
         usages: list[dict[str, Any] | None] = []
+        earlier: list[dict[str, Any]] = []  # the answers of the rounds before
         while reply.status == 200:
             try:
                 answer = json.loads(reply.body)
@@ -175,12 +181,15 @@ class Retriever:
                     answer = self.dialect.without_ours(answer)
                 if usages:
                     total = summed([*usages, self.dialect.usage(answer)])
+                    for before in reversed(earlier):
+                        answer = self.dialect.joined(self.dialect.without_ours(before), answer)
                     if total is not None:
                         answer = self.dialect.with_usage(answer, total)
                 if usages or any(is_ours(call) for call in calls):
                     reply = replace(reply, body=json.dumps(answer).encode())
                 return reply
             usages.append(self.dialect.usage(answer))
+            earlier.append(answer)
             body = self.dialect.continued(body, answer, [(call, self.result(call)) for call in ours])
             self.done.rounds += 1
             reply = await send(body, False)

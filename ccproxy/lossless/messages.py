@@ -53,6 +53,9 @@ class MessagesDialect:
             answer["stop_reason"] = "end_turn"
         return answer
 
+    def joined(self, earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+        return {**later, "content": [*_blocks(earlier), *_blocks(later)]}
+
     def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
         usage = answer.get("usage")
         return usage if isinstance(usage, dict) else None

@@ -63,6 +63,9 @@ class ResponsesDialect:
         answer["output"] = [item for item in _output(answer) if not _is_ours(item)]
         return answer
 
+    def joined(self, earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+        return {**later, "output": [*_output(earlier), *_output(later)]}
+
     def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
         usage = answer.get("usage")
         return usage if isinstance(usage, dict) else None

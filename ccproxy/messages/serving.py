@@ -14,10 +14,11 @@ from fastapi.responses import Response
 
 from ccproxy.adapters import messages as messages_wire
 from ccproxy.auth import Principal
-from ccproxy.messages.protocol import MessagesStreamTap, error_event, parse_messages_request, usage_of_answer
+from ccproxy.lossless.markers import Marking
 from ccproxy.lossless.messages import MessagesDialect
+from ccproxy.messages.protocol import MessagesStreamTap, error_event, parse_messages_request, usage_of_answer
 from ccproxy.protocol import ProxyError, compression_control
-from ccproxy.serving import Api, ChatParts, ParsedRequest, count_view
+from ccproxy.serving import Api, ChatParts, ParsedRequest, count_view, mode_for
 from ccproxy.upstream import Upstream, UpstreamReply
 
 
@@ -69,11 +70,16 @@ async def count_tokens(parts: ChatParts, principal: Principal, headers: Mapping[
     counter = await asyncio.to_thread(parts.counter_for, request.model)
     counted_before = await heavy_work(len(raw), count_view, MESSAGES, counter, body)
     compressor = parts.compressor
+    # Compressed exactly as /v1/messages would be, markers and ccproxy's tool included.
+    plan = mode_for(MESSAGES, compressor.plan(control), body)
+    marking = Marking(plan.mode, principal.account_id, parts.store)
     compression = await compressor.compress_or_original(
-        body, compressor.plan(control), counter, wire=messages_wire.FORMAT, prompt_tokens=counted_before or None,
-        scope=principal.account_id, size_hint=len(raw),
+        body, plan, counter, wire=messages_wire.FORMAT, prompt_tokens=counted_before or None,
+        scope=principal.account_id, size_hint=len(raw), elide=marking,
     )
     forwarded = compression.forwarded
+    if plan.mode == "lossless" and marking.made:
+        forwarded = MessagesDialect().with_tool(forwarded)
     counted_after = await heavy_work(len(raw), count_view, MESSAGES, counter, forwarded) if forwarded is not body else counted_before
     forwarded = {k: v for k, v in forwarded.items() if k not in ("stream", "max_tokens")}  # not count_tokens fields
     reply = await upstream.call("messages/count_tokens", forwarded, headers, False, len(raw))

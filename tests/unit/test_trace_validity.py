@@ -15,6 +15,8 @@ from ccproxy.adapters import messages as messages_wire
 from ccproxy.adapters import responses as responses_wire
 from ccproxy.compression.history import HistoryMemo
 from ccproxy.compression.pipeline import compress_wire
+from ccproxy.lossless.markers import Marking
+from ccproxy.retrieval import RetrievalStore
 from tests.unit.test_pipeline import overlap_score, plan, words
 
 WORDS = ["zurich", "treaty", "parser", "noise", "log", "error", "file", "line", "date", "value"]
@@ -28,16 +30,22 @@ trace = st.tuples(
     st.lists(step, min_size=1, max_size=5),
     st.lists(long_text, min_size=15, max_size=15),  # outputs to draw from
 )
-compression = st.tuples(st.sampled_from([0.05, 0.3, 0.7]), st.sampled_from([None, 50]), st.booleans())
+# (ratio, agent steps' min chars, keep the newest step whole, what a dropped stretch becomes)
+compression = st.tuples(
+    st.sampled_from([0.05, 0.3, 0.7]), st.sampled_from([None, 50]), st.booleans(), st.sampled_from(["lossy", "lossless"])
+)
 
 
-def _plan(ratio: float, min_chars: int | None, keep_newest: bool):
+def _plan(ratio: float, min_chars: int | None, keep_newest: bool, mode: str):
     return plan(ratio=ratio, threshold_tokens=0, tool_result_min_chars=min_chars, keep_newest_tool_result=keep_newest)
 
 
 def _run(wire, payload, options):
+    # Lossless markers keep turns a lossy cut would drop: the pairing rules must hold either way.
+    marking = Marking(options[3], "acct", RetrievalStore(ttl_s=60, max_entries=10_000, max_bytes=1 << 24))
     return asyncio.run(compress_wire(
-        wire, copy.deepcopy(payload), _plan(*options), count_tokens=words, score=overlap_score, memo=HistoryMemo()
+        wire, copy.deepcopy(payload), _plan(*options), count_tokens=words, score=overlap_score, memo=HistoryMemo(),
+        elide=marking,
     )).forwarded
 
 
