@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn parity acceptance clean
+.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive parity acceptance clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,17 @@ load: install
 multiturn: install
 	$(PY) -m pip install --quiet --editable ".[bench]"
 	$(PY) -m bench.multiturn $(MULTITURN_ARGS)
+
+# Aggressive budgets (issue 21): answer kept at 5 % and 10 % with and without keeping the best unit in
+# part (docs/BENCHMARKS.md); AGGRESSIVE_ARGS passes options, e.g. --n-items 20.
+aggressive: install
+	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m bench.aggressive $(AGGRESSIVE_ARGS)
+
+# Agent traces (issue 17): coding and research agent loops through the arms side by side, prompt caching and
+# the bill (docs/BENCHMARKS.md), ~20 min on 2 quiet cores; AGENT_ARGS passes options, e.g. --quick (~1-2 min).
+agent-bench: install
+	$(PY) -m bench.agent_traces $(AGENT_ARGS)
 
 # Answer parity, full vs compressed context, through a real Gateway and llama.cpp (docs/BENCHMARKS.md).
 # ~50 s per item on 2 busy cores; stored answers are reused, so PARITY_ARGS="--max-minutes 20" runs in chunks.

@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         "itself, so the client never sees the tool (README, *Lossless mode*). `citation`: the marker names "
         "`GET /v1/retrieve/{id}` instead, and no tool is added.",
     )
+    compression_partial_units: bool = Field(
+        default=True,
+        description="When the best unit does not fit what the ratio or budget leaves, keep its best "
+        "sentences (lines, JSON items, definitions), gaps marked with `…`, instead of skipping it for "
+        "smaller, lower-ranked units. One more scorer call per turn, over that unit's pieces.",
+    )
     retrieve_max_rounds: int = Field(
         default=3,
         ge=1,

@@ -71,6 +71,7 @@ class ContextCompressor:
             ),
             keep_newest_tool_result=self._settings.compression_keep_newest_tool_result,
             mode=control.mode or self._settings.compression_mode,
+            partial_units=self._settings.compression_partial_units,
         )
 
     async def compress(

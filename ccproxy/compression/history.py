@@ -95,7 +95,9 @@ class SegmentDecision:
 
     @property
     def kept_tokens(self) -> int:
-        return sum(n for n, kept in zip(self.tokens, self.decision.keep) if kept)
+        """Tokens forwarded of these units: whole kept units, and what is kept of a unit kept in part."""
+        in_part = {unit: tokens for unit, _, tokens in self.decision.partial}
+        return sum(in_part.get(i, n) for i, (n, kept) in enumerate(zip(self.tokens, self.decision.keep)) if kept)
 
 
 class HistoryMemo:

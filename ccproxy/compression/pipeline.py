@@ -21,8 +21,19 @@ from typing import Any, Generic, Literal, TypeVar
 from ccproxy.compression.conversation import Conversation, Edits, TurnEdit, WireFormat
 from ccproxy.compression.history import HistoryMemo, SegmentDecision, is_agent_step, memo_key, task_before, turn_bounds
 from ccproxy.compression.offload import Offload, inline
-from ccproxy.compression.policy import allowance, select, should_compress
-from ccproxy.compression.units import AgentStep, Elide, Segmentation, Unit, UnitKind, edits, segment
+from ccproxy.compression.policy import allowance, finish_walk, pick_pieces, select, should_compress, walk
+from ccproxy.compression.units import (
+    AgentStep,
+    Elide,
+    Pieces,
+    Segmentation,
+    Unit,
+    UnitKind,
+    edits,
+    partial_text,
+    pieces_of,
+    segment,
+)
 from ccproxy.tokens import TokenCounter
 
 T = TypeVar("T")
@@ -67,6 +78,8 @@ class CompressionPlan:
     tool_result_min_chars: int | None = None
     keep_newest_tool_result: bool = True
     mode: Mode = "lossy"
+    # The best unit that does not fit is kept in part (its best sentences) rather than skipped.
+    partial_units: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,9 @@ class Decision:
     outcome: Outcome
     keep: tuple[bool, ...]
     scores: tuple[float | None, ...]  # None for units that were not scored (protected ones)
+    # A unit kept in part (it did not fit): (unit, a keep flag per piece, tokens of what is kept).
+    # Flags, not text: the text is rebuilt on each request, so its markers are kept again.
+    partial: tuple[tuple[int, tuple[bool, ...], int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,32 +177,71 @@ async def score_bounded(segmentations: Sequence[Segmentation], score: Scorer, in
     return list(await asyncio.gather(*(one(s) for s in segmentations)))
 
 
-def choose(
+async def choose_deep(
     segmentation: Segmentation,
     tokens: Sequence[int],
     scores: Sequence[float],
     plan: CompressionPlan,
-    reserved_tokens: int = 0,
+    reserved_tokens: int,
+    score: Scorer,
+    count_tokens: TokenCounter,
+    elide: Elide | None,
 ) -> Decision:
-    """The kept units under the plan. ``reserved_tokens`` lie outside these units but count
-    against a budget as if protected: the framing, and the earlier segments' forwarded forms."""
+    """``choose``, but the best unit that does not fit what is left is not skipped whole: its
+    best pieces (sentences, lines, items, definitions) that fit are kept, told gaps and all,
+    before lower-ranked whole units get the rest (aggressive budgets). One unit per segment is
+    cut, with one more scorer call over its pieces."""
     units = segmentation.units
     protected = [unit.protected for unit in units]
     budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - reserved_tokens)
-    keep = select(tokens, scores, protected, allowance(tokens, protected, ratio=plan.ratio, budget_tokens=budget))
-    return Decision(
-        "compressed",
-        tuple(keep),
-        tuple(None if unit.protected else s for unit, s in zip(units, scores)),
-    )
+    allowed = allowance(tokens, protected, ratio=plan.ratio, budget_tokens=budget)
+    found: dict[int, Pieces] = {}
+
+    def can_descend(i: int) -> bool:
+        if not plan.partial_units:
+            return False
+        pieces = pieces_of(segmentation, i)
+        if pieces is not None:
+            found[i] = pieces
+        return pieces is not None
+
+    stopped = walk(tokens, scores, protected, allowed, can_descend)
+    unit_scores = tuple(None if unit.protected else s for unit, s in zip(units, scores))
+    if stopped.misfit is None:
+        return Decision("compressed", tuple(stopped.keep), unit_scores)
+    kept_part = await _kept_part(found[stopped.misfit], segmentation.query, stopped.left, score, count_tokens, elide)
+    left = stopped.left - (kept_part[1] if kept_part else 0)
+    keep = finish_walk(tokens, stopped, left)
+    if kept_part is None:
+        return Decision("compressed", tuple(keep), unit_scores)
+    keep[stopped.misfit] = True
+    return Decision("compressed", tuple(keep), unit_scores, ((stopped.misfit, kept_part[0], kept_part[1]),))
+
+
+async def _kept_part(
+    pieces: Pieces, query: str, left: int, score: Scorer, count_tokens: TokenCounter, elide: Elide | None
+) -> tuple[tuple[bool, ...], int] | None:
+    """The pieces to keep and the tokens of the text they make (gaps told), within ``left``."""
+    texts = pieces.texts()
+    piece_scores = await score(query, texts)
+    keep = pick_pieces(count_tokens(texts), piece_scores, left)
+    # The gaps' ellipses (or markers) take tokens too: drop the weakest piece until it fits.
+    while any(keep):
+        tokens = count_tokens([partial_text(pieces, keep, elide)])[0]
+        if tokens <= left:
+            return tuple(keep), tokens
+        weakest = min((k for k, flag in enumerate(keep) if flag), key=lambda k: (piece_scores[k], -k))
+        keep[weakest] = False
+    return None
 
 
 def unit_reports(
     units: Sequence[Unit], tokens: Sequence[int], decision: Decision, first_index: int = 0
 ) -> tuple[UnitReport, ...]:
     """One report per unit; ``first_index`` numbers units after those of earlier segments."""
+    in_part = {unit: kept_tokens for unit, _, kept_tokens in decision.partial}
     return tuple(
-        UnitReport(first_index + u.index, u.kind, n, u.protected, kept, s)
+        UnitReport(first_index + u.index, u.kind, in_part.get(u.index, n), u.protected, kept, s)
         for u, n, kept, s in zip(units, tokens, decision.keep, decision.scores)
     )
 
@@ -303,7 +358,10 @@ async def decide(
                 # A budget counts what was decided before as protected (the history's forms are
                 # fixed) and the framing up to this segment only, so that the decision never
                 # depends on later turns.
-                decision = choose(s.segmentation, s.tokens, scored[k], plan, kept_total + await framing_through(k))
+                decision = await choose_deep(
+                    s.segmentation, s.tokens, scored[k], plan, kept_total + await framing_through(k), score,
+                    count_tokens, elide,
+                )
             s.found = SegmentDecision(decision, s.tokens)
             if memo is not None and s.key is not None:
                 memo.put(s.key, s.found)
@@ -328,7 +386,8 @@ async def decide(
 def _edits(segments: Sequence[_Segment], decisions: Sequence[Decision], elide: Elide | None) -> Edits:
     changes: list[TurnEdit | None] = []
     for s, decision in zip(segments, decisions):
-        changes.extend(edits(s.segmentation, decision.keep, elide))
+        partial = {unit: flags for unit, flags, _ in decision.partial}
+        changes.extend(edits(s.segmentation, decision.keep, elide, partial))
     return tuple(changes)
 
 
@@ -370,6 +429,7 @@ def plan_for(
     tool_result_min_chars: int | None = None,
     keep_newest_tool_result: bool = True,
     mode: Mode = "lossy",
+    partial_units: bool = True,
 ) -> CompressionPlan:
     """The caller's choices where it made them, the server's defaults elsewhere."""
     if ratio is None and budget_tokens is None:
@@ -383,4 +443,5 @@ def plan_for(
         tool_result_min_chars=tool_result_min_chars,
         keep_newest_tool_result=keep_newest_tool_result,
         mode=mode,
+        partial_units=partial_units,
     )

@@ -7,7 +7,8 @@ Protected units are always kept and never count against the allowance of the oth
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 # Guards the floor of ratio * tokens against float noise (0.29 * 100 == 28.999999999999996).
 _RATIO_EPSILON = 1e-9
@@ -97,3 +98,54 @@ def select(
             keep[i] = True
             left -= unit_tokens[i]
     return keep
+
+
+@dataclass(frozen=True)
+class Walk:
+    """``select`` stopped at the best unit that does not fit (aggressive budgets): the units
+    kept before it, the unit, the allowance left there, and the candidates after it."""
+
+    keep: list[bool]
+    misfit: int | None  # None: every candidate was tried (the walk is ``select``'s answer)
+    left: int
+    rest: list[int]
+
+
+# Below this many tokens left, a unit is not cut for the few words that would fit.
+MIN_PIECE_ALLOWANCE = 16
+
+
+def walk(
+    unit_tokens: Sequence[int],
+    scores: Sequence[float],
+    protected: Sequence[bool],
+    allowance: int,
+    can_descend: Callable[[int], bool],
+) -> Walk:
+    """``select``'s walk down the ranking, stopping at the first unit that does not fit and
+    that ``can_descend`` into (with at least MIN_PIECE_ALLOWANCE tokens left for its pieces)."""
+    keep = select(unit_tokens, scores, protected, 0)  # the protected ones; checks the inputs
+    order = sorted((i for i, p in enumerate(protected) if not p), key=lambda i: (scores[i], i), reverse=True)
+    left = allowance
+    for position, i in enumerate(order):
+        if unit_tokens[i] <= left:
+            keep[i] = True
+            left -= unit_tokens[i]
+        elif left >= MIN_PIECE_ALLOWANCE and can_descend(i):
+            return Walk(keep, i, left, order[position + 1 :])
+    return Walk(keep, None, left, [])
+
+
+def finish_walk(unit_tokens: Sequence[int], stopped: Walk, left: int) -> list[bool]:
+    """The rest of the walk after the descent, with ``left`` tokens: whole units only."""
+    keep = list(stopped.keep)
+    for i in stopped.rest:
+        if unit_tokens[i] <= left:
+            keep[i] = True
+            left -= unit_tokens[i]
+    return keep
+
+
+def pick_pieces(piece_tokens: Sequence[int], piece_scores: Sequence[float], allowance: int) -> list[bool]:
+    """The best-scoring pieces of one unit that fit ``allowance`` (ties: the later first)."""
+    return select(piece_tokens, piece_scores, [False] * len(piece_tokens), allowance)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -772,14 +772,20 @@ def _told(text_field: _Field, first: int, last: int, elide: Elide) -> str | None
     return told
 
 
-def _rebuild_field(text_field: _Field, kept: Sequence[bool], elide: Elide | None = None) -> str | None:
+def _rebuild_field(
+    text_field: _Field, kept: Sequence[bool], elide: Elide | None = None, replaced: Mapping[int, str] | None = None
+) -> str | None:
     """The field's text with dropped atoms removed (or, with ``elide``, each dropped stretch
-    replaced by what it returns); None when nothing is left."""
+    replaced by what it returns) and the atoms of units kept in part replaced by what is kept
+    of them; None when nothing is left."""
     if not text_field.atoms:
         return text_field.leading + text_field.trailing
     kept_atoms = [kept[unit] for unit, _ in text_field.atoms]
+    replaced = replaced or {}
     # (first atom position, last atom position, text): the kept atoms and the told stretches.
-    pieces: list[tuple[int, int, str]] = [(k, k, atom) for k, (_, atom) in enumerate(text_field.atoms) if kept_atoms[k]]
+    pieces: list[tuple[int, int, str]] = [
+        (k, k, replaced.get(unit, atom)) for k, (unit, atom) in enumerate(text_field.atoms) if kept_atoms[k]
+    ]
     if elide is not None:
         for first, last in _stretches(kept_atoms):
             told = _told(text_field, first, last, elide)
@@ -796,11 +802,15 @@ def _rebuild_field(text_field: _Field, kept: Sequence[bool], elide: Elide | None
     return "".join(out)
 
 
-def _edit_of(turn: Turn, plan: _Plan, kept: Sequence[bool], elide: Elide | None = None) -> TurnEdit | None:
+def _edit_of(
+    turn: Turn, plan: _Plan, kept: Sequence[bool], elide: Elide | None = None, replaced: Mapping[int, str] | None = None
+) -> TurnEdit | None:
     atoms_kept = [kept[unit] for text_field in plan.fields for unit, _ in text_field.atoms]
-    if all(atoms_kept):
+    if all(atoms_kept) and not any(unit in (replaced or {}) for f in plan.fields for unit, _ in f.atoms):
         return None
-    texts = tuple((text_field.part_index, _rebuild_field(text_field, kept, elide)) for text_field in plan.fields)
+    texts = tuple(
+        (text_field.part_index, _rebuild_field(text_field, kept, elide, replaced)) for text_field in plan.fields
+    )
     has_non_text = any(part is None for part in turn.parts)
     if turn.plain and texts[0][1] is None:
         return TurnEdit(dropped=True)
@@ -816,17 +826,31 @@ def _whole_turn_told(turn: Turn, elide: Elide) -> TurnEdit | None:
     return TurnEdit(texts=texts) if texts else None
 
 
-def edits(segmentation: Segmentation, keep: Sequence[bool], elide: Elide | None = None) -> Edits:
+def edits(
+    segmentation: Segmentation,
+    keep: Sequence[bool],
+    elide: Elide | None = None,
+    partial: Mapping[int, Sequence[bool]] | None = None,
+) -> Edits:
     """Per turn: None when it is forwarded as it came, else what changes (protected units are
     always kept). A turn whose units were all dropped goes; a tool exchange goes as one.
 
     With ``elide`` each dropped stretch is told by the text it returns (lossless mode's
     retrievable markers, a count of lines cut from a tool result): a turn dropped whole then
-    stays, its text replaced, so a tool call keeps its result and alternation holds."""
+    stays, its text replaced, so a tool call keeps its result and alternation holds.
+
+    ``partial``: units kept in part (``pieces_of``), with a keep flag per piece."""
     units = segmentation.units
     if len(keep) != len(units):
         raise ValueError(f"keep has {len(keep)} flags for {len(units)} units")
     kept = [bool(flag) or unit.protected for flag, unit in zip(keep, units)]
+    replaced: dict[int, str] = {}
+    for unit, flags in (partial or {}).items():
+        pieces = pieces_of(segmentation, unit)
+        if pieces is None or len(pieces.spans) != len(flags):
+            raise ValueError(f"unit {unit} cannot be kept in part as decided")
+        replaced[unit] = partial_text(pieces, flags, elide)
+        kept[unit] = True
     result: list[TurnEdit | None] = []
     for plan in segmentation._plans:
         turn = segmentation.turns[plan.message_index]
@@ -838,5 +862,85 @@ def edits(segmentation: Segmentation, keep: Sequence[bool], elide: Elide | None 
             else:
                 result.append(TurnEdit(dropped=True))
         else:
-            result.append(_edit_of(turn, plan, kept, elide))
+            result.append(_edit_of(turn, plan, kept, elide, replaced))
     return tuple(result)
+
+
+# --------------------------------------------------------------------------------------------
+# A unit too large for what is left -> its pieces (aggressive budgets)
+
+# The most pieces one unit is cut into for partial keeping: each is scored, so this bounds the
+# extra scoring one descent costs.
+MAX_PIECES = 64
+# What stands for a stretch of pieces left out of a partly kept unit (lossy mode).
+ELLIPSIS = "…"
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A unit cut finer: its text, the pieces' spans in it, and how a gap between them is told."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    flavour: Flavour
+
+    def texts(self) -> list[str]:
+        return [self.text[start:end] for start, end in self.spans]
+
+
+def pieces_of(segmentation: Segmentation, index: int) -> Pieces | None:
+    """The unit's pieces when it can be kept in part: an unprotected unit that is one atom of
+    one field (not a whole turn or tool exchange) and cuts into 2..MAX_PIECES pieces: sentences
+    (lines where a sentence is long) for prose, items for a JSON array, definitions or lines
+    for tool output and code. None otherwise."""
+    unit = segmentation.units[index]
+    if unit.protected or unit.kind in ("turn", "tool_exchange", "tool_call", "query", "system", "other"):
+        return None
+    atoms = [a for plan in segmentation._plans for f in plan.fields for a in f.atoms if a[0] == index]
+    if len(atoms) != 1:
+        return None
+    text = atoms[0][1]
+    room = _Room(MAX_PIECES, 0)
+    flavour: Flavour = "text"
+    try:
+        if unit.kind in ("tool_result", "code", "json"):
+            spans, flavour = _tool_pieces(text, room)
+        else:
+            spans = _sentences(text, _Span(0, len(text), "paragraph"), 400, room)
+            if len(spans) < 2:
+                spans = _line_pieces(text, room)
+                flavour = "lines"
+    except TooManyUnits:
+        return None
+    kept = tuple((s.start, s.end) for s in spans if text[s.start : s.end].strip())
+    if not 2 <= len(kept) <= MAX_PIECES:
+        return None
+    return Pieces(text, kept, flavour)
+
+
+def partial_text(pieces: Pieces, kept: Sequence[bool], elide: Elide | None = None) -> str:
+    """The kept pieces in order, each stretch left out told by ``elide`` (lossless markers) or
+    an ellipsis, so the reader knows text was cut."""
+    out: list[str] = []
+    gap: list[tuple[int, int]] = []
+
+    def tell() -> None:
+        if not gap:
+            return
+        original = pieces.text[gap[0][0] : gap[-1][1]]
+        told = elide(original, len(gap), pieces.flavour) if elide is not None else None
+        told = ELLIPSIS if told is None else told
+        out.append(json.dumps(told, ensure_ascii=False) if pieces.flavour == "items" else told)
+        gap.clear()
+
+    for (start, end), keep in zip(pieces.spans, kept):
+        if keep:
+            tell()
+            out.append(pieces.text[start:end])
+        else:
+            gap.append((start, end))
+    tell()
+    if pieces.flavour == "items":  # still JSON: items (and told gaps) comma-separated
+        items = ", ".join(out)
+        return f"[{items}]" if pieces.text.lstrip().startswith("[") else items
+    return ("\n" if pieces.flavour == "lines" else " ").join(out)
