@@ -508,6 +508,18 @@ class Settings(BaseSettings):
         # Frozen settings key caches (lru_cache); the default hash fails on the dict field.
         return hash(self.model_dump_json())
 
+    @field_validator(
+        "upstream_api_key", "anthropic_upstream_api_key", "database_url", "stripe_api_key", "metrics_token",
+        "compressor_token", mode="before",
+    )
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        # `CCPROXY_METRICS_TOKEN=` (a compose file's empty default) must not pass the production
+        # check as a token while the middleware treats "" as none and leaves /metrics open.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("upstream_url", "anthropic_upstream_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str | None) -> str | None:

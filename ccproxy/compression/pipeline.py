@@ -21,7 +21,7 @@ from typing import Any, Generic, Literal, TypeVar
 from ccproxy.compression.conversation import Conversation, Edits, TurnEdit, WireFormat
 from ccproxy.compression.history import HistoryMemo, SegmentDecision, is_agent_step, memo_key, task_before, turn_bounds
 from ccproxy.compression.offload import Offload, inline
-from ccproxy.compression.policy import allowance, finish_walk, pick_pieces, select, should_compress, walk
+from ccproxy.compression.policy import allowance, finish_walk, pick_pieces, should_compress, walk
 from ccproxy.compression.units import (
     AgentStep,
     Elide,
