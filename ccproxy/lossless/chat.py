@@ -6,7 +6,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from ccproxy.lossless.loop import Call, is_ours
+from ccproxy.lossless.loop import Call, UsageAtTop, is_ours
 from ccproxy.lossless.markers import RETRIEVE_DESCRIPTION, RETRIEVE_PARAMETERS, RETRIEVE_TOOL
 from ccproxy.protocol import SSE_DONE, sse_event, sse_fields
 from ccproxy.usage_tap import chunk_of, count_of
@@ -32,7 +32,7 @@ def _call_of(call: Any) -> Call | None:
     return Call(str(call.get("id", "")), str(function.get("name", "")), str(function.get("arguments") or ""))
 
 
-class ChatDialect:
+class ChatDialect(UsageAtTop):
     def with_tool(self, body: dict[str, Any]) -> dict[str, Any]:
         tools = body.get("tools") if isinstance(body.get("tools"), list) else []
         return {**body, "tools": [*tools, TOOL]}
@@ -78,13 +78,6 @@ class ChatDialect:
         message = _message(later) or {}
         message["content"] = f"{before['content']}{after.get('content') or ''}"
         return later
-
-    def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
-        usage = answer.get("usage")
-        return usage if isinstance(usage, dict) else None
-
-    def with_usage(self, answer: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
-        return {**answer, "usage": usage}
 
     def prompt_tokens(self, usage: dict[str, Any]) -> int:
         return count_of(usage, "prompt_tokens") or 0

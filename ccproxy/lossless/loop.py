@@ -105,6 +105,18 @@ class Dialect(Protocol):
     def splicer(self) -> Splicer: ...
 
 
+class UsageAtTop:
+    """``Dialect.usage``/``with_usage`` for answers whose usage is their top-level ``usage``
+    object (all three APIs)."""
+
+    def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
+        usage = answer.get("usage")
+        return usage if isinstance(usage, dict) else None
+
+    def with_usage(self, answer: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+        return {**answer, "usage": usage}
+
+
 def summed(usages: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Every round's usage added up, field by field (nested details too); other fields as the
     last round has them."""

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ccproxy.lossless.loop import Call
+from ccproxy.lossless.loop import Call, UsageAtTop
 from ccproxy.lossless.markers import RETRIEVE_DESCRIPTION, RETRIEVE_PARAMETERS, RETRIEVE_TOOL
 from ccproxy.protocol import sse_event
 from ccproxy.usage_tap import chunk_of, count_of
@@ -25,7 +25,7 @@ def _blocks(answer: dict[str, Any]) -> list[Any]:
     return content if isinstance(content, list) else []
 
 
-class MessagesDialect:
+class MessagesDialect(UsageAtTop):
     def with_tool(self, body: dict[str, Any]) -> dict[str, Any]:
         tools = body.get("tools") if isinstance(body.get("tools"), list) else []
         return {**body, "tools": [*tools, TOOL]}
@@ -55,13 +55,6 @@ class MessagesDialect:
 
     def joined(self, earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
         return {**later, "content": [*_blocks(earlier), *_blocks(later)]}
-
-    def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
-        usage = answer.get("usage")
-        return usage if isinstance(usage, dict) else None
-
-    def with_usage(self, answer: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
-        return {**answer, "usage": usage}
 
     def prompt_tokens(self, usage: dict[str, Any]) -> int:
         return sum(count_of(usage, name) or 0 for name in _PROMPT_FIELDS)

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from ccproxy.lossless.loop import Call
+from ccproxy.lossless.loop import Call, UsageAtTop
 from ccproxy.lossless.markers import RETRIEVE_DESCRIPTION, RETRIEVE_PARAMETERS, RETRIEVE_TOOL
 from ccproxy.protocol import sse_event
 from ccproxy.usage_tap import chunk_of, count_of
@@ -42,7 +42,7 @@ def _input_items(body: dict[str, Any]) -> list[Any]:
     return list(items) if isinstance(items, list) else []
 
 
-class ResponsesDialect:
+class ResponsesDialect(UsageAtTop):
     def with_tool(self, body: dict[str, Any]) -> dict[str, Any]:
         tools = body.get("tools") if isinstance(body.get("tools"), list) else []
         return {**body, "tools": [*tools, TOOL]}
@@ -65,13 +65,6 @@ class ResponsesDialect:
 
     def joined(self, earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
         return {**later, "output": [*_output(earlier), *_output(later)]}
-
-    def usage(self, answer: dict[str, Any]) -> dict[str, Any] | None:
-        usage = answer.get("usage")
-        return usage if isinstance(usage, dict) else None
-
-    def with_usage(self, answer: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
-        return {**answer, "usage": usage}
 
     def prompt_tokens(self, usage: dict[str, Any]) -> int:
         return count_of(usage, "input_tokens") or 0
