@@ -333,7 +333,7 @@ async def serve_conversation(
         api, parts, without_control, plan, marking, counter, counted_before or None, len(raw)
     )
     retriever = None
-    if plan.mode == "lossless" and marking.made and api.retrieval is not None:
+    if compression.outcome == "compressed" and plan.mode == "lossless" and marking.made and api.retrieval is not None:
         retriever = Retriever(api.retrieval, parts.store, principal.account_id, parts.retrieve_max_rounds, RetrieveRounds())
     counted_after = (
         await heavy_work(len(raw), count_view, api, counter, forwarded)
