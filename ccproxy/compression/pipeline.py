@@ -29,6 +29,7 @@ from ccproxy.compression.units import (
     Segmentation,
     Unit,
     UnitKind,
+    atom_texts,
     edits,
     partial_text,
     pieces_of,
@@ -196,11 +197,12 @@ async def choose_deep(
     budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - reserved_tokens)
     allowed = allowance(tokens, protected, ratio=plan.ratio, budget_tokens=budget)
     found: dict[int, Pieces] = {}
+    owned = atom_texts(segmentation) if plan.partial_units else {}
 
     def can_descend(i: int) -> bool:
         if not plan.partial_units:
             return False
-        pieces = pieces_of(segmentation, i)
+        pieces = pieces_of(segmentation, i, owned)
         if pieces is not None:
             found[i] = pieces
         return pieces is not None

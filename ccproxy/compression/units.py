@@ -845,8 +845,9 @@ def edits(
         raise ValueError(f"keep has {len(keep)} flags for {len(units)} units")
     kept = [bool(flag) or unit.protected for flag, unit in zip(keep, units)]
     replaced: dict[int, str] = {}
+    owned = atom_texts(segmentation) if partial else {}
     for unit, flags in (partial or {}).items():
-        pieces = pieces_of(segmentation, unit)
+        pieces = pieces_of(segmentation, unit, owned)
         if pieces is None or len(pieces.spans) != len(flags):
             raise ValueError(f"unit {unit} cannot be kept in part as decided")
         replaced[unit] = partial_text(pieces, flags, elide)
@@ -888,18 +889,29 @@ class Pieces:
         return [self.text[start:end] for start, end in self.spans]
 
 
-def pieces_of(segmentation: Segmentation, index: int) -> Pieces | None:
+def atom_texts(segmentation: Segmentation) -> dict[int, list[str]]:
+    """Unit -> the texts of the atoms it owns in the fields (one read of the plans)."""
+    owned: dict[int, list[str]] = {}
+    for plan in segmentation._plans:
+        for text_field in plan.fields:
+            for unit, text in text_field.atoms:
+                owned.setdefault(unit, []).append(text)
+    return owned
+
+
+def pieces_of(segmentation: Segmentation, index: int, owned: Mapping[int, list[str]] | None = None) -> Pieces | None:
     """The unit's pieces when it can be kept in part: an unprotected unit that is one atom of
     one field (not a whole turn or tool exchange) and cuts into 2..MAX_PIECES pieces: sentences
     (lines where a sentence is long) for prose, items for a JSON array, definitions or lines
-    for tool output and code. None otherwise."""
+    for tool output and code. None otherwise. ``owned``: ``atom_texts`` of the segmentation,
+    for a caller that asks about many units."""
     unit = segmentation.units[index]
     if unit.protected or unit.kind in ("turn", "tool_exchange", "tool_call", "query", "system", "other"):
         return None
-    atoms = [a for plan in segmentation._plans for f in plan.fields for a in f.atoms if a[0] == index]
+    atoms = (owned if owned is not None else atom_texts(segmentation)).get(index, [])
     if len(atoms) != 1:
         return None
-    text = atoms[0][1]
+    text = atoms[0]
     room = _Room(MAX_PIECES, 0)
     flavour: Flavour = "text"
     try:
