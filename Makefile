@@ -89,7 +89,7 @@ aggressive: install
 	$(PY) -m bench.aggressive $(AGGRESSIVE_ARGS)
 
 # Agent traces (issue 17): coding and research agent loops through the arms side by side, prompt caching and
-# the bill (docs/BENCHMARKS.md), ~20 min on 2 quiet cores; AGENT_ARGS passes options, e.g. --quick (~1-2 min).
+# the bill (docs/BENCHMARKS.md): 23 min on 2 cores at load 2-3, 45 min at load 4; AGENT_ARGS passes options, e.g. --quick (~2 min).
 agent-bench: install
 	$(PY) -m bench.agent_traces $(AGENT_ARGS)
 
