@@ -162,10 +162,11 @@ class Settings(BaseSettings):
         "`GET /v1/retrieve/{id}` instead, and no tool is added.",
     )
     compression_partial_units: bool = Field(
-        default=True,
+        default=False,
         description="When the best unit does not fit what the ratio or budget leaves, keep its best "
         "sentences (lines, JSON items, definitions), gaps marked with `…`, instead of skipping it for "
-        "smaller, lower-ranked units. One more scorer call per turn, over that unit's pieces.",
+        "smaller, lower-ranked units. One more scorer call per turn, over that unit's pieces. Off by "
+        "default for now: a unit kept in part is reported (`units[].tokens`) with the tokens kept of it.",
     )
     retrieve_max_rounds: int = Field(
         default=3,
