@@ -67,6 +67,7 @@ from bench.cost_model import (
     net_saving,
     session_cost,
 )
+from bench.stats import bootstrap_ci, share
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST_LOG = ROOT / "bench" / "data" / "pytest_log.txt"
@@ -88,7 +89,6 @@ OWN_PATHS = frozenset({
 OUTPUT_TOKENS = 40  # each answer of the model: one tool call, or a short reply
 TRUNCATED = "[output truncated]"
 GOAL_SAVING, GOAL_KEPT = 0.50, 0.95
-BOOTSTRAP_SAMPLES = 2000
 MARKER = re.compile(r"ccproxy_retrieve id=([0-9a-f]{24})")
 
 
@@ -801,24 +801,8 @@ async def run_all(traces: Sequence[Trace], arms: Arms, store_factory: Callable[[
 # --- report ----------------------------------------------------------------------------------
 
 
-def _share(values: Sequence[bool]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def bootstrap_ci(values: Sequence[tuple[float, float]], seed: int) -> tuple[float, float]:
-    """95 % percentile interval of sum(a) / sum(b) over traces resampled with replacement."""
-    rng = random.Random(seed)
-    estimates = []
-    for _ in range(BOOTSTRAP_SAMPLES):
-        sample = [values[rng.randrange(len(values))] for _ in values]
-        denominator = sum(b for _, b in sample)
-        estimates.append(sum(a for a, _ in sample) / denominator if denominator else 0.0)
-    estimates.sort()
-    return estimates[int(0.025 * len(estimates))], estimates[int(0.975 * len(estimates)) - 1]
-
-
-def kept_share(runs: Sequence[dict[str, ArmRun]], arm: str) -> float:
-    return _share([r[arm].needle_kept or r[arm].needle_retrieved for r in runs])
+def keptshare(runs: Sequence[dict[str, ArmRun]], arm: str) -> float:
+    return share([r[arm].needle_kept or r[arm].needle_retrieved for r in runs])
 
 
 def saving(runs: Sequence[dict[str, ArmRun]], arm: str, profile: PriceProfile, *, cache: bool = True) -> float:
@@ -832,16 +816,16 @@ def arm_totals(runs: Sequence[dict[str, ArmRun]], arm: str) -> dict[str, Any]:
     none = sum(sum(r["none"].prompt_tokens) for r in runs)
     finals = [(r.prompt_tokens[r.final_index], r.cached_tokens[r.final_index]) for r in mine]
     return {
-        "kept": kept_share(runs, arm),
-        "kept_verbatim": _share([r.needle_kept for r in mine]),
-        "kept_before": _share([r.needle_kept_before for r in mine]),
+        "kept": keptshare(runs, arm),
+        "kept_verbatim": share([r.needle_kept for r in mine]),
+        "kept_before": share([r.needle_kept_before for r in mine]),
         "prompt_tokens": prompt,
         "vs_none": prompt / none - 1,
-        "extends_previous": _share([x for r in mine for x in r.extends_previous]),
+        "extends_previous": share([x for r in mine for x in r.extends_previous]),
         "cached_share": sum(sum(r.cached_tokens) for r in mine) / prompt,
         "uncached_tokens": prompt - sum(sum(r.cached_tokens) for r in mine),
         "final_cached_share": sum(c for _, c in finals) / sum(p for p, _ in finals),
-        "final_extends": _share([r.extends_previous[r.final_index - 1] for r in mine]),
+        "final_extends": share([r.extends_previous[r.final_index - 1] for r in mine]),
         "retrieve_per_trace": sum(r.retrieve_calls for r in mine) / len(mine),
         "compression_seconds": sum(r.compression_seconds for r in mine),
         "slowest_seconds": max(r.slowest_seconds for r in mine),
@@ -898,7 +882,7 @@ def tables(runs: Sequence[dict[str, ArmRun]], traces: Sequence[Trace], seed: int
         cells = [f"`{arm}`"]
         for members in groups.values():
             mine = [runs[i] for i in members]
-            cells += [f"{kept_share(mine, arm):.3f}", "—" if arm == "none" else f"{saving(mine, arm, PROFILES[-1]):+.1%}"]
+            cells += [f"{keptshare(mine, arm):.3f}", "—" if arm == "none" else f"{saving(mine, arm, PROFILES[-1]):+.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -906,7 +890,7 @@ def tables(runs: Sequence[dict[str, ArmRun]], traces: Sequence[Trace], seed: int
 def goal_lines(runs: Sequence[dict[str, ArmRun]]) -> list[str]:
     lines = []
     for arm in COMPRESSED_ARMS:
-        kept = kept_share(runs, arm)
+        kept = keptshare(runs, arm)
         savings = {p.name: saving(runs, arm, p) for p in PROFILES}
         worst = min(savings.values())
         misses = []
@@ -1094,7 +1078,7 @@ def trace_json(trace: Trace, runs: dict[str, ArmRun]) -> dict[str, Any]:
                 "cached_tokens": sum(run.cached_tokens),
                 "final_prompt_tokens": run.prompt_tokens[run.final_index],
                 "final_cached_tokens": run.cached_tokens[run.final_index],
-                "extends_previous": _share(run.extends_previous),
+                "extends_previous": share(run.extends_previous),
                 "outcomes": run.outcomes,
                 "compression_seconds": round(run.compression_seconds, 2),
                 "retrieve_calls": run.retrieve_calls,

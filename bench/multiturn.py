@@ -42,6 +42,7 @@ from bench.compressor_bench import cpu_name
 from bench.cost_model import PROFILES, PriceProfile, Request, net_saving, render_ids, session_cache, session_cost
 from bench.load import write_section
 from bench.nq import Item, contains_answer, hard_distractor_items, load_records
+from bench.stats import bootstrap_ci, share
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
@@ -59,7 +60,6 @@ SYSTEM = (
     "might be irrelevant). Keep answers short."
 )
 FINAL_PREFIX = "Going back to an earlier question of mine: "
-BOOTSTRAP_SAMPLES = 2000
 
 
 # --- conversations ---------------------------------------------------------------------------
@@ -219,22 +219,6 @@ async def run_all(
 # --- report ----------------------------------------------------------------------------------
 
 
-def _share(values: Sequence[bool]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def bootstrap_ci(values: Sequence[tuple[float, float]], seed: int) -> tuple[float, float]:
-    """95 % percentile interval of sum(a) / sum(b) over conversations resampled with replacement."""
-    rng = random.Random(seed)
-    estimates = []
-    for _ in range(BOOTSTRAP_SAMPLES):
-        sample = [values[rng.randrange(len(values))] for _ in values]
-        denominator = sum(b for _, b in sample)
-        estimates.append(sum(a for a, _ in sample) / denominator if denominator else 0.0)
-    estimates.sort()
-    return estimates[int(0.025 * len(estimates))], estimates[int(0.975 * len(estimates)) - 1]
-
-
 def saving_ci(runs: Sequence[dict[str, ArmRun]], arm: str, profile: PriceProfile, seed: int) -> tuple[float, float]:
     pairs = [(r["full"].bill(profile) - r[arm].bill(profile), r["full"].bill(profile)) for r in runs]
     return bootstrap_ci(pairs, seed)
@@ -245,11 +229,11 @@ def arm_totals(runs: Sequence[dict[str, ArmRun]], arm: str) -> dict[str, Any]:
     prompt = sum(sum(r.prompt_tokens) for r in mine)
     full = sum(sum(r["full"].prompt_tokens) for r in runs)
     return {
-        "gold_kept": _share([r.gold_kept for r in mine]),
-        "answer_in_context": _share([r.answer_in_context for r in mine]),
+        "gold_kept": share([r.gold_kept for r in mine]),
+        "answer_in_context": share([r.answer_in_context for r in mine]),
         "prompt_tokens": prompt,
         "saved": 1 - prompt / full,
-        "extends_previous": _share([x for r in mine for x in r.extends_previous]),
+        "extends_previous": share([x for r in mine for x in r.extends_previous]),
         "cached_share": sum(sum(r.cached_tokens) for r in mine) / prompt,
         "compression_seconds": sum(r.compression_seconds for r in mine),
     }

@@ -5,6 +5,7 @@ Pure functions, no I/O, so that the figures in docs/BENCHMARKS.md rest on tested
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,3 +81,24 @@ def paired_bootstrap(
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return PairedDifference(float(differences.mean()), float(low), float(high), confidence, resamples)
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def share(values: Sequence[bool]) -> float:
+    """The share of true values; NaN for none."""
+    return sum(values) / len(values) if values else float("nan")
+
+
+def bootstrap_ci(values: Sequence[tuple[float, float]], seed: int) -> tuple[float, float]:
+    """95 % percentile interval of sum(a) / sum(b) over the units (conversations, traces)
+    resampled with replacement."""
+    rng = random.Random(seed)
+    estimates = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        sample = [values[rng.randrange(len(values))] for _ in values]
+        denominator = sum(b for _, b in sample)
+        estimates.append(sum(a for a, _ in sample) / denominator if denominator else 0.0)
+    estimates.sort()
+    return estimates[int(0.025 * len(estimates))], estimates[int(0.975 * len(estimates)) - 1]
