@@ -26,6 +26,7 @@ from ccproxy.auth import (
 from ccproxy.serving import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.offload import favour_the_event_loop, serial_tokenizers
+from ccproxy.compression.policy import KeepHint
 from ccproxy.compression.scoring import ScoreRequest, load_scorer, score_requests
 from ccproxy.compressor_auth import CompressorTokenMiddleware, authorize_client
 from ccproxy.embedded import EmbeddedEngine
@@ -162,8 +163,8 @@ class Gateway:
             failures=FailedAuthLimiter(settings.auth_failures_per_minute),
         )
 
-    async def _score(self, query: str, units: Sequence[str]) -> list[float]:
-        [scores] = await self.compressor.to_async.score([ScoreRequest(query=query, units=list(units))])
+    async def _score(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
+        [scores] = await self.compressor.to_async.score([ScoreRequest.of(query, units, hint)])
         return scores
 
     async def __is_ready__(self) -> bool:

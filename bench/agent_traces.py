@@ -628,7 +628,9 @@ class ArmScorer:
         self.charged = 0.0
         self.spent = 0.0
 
-    async def __call__(self, query: str, units: Sequence[str]) -> list[float]:
+    async def __call__(self, query: str, units: Sequence[str], hint: object = None) -> list[float]:
+        # The hint is not passed on: the scores are memoised and shared by arms that keep
+        # different amounts, so every arm is charged the full pass.
         scores, charged, spent = await asyncio.to_thread(self.shared.score, query, units)
         self.charged += charged
         self.spent += spent

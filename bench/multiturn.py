@@ -44,6 +44,7 @@ from bench.load import write_section
 from bench.nq import Item, contains_answer, hard_distractor_items, load_records
 from bench.stats import bootstrap_ci, share
 from ccproxy.compression.gateway import ContextCompressor
+from ccproxy.compression.policy import KeepHint
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
 from ccproxy.tokens import TiktokenCounter, content_text, tiktoken_encoding
@@ -189,8 +190,8 @@ def make_compressors(base: Settings) -> dict[str, ContextCompressor]:
 
     scorer = load_scorer(base)
 
-    async def score(query: str, units: Sequence[str]) -> list[float]:
-        return await asyncio.to_thread(scorer.score, query, list(units))
+    async def score(query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
+        return await asyncio.to_thread(scorer.score, query, list(units), hint)
 
     return {
         arm: ContextCompressor(score, base.model_copy(update={"compression_history": arm}))

@@ -162,11 +162,12 @@ class Settings(BaseSettings):
         "`GET /v1/retrieve/{id}` instead, and no tool is added.",
     )
     compression_partial_units: bool = Field(
-        default=False,
+        default=True,
         description="When the best unit does not fit what the ratio or budget leaves, keep its best "
         "sentences (lines, JSON items, definitions), gaps marked with `…`, instead of skipping it for "
-        "smaller, lower-ranked units. One more scorer call per turn, over that unit's pieces. Off by "
-        "default for now: a unit kept in part is reported (`units[].tokens`) with the tokens kept of it.",
+        "smaller, lower-ranked units. One more scorer call per turn, over that unit's pieces. A unit kept "
+        "in part is reported with `kept: true` and `kept_tokens` below its `tokens`. Off: a unit that "
+        "does not fit is skipped whole.",
     )
     retrieve_max_rounds: int = Field(
         default=3,
@@ -244,8 +245,9 @@ class Settings(BaseSettings):
     )
     scoring_model: str | None = Field(
         default=None,
-        description="Hub id or local path of the scoring LLM. Unset: the embedded SmolLM2 on CPU, "
-        "mistralai/Mistral-7B-Instruct-v0.2 in int4 where CUDA is present.",
+        description="Hub id or local path of the scoring LLM (int4 where CUDA is present). Unset: the "
+        "embedded SmolLM2, on CPU or GPU. A model without a head set (CCPROXY_SCORING_HEAD_SET, "
+        "ccproxy/compression/heads/) makes the Compressor refuse to start.",
     )
     scoring_lora_path: Path | None = Field(
         default=None, description="A peft LoRA adapter (from training/train_qr_lora.py) to load."
@@ -253,8 +255,8 @@ class Settings(BaseSettings):
     scoring_head_set: str | None = Field(
         default=None,
         description="Name of the QR-head set in ccproxy/compression/heads/. Unset: the LoRA "
-        "adapter's heads.json when an adapter is loaded, else the scoring model's own set, or all "
-        "heads of the middle layers if it has none.",
+        "adapter's heads.json when an adapter is loaded, else the scoring model's own set; none "
+        "found, the Compressor refuses to start (training/detect_heads.py makes one).",
     )
     scoring_dense: Literal["off", "fusion", "prefilter", "both"] = Field(
         default="both",

@@ -9,7 +9,12 @@
   rank below them in dense order. A shorter context goes to the QR heads whole.
 * ``both``: the pre-filter, then fusion on the units it kept.
 
-Same interface as ``QRHeadScorer``: ``score(query, units)``, ``score_batch(requests)`` and the
+With a ``KeepHint`` (what the policy will keep), the QR-head pass is skipped when it cannot change
+the kept set: the pre-filtered units rank above all others, so when they fit the allowance
+together their order among themselves decides nothing (at ratio 0.5, every context over about
+twice the pre-filter budget). The dense order then stands in for theirs.
+
+Same interface as ``QRHeadScorer``: ``score(query, units, hint)``, ``score_batch(requests)`` and the
 ``tokenizer`` the in-process compressor counts with.
 """
 
@@ -19,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 from ccproxy.compression.fusion import FusionMethod, fuse, merge_prefiltered, prefilter
+from ccproxy.compression.policy import KeepHint, kept_whatever_the_order
 
 DenseMode = Literal["fusion", "prefilter", "both"]
 
@@ -56,25 +62,34 @@ class FusedScorer:
         self.method: FusionMethod = method
         self.weight = weight
         self.prefilter_tokens = prefilter_tokens
+        self.passes_skipped = 0  # QR-head passes a hint showed could not change the kept set
 
     @property
     def tokenizer(self) -> Any:
         return self.qr.tokenizer
 
-    def score(self, query: str, units: Sequence[str]) -> list[float]:
+    def score(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
         """One relevance score per unit (higher = more relevant to the query)."""
         if not units:
             return []
-        return self.score_with_dense(query, units, self.dense.scores(query, units))
+        return self.score_with_dense(query, units, self.dense.scores(query, units), hint)
 
-    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
-        return [self.score(query, units) for query, units in requests]
+    def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
+        """(query, units) or (query, units, hint) each."""
+        return [self.score(*request) for request in requests]
 
-    def score_with_dense(self, query: str, units: Sequence[str], dense_scores: Sequence[float]) -> list[float]:
+    def score_with_dense(
+        self, query: str, units: Sequence[str], dense_scores: Sequence[float], hint: KeepHint | None = None
+    ) -> list[float]:
         """The rest of ``score`` once the dense scores are known (the benchmark reuses its own)."""
         if len(dense_scores) != len(units):
             raise ValueError(f"{len(dense_scores)} dense scores for {len(units)} units")
+        if hint is not None and len(hint.unit_tokens) != len(units):
+            raise ValueError(f"a hint for {len(hint.unit_tokens)} units, {len(units)} to score")
         kept = self.rescored_units(units, dense_scores)
+        if hint is not None and kept_whatever_the_order(hint, kept):
+            self.passes_skipped += 1
+            return merge_prefiltered(dense_scores, kept, [dense_scores[i] for i in kept])
         qr_scores = self.qr.score(query, [units[i] for i in kept])
         if self.mode in ("fusion", "both"):
             qr_scores = fuse(qr_scores, [dense_scores[i] for i in kept], self.method, self.weight)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.pipeline import Compression
+from ccproxy.compression.policy import KeepHint
 from ccproxy.compression.scoring import load_scorer
 from ccproxy.settings import Settings, get_settings
 from ccproxy.tokens import TokenizerCounter
@@ -18,8 +19,8 @@ from ccproxy.tokens import TokenizerCounter
 def _compressor(settings: Settings) -> tuple[ContextCompressor, TokenizerCounter]:
     scorer = load_scorer(settings)
 
-    async def score(query: str, units: Sequence[str]) -> list[float]:
-        return await asyncio.to_thread(scorer.score, query, list(units))
+    async def score(query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
+        return await asyncio.to_thread(scorer.score, query, list(units), hint)
 
     # The scorer already holds the scoring model's tokenizer: count with it rather than load
     # the embedded one a second time.

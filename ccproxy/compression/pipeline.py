@@ -16,12 +16,20 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ccproxy.compression.conversation import Conversation, Edits, TurnEdit, WireFormat
 from ccproxy.compression.history import HistoryMemo, SegmentDecision, is_agent_step, memo_key, task_before, turn_bounds
 from ccproxy.compression.offload import Offload, inline
-from ccproxy.compression.policy import allowance, finish_walk, pick_pieces, should_compress, walk
+from ccproxy.compression.policy import (
+    KeepHint,
+    allowance,
+    finish_walk,
+    kept_whatever_the_order,
+    pick_pieces,
+    should_compress,
+    walk,
+)
 from ccproxy.compression.units import (
     AgentStep,
     Elide,
@@ -39,8 +47,17 @@ from ccproxy.tokens import TokenCounter
 
 T = TypeVar("T")
 P = TypeVar("P")
-Scorer = Callable[[str, Sequence[str]], Awaitable[list[float]]]
-Outcome = Literal["compressed", "disabled", "below_threshold", "nothing_to_drop", "too_large", "failed"]
+
+
+class Scorer(Protocol):
+    """One relevance score per unit text, higher = more relevant to the query. ``hint``: what the
+    policy will keep of these units (policy.KeepHint), for a scorer that can skip a pass that
+    cannot change the kept set; a scorer is free to ignore it."""
+
+    def __call__(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> Awaitable[list[float]]: ...
+
+
+Outcome = Literal["compressed", "disabled", "below_threshold", "nothing_to_drop", "no_query", "too_large", "failed"]
 # What becomes of a dropped stretch: it goes (lossy; a tool result says how many lines or items
 # went); it is replaced by a marker naming an id the model can retrieve it by, through a tool
 # ccproxy answers (lossless); or by a marker pointing at GET /v1/retrieve/{id} (citation).
@@ -87,16 +104,22 @@ class CompressionPlan:
 class UnitReport:
     index: int
     kind: UnitKind
-    tokens: int
+    tokens: int  # the unit's size
     protected: bool
-    kept: bool
+    kept: bool  # any of it: whole, or in part (its best pieces, when it did not fit)
     score: float | None  # None for units that were not scored (protected ones)
+    kept_tokens: int  # what is forwarded of it: ``tokens`` kept whole, fewer kept in part, 0 dropped
+
+    @property
+    def partly(self) -> bool:
+        return self.kept and self.kept_tokens != self.tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "kind": self.kind,
             "tokens": self.tokens,
+            "kept_tokens": self.kept_tokens,
             "protected": self.protected,
             "kept": self.kept,
             "score": self.score,
@@ -152,30 +175,51 @@ def skipped(segmentation: Segmentation, tokens: Sequence[int], plan: Compression
         return "below_threshold"
     if all(unit.protected for unit in segmentation.units):
         return "nothing_to_drop"
+    if not segmentation.query.strip():
+        # No question to rank against (the user turn holds only images, or no user turn yet):
+        # every unit would score the same noise, so nothing is dropped.
+        return "no_query"
     return None
 
 
-async def score_units(segmentation: Segmentation, score: Scorer) -> list[float]:
-    """One score per unit: the scorer's for the droppable ones, 0.0 for the protected ones."""
+def keep_hint(segmentation: Segmentation, tokens: Sequence[int], plan: CompressionPlan, reserved_tokens: int) -> KeepHint:
+    """What the policy will keep of the droppable units: their tokens and the least allowance
+    ``choose_deep`` can have, with ``reserved_tokens`` an upper bound of what it reserves."""
+    units = segmentation.units
+    protected = [unit.protected for unit in units]
+    budget = None if plan.budget_tokens is None else max(0, plan.budget_tokens - reserved_tokens)
+    least = allowance(tokens, protected, ratio=plan.ratio, budget_tokens=budget)
+    return KeepHint(tuple(n for n, p in zip(tokens, protected) if not p), least)
+
+
+async def score_units(segmentation: Segmentation, score: Scorer, hint: KeepHint | None = None) -> list[float]:
+    """One score per unit: the scorer's for the droppable ones, 0.0 for the protected ones.
+    When the hint says every droppable unit is kept whatever its score, the scorer is not called."""
     units = segmentation.units
     droppable = [i for i, unit in enumerate(units) if not unit.protected]
-    droppable_scores = await score(segmentation.query, [units[i].text for i in droppable])
+    if hint is not None and kept_whatever_the_order(hint, range(len(droppable))):
+        droppable_scores = [0.0] * len(droppable)
+    else:
+        droppable_scores = await score(segmentation.query, [units[i].text for i in droppable], hint)
     scores = [0.0] * len(units)
     for i, value in zip(droppable, droppable_scores, strict=True):
         scores[i] = value
     return scores
 
 
-async def score_bounded(segmentations: Sequence[Segmentation], score: Scorer, in_flight: int) -> list[list[float]]:
+async def score_bounded(
+    segmentations: Sequence[Segmentation], score: Scorer, in_flight: int, hints: Sequence[KeepHint | None] | None = None
+) -> list[list[float]]:
     """``score_units`` of each, in order, with at most ``in_flight`` scorer calls at a time; when
     the caller is cancelled (the compressor timeout), the calls not yet made are never made."""
     gate = asyncio.Semaphore(in_flight)
+    hints = [None] * len(segmentations) if hints is None else hints
 
-    async def one(segmentation: Segmentation) -> list[float]:
+    async def one(segmentation: Segmentation, hint: KeepHint | None) -> list[float]:
         async with gate:
-            return await score_units(segmentation, score)
+            return await score_units(segmentation, score, hint)
 
-    return list(await asyncio.gather(*(one(s) for s in segmentations)))
+    return list(await asyncio.gather(*(one(s, h) for s, h in zip(segmentations, hints, strict=True))))
 
 
 async def choose_deep(
@@ -243,7 +287,7 @@ def unit_reports(
     """One report per unit; ``first_index`` numbers units after those of earlier segments."""
     in_part = {unit: kept_tokens for unit, _, kept_tokens in decision.partial}
     return tuple(
-        UnitReport(first_index + u.index, u.kind, in_part.get(u.index, n), u.protected, kept, s)
+        UnitReport(first_index + u.index, u.kind, n, u.protected, kept, s, in_part.get(u.index, n) if kept else 0)
         for u, n, kept, s in zip(units, tokens, decision.keep, decision.scores)
     )
 
@@ -331,11 +375,6 @@ async def decide(
     reasons = {
         k: skipped(s.segmentation, s.tokens, plan, raw_upto[k]) for k, s in enumerate(segments) if s.found is None
     }
-    # Scoring a segment needs nothing from the others, so the misses (every segment, on a worker
-    # that has not seen this chat) go to the scorer together, where they can share a batch.
-    to_score = [k for k, reason in reasons.items() if reason is None]
-    scored = dict(zip(to_score, await score_bounded([segments[k].segmentation for k in to_score], score, SEGMENTS_IN_FLIGHT)))
-
     # The framing up to the end of segment k; the last one's is the whole request's, which the
     # budget check below needs again, so each is counted once.
     framing_upto: dict[int, int] = {}
@@ -346,6 +385,19 @@ async def decide(
                 framing_tokens, conversation, segments[k].end, raw_upto[k], plan, count_tokens
             )
         return framing_upto[k]
+
+    # Scoring a segment needs nothing from the others, so the misses (every segment, on a worker
+    # that has not seen this chat) go to the scorer together, where they can share a batch. Each
+    # goes with what the policy will keep of it at least: whatever earlier segments keep, they
+    # keep no more than they hold.
+    to_score = [k for k, reason in reasons.items() if reason is None]
+    hints = [
+        keep_hint(segments[k].segmentation, segments[k].tokens, plan, (raw_upto[k - 1] if k else 0) + await framing_through(k))
+        for k in to_score
+    ]
+    scored = dict(zip(to_score, await score_bounded(
+        [segments[k].segmentation for k in to_score], score, SEGMENTS_IN_FLIGHT, hints
+    )))
 
     reports: list[UnitReport] = []
     kept_total = 0

@@ -149,3 +149,21 @@ def finish_walk(unit_tokens: Sequence[int], stopped: Walk, left: int) -> list[bo
 def pick_pieces(piece_tokens: Sequence[int], piece_scores: Sequence[float], allowance: int) -> list[bool]:
     """The best-scoring pieces of one unit that fit ``allowance`` (ties: the later first)."""
     return select(piece_tokens, piece_scores, [False] * len(piece_tokens), allowance)
+
+
+@dataclass(frozen=True)
+class KeepHint:
+    """What the policy will keep of the units being scored, known before their scores: their
+    tokens (the upstream model's tokenizer) and the least allowance they will share (a budget
+    leaves less once earlier turns are decided, so the hint holds a lower bound). A scorer reads
+    it to skip a pass whose scores cannot change which units are kept."""
+
+    unit_tokens: tuple[int, ...]
+    allowance: int
+
+
+def kept_whatever_the_order(hint: KeepHint, first: Sequence[int]) -> bool:
+    """True when units ranked above every other unit, in any order among themselves, are all
+    kept: they fit the allowance together. Their order cannot then change the kept set (the walk
+    takes them all, and what it does with the rest does not depend on their order)."""
+    return sum(hint.unit_tokens[i] for i in first) <= hint.allowance

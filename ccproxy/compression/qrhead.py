@@ -26,6 +26,12 @@ Efficiency (never materialise the full attention matrix):
 
 Contexts longer than one window are scored in overlapping windows of whole units, each window a
 complete prompt ending with the query; a unit in several windows gets the mean of its scores.
+
+Bounded cost: the query the heads read is capped at ``max_query_tokens`` (its first and last
+halves: a question before pasted data, or after it), so the template and the query take at most
+half a window and a window never runs past the model's positions. A pasted 40 k-character "query"
+otherwise left a 64-token context budget, thousands of windows and a float32 row-attention
+matrix of gigabytes per head.
 """
 
 from __future__ import annotations
@@ -37,10 +43,14 @@ from typing import Any
 
 import torch
 
+from ccproxy.compression.policy import KeepHint
+
 INTRO = "Here are some paragraphs:"
 LATE_INSTRUCTION = "Please find information that are relevant to the following query in the paragraphs above."
 SEPARATOR = "\n\n"
 NULL_QUERY = "N/A"
+MAX_QUERY_TOKENS = 512
+MIN_QUERY_TOKENS = 16
 _SENTINEL = "\x00CCPROXY_CONTENT\x00"
 
 Head = tuple[int, int]
@@ -194,6 +204,14 @@ def plan_windows(costs: Sequence[int], budget: int, overlap: int) -> list[range]
     return windows
 
 
+def capped_query(query_ids: list[int], max_tokens: int) -> list[int]:
+    """The query's first and last ``max_tokens // 2`` tokens (about) when it is longer."""
+    if len(query_ids) <= max_tokens:
+        return query_ids
+    head = max_tokens // 2
+    return query_ids[:head] + query_ids[len(query_ids) - (max_tokens - head):]
+
+
 def middle_layers(n_layers: int) -> range:
     """The middle third of the layers: ICR-style scoring without detected heads."""
     return range(n_layers // 3, max(n_layers // 3 + 1, (2 * n_layers) // 3))
@@ -319,6 +337,7 @@ class QRHeadScorer:
         overlap_tokens: int = 512,
         instruction: str = LATE_INSTRUCTION,
         null_query: str = NULL_QUERY,
+        max_query_tokens: int = MAX_QUERY_TOKENS,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -344,6 +363,12 @@ class QRHeadScorer:
         self.null_query = null_query
         self.pieces = prompt_pieces(tokenizer, instruction)
         self._null_ids = self._encode(f" {null_query}")
+        # The template and the query take at most half a window (a small window caps the query
+        # lower), so every window has at least half its tokens for the context.
+        template = len(self.pieces.head) + len(self.pieces.tail([]))
+        self.max_query_tokens = min(max_query_tokens, self.window_tokens // 2 - template)
+        if self.max_query_tokens < MIN_QUERY_TOKENS:
+            raise ValueError(f"a window of {self.window_tokens} tokens leaves no room for a query: raise window_tokens")
 
     @classmethod
     def load(cls, source: str | None = None, *, adapter: str | None = None, **kwargs: Any) -> QRHeadScorer:
@@ -357,18 +382,20 @@ class QRHeadScorer:
 
     # -- public API --------------------------------------------------------------------------
 
-    def score(self, query: str, units: Sequence[str]) -> list[float]:
-        """One relevance score per unit (higher = more relevant to the query)."""
+    def score(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
+        """One relevance score per unit (higher = more relevant to the query). ``hint`` is read by
+        the callers (a pass whose scores cannot change the kept set is not made), not here."""
         if not units:
             return []
         heads_by_layer = self._group(self.heads)
         per_unit = self._windowed(query, units, heads_by_layer, per_head=False)
         return [float(x) for x in per_unit]
 
-    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
-        """Scores for many (query, units) requests. One at a time: on CPU a padded batch costs as
-        much as the sum of its rows, and every request needs its own windows anyway."""
-        return [self.score(query, units) for query, units in requests]
+    def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
+        """Scores for many (query, units) or (query, units, hint) requests. One at a time: on CPU a
+        padded batch costs as much as the sum of its rows, and every request needs its own windows
+        anyway."""
+        return [self.score(*request) for request in requests]
 
     def per_head_unit_scores(self, query: str, units: Sequence[str], layers: Sequence[int] | None = None) -> torch.Tensor:
         """[len(layers), n_heads, n_units]: each head's own unit scores (threshold per head), for
@@ -382,7 +409,7 @@ class QRHeadScorer:
 
     def build_prompt(self, query: str, units: Sequence[str]) -> Prompt:
         """The single-window prompt for ``units`` (no truncation)."""
-        return self.pieces.assemble(self._encode_units(units), self._encode(f" {query}"), self._null_ids)
+        return self.pieces.assemble(self._encode_units(units), self._query_ids(query), self._null_ids)
 
     def token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:
         """Calibrated per-head scores of every context token: [n_selected_heads, len(context)],
@@ -404,6 +431,10 @@ class QRHeadScorer:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
+    def _query_ids(self, query: str) -> list[int]:
+        # Tokenised whole (linear in its length), then capped.
+        return capped_query(self._encode(f" {query}"), self.max_query_tokens)
+
     def _encode_units(self, units: Sequence[str]) -> list[list[int]]:
         texts = [u for u in units if u]
         encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
@@ -419,11 +450,10 @@ class QRHeadScorer:
     def _windowed(self, query: str, units: Sequence[str], heads_by_layer: Mapping[int, Sequence[int]],
                   *, per_head: bool) -> torch.Tensor:
         unit_ids = self._encode_units(units)
-        query_ids = self._encode(f" {query}")
+        query_ids = self._query_ids(query)
         fixed = len(self.pieces.head) + len(self.pieces.tail(query_ids))
         sep = len(self.pieces.separator)
-        # Never below a small floor, so a huge query still leaves room for some context.
-        budget = max(self.window_tokens - fixed, 64)
+        budget = self.window_tokens - fixed  # at least half a window (the query is capped)
         windows = plan_windows([len(ids) + sep for ids in unit_ids], budget, self.overlap_tokens)
         n_rows = sum(len(h) for h in heads_by_layer.values())
         total = torch.zeros(n_rows if per_head else 1, len(units), dtype=torch.float64)

@@ -4,28 +4,73 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
+from ccproxy.compression.policy import KeepHint
 from ccproxy.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class ScoreRequest(BaseModel):
-    """One request to score: the query and the texts of the droppable units, in order."""
+    """One request to score: the query and the texts of the droppable units, in order; with what
+    the policy will keep of them (``unit_tokens``, ``allowance``: policy.KeepHint), when known."""
 
     query: str
     units: list[str]
+    unit_tokens: list[Annotated[int, Field(ge=0)]] | None = None
+    allowance: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_count_per_unit(self) -> ScoreRequest:
+        if (self.unit_tokens is None) != (self.allowance is None):
+            raise ValueError("unit_tokens and allowance go together")
+        if self.unit_tokens is not None and len(self.unit_tokens) != len(self.units):
+            raise ValueError(f"{len(self.unit_tokens)} unit_tokens for {len(self.units)} units")
+        return self
+
+    @classmethod
+    def of(cls, query: str, units: Sequence[str], hint: KeepHint | None = None) -> ScoreRequest:
+        if hint is None:
+            return cls(query=query, units=list(units))
+        return cls(query=query, units=list(units), unit_tokens=list(hint.unit_tokens), allowance=hint.allowance)
+
+    def hint(self) -> KeepHint | None:
+        if self.unit_tokens is None or self.allowance is None:
+            return None
+        return KeepHint(tuple(self.unit_tokens), self.allowance)
 
 
-def scoring_source(settings: Settings, cuda_available: bool) -> str | None:
-    """The model to score with: the configured one, else Mistral on a GPU, else the embedded one."""
-    from ccproxy.compression.model import PRODUCTION_MODEL
+class NoHeadSet(RuntimeError):
+    """The scoring model has no detected head set: the Compressor refuses to start rather than
+    score with every head of the middle layers (the weakest set measured)."""
 
-    if settings.scoring_model:
-        return settings.scoring_model
-    return PRODUCTION_MODEL if cuda_available else None
+
+def scoring_source(settings: Settings) -> str | None:
+    """The model to score with: the configured one, else the embedded SmolLM2 (on CUDA too: it is
+    the model with a shipped head set; Mistral-7B is one setting away, docs/TRAINING.md)."""
+    return settings.scoring_model or None
+
+
+def chosen_heads(settings: Settings, model_name: str, adapter: str | None) -> list[tuple[int, int]]:
+    """The head set to score with, or NoHeadSet naming the way to make one."""
+    from ccproxy.compression.heads import head_set_path, load_head_set, scoring_head_set
+
+    if settings.scoring_head_set:
+        heads = load_head_set(settings.scoring_head_set)
+        where = f"CCPROXY_SCORING_HEAD_SET={settings.scoring_head_set!r} names no file ({head_set_path(settings.scoring_head_set)})"
+    else:
+        heads = scoring_head_set(model_name, adapter)
+        where = f"no head set ships for the scoring model {model_name!r} ({head_set_path(model_name)})"
+    if not heads:
+        raise NoHeadSet(
+            f"{where}. Detect one with `python -m training.detect_heads --model <model>` (docs/TRAINING.md) "
+            "and name it with CCPROXY_SCORING_HEAD_SET, or unset CCPROXY_SCORING_MODEL for the embedded "
+            "SmolLM2 and its shipped set."
+        )
+    return heads
 
 
 def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is imported only here
@@ -34,19 +79,15 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
     if settings.compressor_threads:
         torch.set_num_threads(settings.compressor_threads)
 
-    from ccproxy.compression.heads import load_head_set, scoring_head_set
-    from ccproxy.compression.model import load_scoring_model
+    from ccproxy.compression.model import EMBEDDED, load_scoring_model, model_name
     from ccproxy.compression.qrhead import QRHeadScorer
 
     adapter = str(settings.scoring_lora_path) if settings.scoring_lora_path else None
-    loaded = load_scoring_model(
-        scoring_source(settings, torch.cuda.is_available()), adapter=adapter, cache_dir=settings.model_cache_dir
-    )
-    if settings.scoring_head_set:
-        heads = load_head_set(settings.scoring_head_set)
-    else:
-        heads = scoring_head_set(loaded.name, adapter)
-    qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads)
+    source = scoring_source(settings)
+    # Before the weights load (minutes for a 7B model): a model without heads never serves.
+    chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
+    loaded = load_scoring_model(source, adapter=adapter, cache_dir=settings.model_cache_dir)
+    qr = QRHeadScorer(loaded.model, loaded.tokenizer, chosen_heads(settings, loaded.name, adapter))
     if settings.scoring_dense == "off":
         return qr
     from ccproxy.compression.dense import DenseModelMissing
@@ -82,4 +123,4 @@ def fused_scorer(qr, settings: Settings):  # -> FusedScorer
 
 
 def score_requests(scorer, requests: Sequence[ScoreRequest]) -> list[list[float]]:
-    return scorer.score_batch([(request.query, request.units) for request in requests])
+    return scorer.score_batch([(request.query, request.units, request.hint()) for request in requests])

@@ -53,7 +53,7 @@ def test_compress_endpoint_keeps_the_gold_passage(embedded_gateway: str, embedde
     assert rag_item.record.gold.text in body["messages"][0]["content"]
     assert rag_item.question in body["messages"][0]["content"]
     kept_units = [u for u in body["units"] if u["kept"] and not u["protected"]]
-    assert sum(u["tokens"] for u in kept_units) <= 0.2 * sum(u["tokens"] for u in body["units"] if not u["protected"])
+    assert sum(u["kept_tokens"] for u in kept_units) <= 0.2 * sum(u["tokens"] for u in body["units"] if not u["protected"])
 
 
 def test_compress_endpoint_validates_its_body(embedded_gateway: str, embedded_key: str) -> None:

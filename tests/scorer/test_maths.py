@@ -84,3 +84,11 @@ def test_plan_windows_one_window_when_everything_fits_and_alone_for_giants() -> 
 def test_middle_layers_is_the_middle_third() -> None:
     assert middle_layers(30) == range(10, 20)
     assert list(middle_layers(2)) == [0]
+
+
+def test_a_long_query_keeps_its_first_and_last_halves() -> None:
+    from ccproxy.compression.qrhead import capped_query
+
+    assert capped_query([1, 2, 3], 4) == [1, 2, 3]
+    assert capped_query(list(range(10)), 4) == [0, 1, 8, 9]
+    assert capped_query(list(range(10)), 5) == [0, 1, 7, 8, 9]

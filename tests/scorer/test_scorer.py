@@ -127,3 +127,24 @@ def test_forward_stops_at_the_deepest_selected_layer(scoring_model: ScoringModel
             hook.remove()
     # Layers 0-5 run (context, then the tails); layer 6 only projects queries and keys.
     assert sorted(set(called)) == sorted(f"layer {i}" for i in range(6))
+
+
+def test_a_pasted_40k_character_query_is_capped_and_scores_in_one_window(scorer: QRHeadScorer, monkeypatch) -> None:
+    """Issue 18: everything after the last prose paragraph becomes the query. Uncapped, a question
+    followed by pasted JSON left a 64-token context budget: one window per unit, positions past
+    the model's limit and GBs of row attention per head."""
+    pasted = QUERY + "\n" + '{"key": "value", "n": 12345}, ' * 1400
+    assert len(pasted) > 40_000
+    windows: list[int] = []
+    real = scorer._window_token_scores
+
+    def counted(prompt, heads_by_layer):  # type: ignore[no-untyped-def]
+        windows.append(len(prompt.context) + len(prompt.query_tail))
+        return real(prompt, heads_by_layer)
+
+    monkeypatch.setattr(scorer, "_window_token_scores", counted)
+    scores = scorer.score(pasted, UNITS * 10)
+    assert len(windows) == 1 and windows[0] <= scorer.window_tokens
+    assert len(scores) == 40 and all(s == s for s in scores)  # no NaN
+    prompt = scorer.build_prompt(pasted, UNITS)
+    assert len(prompt.query_tail) <= scorer.max_query_tokens + len(scorer.pieces.tail([]))

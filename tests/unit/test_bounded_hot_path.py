@@ -30,12 +30,12 @@ def words(texts: Sequence[str]) -> list[int]:
     return [len(text.split()) for text in texts]
 
 
-async def overlap_score(query: str, units: Sequence[str]) -> list[float]:
+async def overlap_score(query: str, units: Sequence[str], hint: object = None) -> list[float]:
     wanted = set(query.lower().split())
     return [float(len(wanted & set(unit.lower().split()))) for unit in units]
 
 
-async def must_not_score(query: str, units: Sequence[str]) -> list[float]:
+async def must_not_score(query: str, units: Sequence[str], hint: object = None) -> list[float]:
     raise AssertionError("the scorer was called")
 
 

@@ -55,7 +55,7 @@ class CountingScorer:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    async def __call__(self, query: str, units: Sequence[str]) -> list[float]:
+    async def __call__(self, query: str, units: Sequence[str], hint: object = None) -> list[float]:
         self.calls.append(query)
         return await overlap_score(query, units)
 
@@ -198,7 +198,7 @@ def test_reports_and_token_counts_add_up() -> None:
     result = stable(chat(6), plan(ratio=0.4, threshold_tokens=50), HistoryMemo())
     assert [u.index for u in result.units] == list(range(len(result.units)))
     assert result.tokens_before == sum(u.tokens for u in result.units)
-    assert result.tokens_after == sum(u.tokens for u in result.units if u.kept)
+    assert result.tokens_after == sum(u.kept_tokens for u in result.units)
     forwarded_words = sum(len(str(m["content"]).split()) for m in result.forwarded)
     assert forwarded_words == result.tokens_after  # words() counts what is forwarded exactly
 
@@ -252,7 +252,7 @@ class SlowScorer:
         self.running = 0
         self.most = 0
 
-    async def __call__(self, query: str, units: Sequence[str]) -> list[float]:
+    async def __call__(self, query: str, units: Sequence[str], hint: object = None) -> list[float]:
         self.started += 1
         self.running += 1
         self.most = max(self.most, self.running)

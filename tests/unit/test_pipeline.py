@@ -18,7 +18,7 @@ def words(texts: Sequence[str]) -> list[int]:
     return [len(text.split()) for text in texts]
 
 
-async def overlap_score(query: str, units: Sequence[str]) -> list[float]:
+async def overlap_score(query: str, units: Sequence[str], hint: object = None) -> list[float]:
     wanted = set(query.lower().split())
     return [float(len(wanted & set(unit.lower().split()))) for unit in units]
 
@@ -57,7 +57,7 @@ def test_keeps_the_relevant_document_the_question_and_the_system_prompt() -> Non
     assert text.endswith("Question: when was the treaty of zurich signed?")
     assert result.forwarded[0] == messages[0]
     assert result.tokens_after < result.tokens_before
-    kept_unprotected = sum(u.tokens for u in result.units if u.kept and not u.protected)
+    kept_unprotected = sum(u.kept_tokens for u in result.units if not u.protected)
     unprotected = sum(u.tokens for u in result.units if not u.protected)
     assert kept_unprotected <= 0.2 * unprotected
     assert all(u.score is None for u in result.units if u.protected)
@@ -108,7 +108,7 @@ def test_skips_leave_messages_untouched(overrides: dict, outcome: str) -> None:
 
 
 def test_a_failing_scorer_fails_open_with_the_original_messages() -> None:
-    async def broken(query: str, units: Sequence[str]) -> list[float]:
+    async def broken(query: str, units: Sequence[str], hint: object = None) -> list[float]:
         raise MemoryError("CUDA out of memory")
 
     compressor = ContextCompressor(broken, Settings(compression_threshold_tokens=10))
@@ -119,7 +119,7 @@ def test_a_failing_scorer_fails_open_with_the_original_messages() -> None:
 
 
 def test_a_slow_scorer_times_out_and_fails_open() -> None:
-    async def slow(query: str, units: Sequence[str]) -> list[float]:
+    async def slow(query: str, units: Sequence[str], hint: object = None) -> list[float]:
         await asyncio.sleep(5)
         return [0.0] * len(units)
 
@@ -168,3 +168,19 @@ def test_bad_compression_controls_are_400(headers: dict, field: object, param: s
     with pytest.raises(ProxyError) as caught:
         compression_control(headers, body)
     assert (caught.value.status, caught.value.param) == (400, param)
+
+
+def test_a_request_without_question_text_is_forwarded_whole() -> None:
+    """No user text to rank against (an image-only turn): scoring would rank noise."""
+
+    async def must_not_score(query: str, units: Sequence[str], hint: object = None) -> list[float]:
+        raise AssertionError("scored without a question")
+
+    documents = rag_messages()[1]["content"].rsplit("\n\n", 1)[0]
+    messages = [
+        {"role": "user", "content": documents},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
+    ]
+    result = asyncio.run(compress_messages(messages, plan(), count_tokens=words, score=must_not_score))
+    assert result.outcome == "no_query" and result.forwarded == messages

@@ -1,0 +1,28 @@
+"""Which scorer the Compressor loads: never a model without a head set (issue 18)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ccproxy.compression.heads import load_head_set
+from ccproxy.compression.model import EMBEDDED_NAME
+from ccproxy.compression.scoring import NoHeadSet, chosen_heads, load_scorer, scoring_source
+from ccproxy.settings import Settings
+
+
+def test_the_default_is_the_embedded_model_with_its_shipped_heads_on_any_device() -> None:
+    assert scoring_source(Settings()) is None  # the embedded SmolLM2, with or without CUDA
+    heads = chosen_heads(Settings(), EMBEDDED_NAME, None)
+    assert heads == load_head_set(EMBEDDED_NAME) and heads
+
+
+def test_a_model_without_a_head_set_is_refused_before_its_weights_load() -> None:
+    # The check comes first: without it this would try to download 14 GB from the hub.
+    with pytest.raises(NoHeadSet, match=r"mistral-7b-instruct-v0\.2.*training\.detect_heads"):
+        load_scorer(Settings(scoring_model="mistralai/Mistral-7B-Instruct-v0.2"))
+
+
+def test_a_head_set_name_that_names_no_file_is_refused() -> None:
+    with pytest.raises(NoHeadSet, match="CCPROXY_SCORING_HEAD_SET='no-such-set'"):
+        chosen_heads(Settings(scoring_head_set="no-such-set"), EMBEDDED_NAME, None)
+    assert chosen_heads(Settings(scoring_head_set=EMBEDDED_NAME), "any-model", None) == load_head_set(EMBEDDED_NAME)
