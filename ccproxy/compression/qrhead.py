@@ -26,6 +26,12 @@ Efficiency (never materialise the full attention matrix):
 
 Contexts longer than one window are scored in overlapping windows of whole units, each window a
 complete prompt ending with the query; a unit in several windows gets the mean of its scores.
+Each window has its own softmax, so those scores are not comparable across windows (every window
+has a winner, and a short window inflates its units). A final **joint window** fixes the top of
+the ranking: each window's best units, taken in turn by their rank inside their window, fill one
+window that is scored as a whole; they rank by that score, above every other unit, and the others
+follow in their windowed order (``joint_candidates``, ``joint_ranking``). Per-head scores (head
+detection) keep the windowed means.
 
 Bounded cost: the query the heads read is capped at ``max_query_tokens`` (its first and last
 halves: a question before pasted data, or after it), so the template and the query take at most
@@ -212,6 +218,42 @@ def capped_query(query_ids: list[int], max_tokens: int) -> list[int]:
     return query_ids[:head] + query_ids[len(query_ids) - (max_tokens - head):]
 
 
+def joint_candidates(local: Sequence[tuple[Sequence[int], Sequence[float]]], costs: Sequence[int], budget: int) -> list[int]:
+    """Units for the joint window, in document order: each window's best by its own score, taken
+    in turn (every window's first, then every window's second, ...) while they fit ``budget``.
+    ``local``: per window, its unit indices and their scores in that window. A unit in several
+    windows is taken once; one that does not fit what is left is passed over."""
+    orders = [[unit for _, unit in sorted(zip(scores, units), key=lambda pair: -pair[0])] for units, scores in local]
+    chosen: set[int] = set()
+    left = budget
+    for rank in range(max((len(order) for order in orders), default=0)):
+        for order in orders:
+            if rank < len(order) and order[rank] not in chosen and costs[order[rank]] <= left:
+                chosen.add(order[rank])
+                left -= costs[order[rank]]
+    return sorted(chosen)
+
+
+def joint_ranking(windowed: Sequence[float], candidates: Sequence[int], joint: Sequence[float]) -> list[float]:
+    """One score per unit: the joint window's for the candidates; the others below the lowest of
+    those, in their windowed order, within one spread of the joint scores (ties stay ties)."""
+    out = [float(x) for x in windowed]
+    for k, value in zip(candidates, joint, strict=True):
+        out[k] = float(value)
+    rest = sorted(set(range(len(windowed))) - set(candidates), key=lambda k: -windowed[k])
+    if not rest or not candidates:
+        return out
+    low = min(joint)
+    spread = (max(joint) - low) or abs(low) or 1.0
+    step = spread / (len(rest) + 1)
+    rank = 0
+    for position, k in enumerate(rest):
+        if position and windowed[k] != windowed[rest[position - 1]]:
+            rank = position
+        out[k] = low - step * (rank + 1)
+    return out
+
+
 def middle_layers(n_layers: int) -> range:
     """The middle third of the layers: ICR-style scoring without detected heads."""
     return range(n_layers // 3, max(n_layers // 3 + 1, (2 * n_layers) // 3))
@@ -319,6 +361,13 @@ def window_token_scores(decoder: Any, prompt: Prompt, heads_by_layer: Mapping[in
 # --- the scorer ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scored:
+    windowed: list[float]  # per unit, the mean of its scores in the windows that hold it
+    ranked: list[float]  # what ``score`` returns: the joint window's ranking over several windows
+    windows: int
+
+
 class QRHeadScorer:
     """Scores context units by the calibrated attention of selected heads from the query.
 
@@ -385,11 +434,13 @@ class QRHeadScorer:
     def score(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
         """One relevance score per unit (higher = more relevant to the query). ``hint`` is read by
         the callers (a pass whose scores cannot change the kept set is not made), not here."""
+        return self.scored(query, units).ranked
+
+    def scored(self, query: str, units: Sequence[str]) -> Scored:
+        """``score`` with the windowed means beside it (the benchmark compares the two)."""
         if not units:
-            return []
-        heads_by_layer = self._group(self.heads)
-        per_unit = self._windowed(query, units, heads_by_layer, per_head=False)
-        return [float(x) for x in per_unit]
+            return Scored([], [], 0)
+        return self._windowed(query, units, self._group(self.heads), per_head=False)
 
     def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
         """Scores for many (query, units) or (query, units, hint) requests. One at a time: on CPU a
@@ -448,28 +499,45 @@ class QRHeadScorer:
         return dict(sorted(grouped.items()))
 
     def _windowed(self, query: str, units: Sequence[str], heads_by_layer: Mapping[int, Sequence[int]],
-                  *, per_head: bool) -> torch.Tensor:
+                  *, per_head: bool) -> Any:  # per_head: the [n_rows, n_units] tensor; else Scored
         unit_ids = self._encode_units(units)
         query_ids = self._query_ids(query)
         fixed = len(self.pieces.head) + len(self.pieces.tail(query_ids))
         sep = len(self.pieces.separator)
         budget = self.window_tokens - fixed  # at least half a window (the query is capped)
-        windows = plan_windows([len(ids) + sep for ids in unit_ids], budget, self.overlap_tokens)
+        costs = [len(ids) + sep for ids in unit_ids]
+        windows = plan_windows(costs, budget, self.overlap_tokens)
         n_rows = sum(len(h) for h in heads_by_layer.values())
         total = torch.zeros(n_rows if per_head else 1, len(units), dtype=torch.float64)
         counts = torch.zeros(len(units), dtype=torch.float64)
+        local: list[tuple[range, list[float]]] = []
         for window in windows:
-            ids = [unit_ids[k] for k in window]
-            if len(ids) == 1 and len(ids[0]) + sep > budget:
-                ids = [ids[0][: budget - sep]]  # one oversized unit: its head stands for it
-            prompt = self.pieces.assemble(ids, query_ids, self._null_ids)
-            tokens = self._window_token_scores(prompt, heads_by_layer)  # [n_rows, n_context]
-            if not per_head:
-                tokens = tokens.sum(dim=0, keepdim=True)
-            total[:, window.start : window.stop] += unit_scores(tokens, prompt.spans).double()
+            scores = self._unit_scores_of(unit_ids, list(window), query_ids, heads_by_layer, per_head, budget)
+            total[:, window.start : window.stop] += scores.double()
             counts[window.start : window.stop] += 1
+            local.append((window, scores[0].tolist()))
         mean = (total / counts).float()
-        return mean if per_head else mean[0]
+        if per_head:
+            return mean
+        windowed = mean[0].tolist()
+        if len(windows) == 1:
+            return Scored(windowed, windowed, 1)
+        candidates = joint_candidates(local, costs, budget)
+        joint = self._unit_scores_of(unit_ids, candidates, query_ids, heads_by_layer, False, budget)[0]
+        return Scored(windowed, joint_ranking(windowed, candidates, joint.tolist()), len(windows))
+
+    def _unit_scores_of(self, unit_ids: Sequence[list[int]], chosen: Sequence[int], query_ids: list[int],
+                        heads_by_layer: Mapping[int, Sequence[int]], per_head: bool, budget: int) -> torch.Tensor:
+        """Scores of the ``chosen`` units, scored together as one window: [n_rows or 1, len(chosen)]."""
+        sep = len(self.pieces.separator)
+        ids = [unit_ids[k] for k in chosen]
+        if len(ids) == 1 and len(ids[0]) + sep > budget:
+            ids = [ids[0][: budget - sep]]  # one oversized unit: its head stands for it
+        prompt = self.pieces.assemble(ids, query_ids, self._null_ids)
+        tokens = self._window_token_scores(prompt, heads_by_layer)  # [n_rows, n_context]
+        if not per_head:
+            tokens = tokens.sum(dim=0, keepdim=True)
+        return unit_scores(tokens, prompt.spans)
 
     @torch.inference_mode()
     def _window_token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:

@@ -92,3 +92,27 @@ def test_a_long_query_keeps_its_first_and_last_halves() -> None:
     assert capped_query([1, 2, 3], 4) == [1, 2, 3]
     assert capped_query(list(range(10)), 4) == [0, 1, 8, 9]
     assert capped_query(list(range(10)), 5) == [0, 1, 7, 8, 9]
+
+
+def test_joint_candidates_take_each_windows_best_in_turn() -> None:
+    from ccproxy.compression.qrhead import joint_candidates
+
+    # Two windows sharing unit 2; window A ranks 1 > 2 > 0, window B ranks 4 > 2 > 3.
+    local = [([0, 1, 2], [0.1, 0.9, 0.5]), ([2, 3, 4], [0.6, 0.2, 0.8])]
+    costs = [10] * 5
+    assert joint_candidates(local, costs, 20) == [1, 4]  # both firsts before any second
+    assert joint_candidates(local, costs, 30) == [1, 2, 4]  # unit 2 is taken once
+    assert joint_candidates(local, costs, 100) == [0, 1, 2, 3, 4]
+    assert joint_candidates(local, [10, 50, 10, 10, 10], 25) == [2, 4]  # 1 does not fit: passed over
+
+
+def test_joint_ranking_puts_candidates_first_and_keeps_the_rest_in_order() -> None:
+    from ccproxy.compression.qrhead import joint_ranking
+
+    windowed = [0.9, 0.1, 0.5, 0.5, 0.3]
+    ranked = joint_ranking(windowed, [1, 4], [0.2, 0.6])
+    assert ranked[1] == 0.2 and ranked[4] == 0.6
+    rest = [0, 2, 3]
+    assert all(ranked[k] < 0.2 for k in rest)
+    assert ranked[0] > ranked[2] == ranked[3]  # the windowed order, ties kept
+    assert min(ranked) >= 0.2 - (0.6 - 0.2)  # within one spread: comparable scales for fusion

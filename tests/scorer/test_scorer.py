@@ -7,7 +7,7 @@ import torch
 
 from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.model import ScoringModel
-from ccproxy.compression.qrhead import QRHeadScorer, plan_windows, unit_scores
+from ccproxy.compression.qrhead import QRHeadScorer, joint_candidates, joint_ranking, plan_windows, unit_scores
 
 UNITS = [
     "The Eiffel Tower is a wrought-iron tower in Paris, France, completed in 1889.",
@@ -75,7 +75,19 @@ def test_windowing_is_single_window_scoring_where_it_fits(scoring_model: Scoring
             total[k] += score
             count[k] += 1
     expected = [t / c for t, c in zip(total, count)]
-    assert small.score(item.question, units) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    scored = small.scored(item.question, units)
+    assert scored.windows == len(windows)
+    assert scored.windowed == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    # Then one joint window over each window's best: those rank by their single-window score.
+    local = []
+    for window in windows:
+        local.append((window, roomy.score(item.question, [units[k] for k in window])))
+    costs = [len(ids) + len(small.pieces.separator) for ids in unit_ids]
+    candidates = joint_candidates(local, costs, small.window_tokens - fixed)
+    assert 1 < len(candidates) < len(units)
+    joint = roomy.score(item.question, [units[k] for k in candidates])
+    assert scored.ranked == pytest.approx(joint_ranking(scored.windowed, candidates, joint), rel=1e-4, abs=1e-6)
+    assert small.score(item.question, units) == scored.ranked
 
 
 def _eager_reference(model, prompt, layers: list[int]) -> torch.Tensor:
