@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive parity acceptance clean
+.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive scorer-bench parity acceptance clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,11 +82,19 @@ multiturn: install
 	$(PY) -m pip install --quiet --editable ".[bench]"
 	$(PY) -m bench.multiturn $(MULTITURN_ARGS)
 
-# Aggressive budgets (issue 21): answer kept at 5 % and 10 % with and without keeping the best unit in
-# part (docs/BENCHMARKS.md); AGGRESSIVE_ARGS passes options, e.g. --n-items 20.
+# Aggressive budgets (issue 21): answer kept at 5 % and 10 % of 20 documents, and 200 documents cut to
+# 500 tokens, with and without keeping the best unit in part (docs/BENCHMARKS.md); ~13 + ~10 min on 2 cores.
 aggressive: install
 	$(PY) -m pip install --quiet --editable ".[bench]"
 	$(PY) -m bench.aggressive $(AGGRESSIVE_ARGS)
+	$(PY) -m bench.aggressive --documents 200 --ratios --budget-tokens 500 --n-items 40
+
+# The scorer (issue 18): QR heads alone over many windows, windowed means vs the joint window (~25 min),
+# then time and memory per scoring call, adversarial inputs included (~5 min).
+scorer-bench: install
+	$(PY) -m pip install --quiet --editable ".[bench]"
+	$(PY) -m bench.joint_window --n-items 20
+	$(PY) -m bench.scorer_cost
 
 # Agent traces (issue 17): coding and research agent loops through the arms side by side, prompt caching and
 # the bill (docs/BENCHMARKS.md): 23 min on 2 cores at load 2-3, 45 min at load 4; AGENT_ARGS passes options, e.g. --quick (~2 min).

@@ -148,8 +148,8 @@ def report(results, cuts: Sequence[Cut], n_items: int, documents: int, command: 
         "last; the default scorer, server defaults but for the ratio or budget. Both arms from the same run and the "
         "same scores. *answer kept*: a gold answer string in what is forwarded before the question; "
         "*gold whole*: the gold passage forwarded whole; *kept share*: droppable tokens kept ÷ droppable "
-        "tokens (the ratio achieved; it may be below the ratio asked); *prompt*: mean tokens forwarded, "
-        "question and framing included (a budget caps this).",
+        "tokens (the ratio achieved; it may be below the ratio asked); *prompt*: mean tokens of the units "
+        "forwarded, the question's included (a budget caps these and the chat framing together).",
         "",
         "| cut | arm | answer kept | gold whole | kept share | prompt |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -450,8 +450,11 @@ class QRHeadScorer:
 
     def per_head_unit_scores(self, query: str, units: Sequence[str], layers: Sequence[int] | None = None) -> torch.Tensor:
         """[len(layers), n_heads, n_units]: each head's own unit scores (threshold per head), for
-        head detection. ``layers`` defaults to all layers."""
+        head detection. ``layers`` defaults to all layers; given, they must be ascending and
+        distinct, the order the rows come out of the model in."""
         layers = list(range(self.n_layers)) if layers is None else list(layers)
+        if layers != sorted(set(layers)):
+            raise ValueError(f"layers must be ascending and distinct, got {layers}: rows would be mislabelled")
         heads_by_layer = {layer: list(range(self.n_heads)) for layer in layers}
         if not units:
             return torch.zeros(len(layers), self.n_heads, 0)

@@ -160,3 +160,8 @@ def test_a_pasted_40k_character_query_is_capped_and_scores_in_one_window(scorer:
     assert len(scores) == 40 and all(s == s for s in scores)  # no NaN
     prompt = scorer.build_prompt(pasted, UNITS)
     assert len(prompt.query_tail) <= scorer.max_query_tokens + len(scorer.pieces.tail([]))
+
+
+def test_per_head_scores_refuse_layers_they_would_mislabel(scorer: QRHeadScorer) -> None:
+    with pytest.raises(ValueError, match="ascending"):
+        scorer.per_head_unit_scores(QUERY, UNITS, layers=[5, 3])
