@@ -13,6 +13,8 @@ the per-item JSON, so ``--sweep`` can recompute fusions with other weights witho
     .venv/bin/python -m bench.compressor_bench                      # the full run
     .venv/bin/python -m bench.compressor_bench --sizes 20 --distractors hard --n-items 50
     .venv/bin/python -m bench.compressor_bench --sweep bench/results/compressor_items.json
+    .venv/bin/python -m bench.compressor_bench --replay bench/results/compressor_items.json \
+        --out bench/results/compressor.md --plot docs/compressor_kept_rate.png   # budgets recomputed
     .venv/bin/python -m bench.compressor_bench --sizes 20 --distractors hard --n-items 200 \
         --methods qrhead qrhead-lora --adapter /tmp/qr-lora     # a QR-head LoRA against the base
 
@@ -48,7 +50,7 @@ LORA = "qrhead-lora"  # `qrhead` with the --adapter LoRA
 BOTH = "minilm>qrhead+minilm"  # mode "both": pre-filter, then fusion on what it kept
 METHODS = ("qrhead", "icr", "bm25", "minilm", "dense", FUSION, PREFILTER, BOTH, "recent", "random")
 ALL_METHODS = (*METHODS, LORA)  # LORA only with --adapter
-RATIOS = (0.1, 0.2, 0.3)
+RATIOS = (0.05, 0.1, 0.2, 0.3)
 ABSOLUTE_BUDGET = 4000
 SEPARATOR = "\n\n"
 ABSOLUTE_BUDGET_MIN_DOCS = 200  # a 4k budget means nothing for a 2.5k-token prompt
@@ -459,20 +461,29 @@ def cpu_name() -> str:
 
 def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: Sequence[str],
            wall_seconds: float, load: tuple[float, float], heads: Sequence[Sequence[int]], options: Options,
-           split: str = "eval") -> str:
+           split: str = "eval", replayed: Path | None = None) -> str:
     import torch
 
     from ccproxy.compression.qrhead import middle_layers
 
     middle = middle_layers(SMOLLM2_LAYERS)
+    run = (
+        f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, {wall_seconds / 60:.1f} min in all (1-min load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end: other work on the machine slows the timings). "
+    )
+    if replayed is not None:
+        run = (
+            f"Replayed {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{replayed.name}` "
+            "(`--replay`): that run's scores and timings, every budget recomputed from its stored scores "
+            "under the current policy and ratios. "
+        )
     parts = [
         "## Compressor benchmark",
         "",
         f"Command: `{command}`",
         "",
-        f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, {wall_seconds / 60:.1f} min in all (1-min load average "
-        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end: other work on the machine slows the timings). "
+        run + 
         f"Scoring model: SmolLM2-135M-Instruct (embedded GGUF, {model_dtype()}). `qrhead`: the shipped head set, "
         f"{len(heads)} heads (layer, head): {', '.join(f'({layer}, {head})' for layer, head in heads)}. "
         f"`icr`: every head of layers {middle.start}–{middle.stop - 1}. Token counts: SmolLM2 tokenizer, each "
@@ -614,6 +625,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefilter-tokens", type=int, default=defaults["scoring_prefilter_tokens"].default,
                         help="contexts over this size: tokens the pre-filter passes to the QR heads "
                         "(default: the product's)")
+    parser.add_argument("--replay", type=Path, metavar="JSON",
+                        help="recompute every budget of a stored run from its scores (no scoring) and rewrite "
+                        "--out, --plot and the JSON")
     parser.add_argument("--sweep", type=Path, metavar="JSON",
                         help="score nothing: print gold kept per fusion method and weight, recomputed from "
                         "the qrhead and dense scores stored in this results file")
@@ -629,6 +643,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.methods.append(LORA)
     if args.sweep:
         print(sweep(args.sweep, [round(0.1 * k, 1) for k in range(11)]), end="")
+        return 0
+    if args.replay:
+        counter = TokenCounter()
+        settings, rows, stored = replay(args.replay, args.seed, args.split, counter)
+        methods = list(dict.fromkeys(row["method"] for row in rows))
+        options = Options(args.seed, stored["fusion"]["method"], stored["fusion"]["weight"], stored["prefilter_tokens"],
+                          stored.get("adapter"))
+        text = report(stored["command"], settings, rows, methods, 0.0, (0.0, 0.0), stored["qrhead_heads"], options,
+                      args.split, replayed=args.replay)
+        args.out.write_text(text, encoding="utf-8")
+        args.replay.write_text(json.dumps({**stored, "items": rows}, indent=1), encoding="utf-8")
+        plot(settings, rows, methods, args.plot)
+        print(text)
         return 0
     command = ".venv/bin/python -m bench.compressor_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     command = command.rstrip()
@@ -660,6 +687,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(settings, rows, args.methods, args.plot)
     log(f"wrote {args.out}, {args.json}, {args.plot}")
     return 0
+
+
+def replay(path: Path, seed: int, split: str, counter: TokenCounter) -> tuple[list[Setting], list[dict[str, Any]], dict[str, Any]]:
+    """A stored run's rows with every budget evaluated again (new ratios, a changed policy) from
+    the scores it stored; the items are rebuilt as that run built them (same seed) and checked."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    rows: list[dict[str, Any]] = document["items"]
+    settings: list[Setting] = []
+    for key in dict.fromkeys(row["setting"] for row in rows):
+        n_documents, distractors = key.split("-")
+        count = len({row["line"] for row in rows if row["setting"] == key})
+        setting = Setting(int(n_documents), distractors, count)
+        setting.items = build_items(setting, seed, counter, split)
+        settings.append(setting)
+        by_line = {prepared.item.record.line: prepared for prepared in setting.items}
+        for row in (r for r in rows if r["setting"] == key):
+            prepared = by_line[row["line"]]
+            if prepared.item.gold_index != row["gold_index"] or prepared.unit_tokens[1:-1] != row["document_tokens"]:
+                raise SystemExit(f"item at line {row['line']} is not the one {path.name} scored: check --seed")
+            row.update(evaluate(prepared, row["scores"], counter))
+        log(f"replayed {key}: {count} items")
+    return settings, rows, document
 
 
 def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: Sequence[dict[str, Any]],
