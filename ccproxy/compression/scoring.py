@@ -74,7 +74,13 @@ def chosen_heads(settings: Settings, model_name: str, adapter: str | None) -> li
 
 
 def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is imported only here
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(
+            "The Compressor's scorer needs the `scorer` extra: pip install 'ccproxy[scorer]'. A Gateway "
+            "without it reaches a Compressor elsewhere with CCPROXY_COMPRESSOR_URL."
+        ) from None
 
     if settings.compressor_threads:
         torch.set_num_threads(settings.compressor_threads)

@@ -76,6 +76,7 @@ def running(
     env: Mapping[str, str] | None = None,
     timeout_s: float = 180,
     ok_statuses: frozenset[int] = frozenset({200}),
+    cwd: Path = REPO,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``command`` in its own process group until the block ends."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
@@ -85,7 +86,7 @@ def running(
     child_env.update(env or {})
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            command, cwd=REPO, env=child_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=cwd, env=child_env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         _wait_until(probe_url, process, log, timeout_s, set(ok_statuses))
@@ -125,6 +126,8 @@ def create_key(env: Mapping[str, str], account: str) -> str:
 
 
 def bentoml_serve(port: int, service: str = "service:Gateway") -> list[str]:
+    if service == "service:Gateway":  # as an operator starts it: `ccproxy serve`
+        return [sys.executable, "-m", "ccproxy", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return [sys.executable, "-m", "bentoml", "serve", service, "--host", "127.0.0.1", "--port", str(port)]
 
 

@@ -137,6 +137,10 @@ def test_usage_rows_and_the_usage_endpoint_add_up(
     assert totals["tokens_before"] - totals["tokens_after"] == totals["tokens_saved"] > 0
     assert totals["savings_percent"] == pytest.approx(100 * totals["tokens_saved"] / totals["tokens_before"], abs=0.01)
     assert sum(bucket["requests"] for bucket in report["series"]) == 4
+    # The operator's view from the command line: the same report from the same rows.
+    from_cli = json.loads(ccproxy_cli(["usage", "--account", account, "--granularity", "day", "--json"],
+                                      {"CCPROXY_DATABASE_URL": database_url}))
+    assert from_cli["account"] == account and from_cli["totals"] == totals
 
 
 def test_usage_endpoint_rejects_a_bad_range(passthrough_gateway: str, api_key: str) -> None:

@@ -27,3 +27,18 @@ def test_compress_refuses_to_run_inside_an_event_loop() -> None:
 
     with pytest.raises(RuntimeError, match="acompress"):
         asyncio.run(inside())
+
+
+def test_the_ccproxy_command_compresses_messages_from_stdin() -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    item = random_distractor_items(load_records("eval"), 20, n_items=1, seed=11)[0]
+    ccproxy_command = Path(sys.executable).with_name("ccproxy")  # the console script of this install
+    done = subprocess.run([str(ccproxy_command), "compress", "--ratio", "0.2"], input=json.dumps({"messages": item.messages()}),
+                          capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout)
+    assert result["outcome"] == "compressed" and result["tokens_saved"] > 0
+    assert item.record.gold.text in result["messages"][0]["content"]
