@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compressor_bench import RATIOS, TokenCounter, _qr_scorer, cpu_name, evaluate, prepare
-from bench.load import write_section
+from bench.load import publish
 from bench.multiturn import load_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         MARKS[1],
         "",
     ]
-    section = "\n".join(lines)
-    print(section)
-    RESULTS_MD.write_text(section, encoding="utf-8")
-    if not options.no_docs:
-        write_section(section, BENCHMARKS_MD, MARKS)
+    publish("\n".join(lines), RESULTS_MD, None if options.no_docs else BENCHMARKS_MD, MARKS)
     return 0
 
 
