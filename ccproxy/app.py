@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import traceback
 import uuid
 from datetime import datetime, timezone
@@ -74,7 +75,9 @@ class RequestContextMiddleware:
             return
         sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = sent if _CLIENT_REQUEST_ID.match(sent) else f"req_{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["received_at"] = time.perf_counter()  # x-ccproxy-overhead-ms counts from here
         response_started = False
 
         async def send_with_id(message: Message) -> None:
@@ -185,9 +188,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def conversation(api: Api[Any], request: Request) -> Response:
         principal = await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
-        request_id = request.scope.get("state", {}).get("request_id", "")
+        state = request.scope.get("state", {})
         return await serve_conversation(
-            api, _state(request, "parts"), principal, request.headers, raw, request_id, limiter=limiter
+            api, _state(request, "parts"), principal, request.headers, raw, state.get("request_id", ""),
+            limiter=limiter, received_at=state.get("received_at"),
         )
 
     @app.post("/v1/chat/completions", openapi_extra=CHAT_COMPLETIONS)

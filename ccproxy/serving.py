@@ -67,6 +67,14 @@ class TokenFigures:
         }
 
 
+def overhead_header(started: float, compression_ms: float, upstream_ms: float) -> dict[str, str]:
+    """``x-ccproxy-overhead-ms``: the time this request spent in ccproxy up to its response
+    headers, less the upstream call (to the whole answer, or to a stream's first bytes) and
+    compression (segmenting and scoring): parsing, auth, counting, limits, usage, relaying."""
+    spent_ms = (time.perf_counter() - started) * 1000
+    return {"x-ccproxy-overhead-ms": f"{max(0.0, spent_ms - compression_ms - upstream_ms):.2f}"}
+
+
 def token_figures(
     counted_before: int, counted_after: int, upstream_prompt_tokens: int | None, retrieval_tokens: int = 0
 ) -> TokenFigures:
@@ -313,8 +321,10 @@ async def serve_conversation(
     raw: bytes,
     request_id: str,
     limiter: RateLimiter | None = None,
+    received_at: float | None = None,  # when the request reached ccproxy (auth and body read before this call)
 ) -> Response:
     started = time.perf_counter()
+    received_at = started if received_at is None else received_at
     # Parsing, validating and counting are CPU work that grows with the body: a large one runs
     # in a bounded thread, so the event loop keeps serving the worker's other requests.
     heavy_work = parts.compressor.heavy_work
@@ -353,12 +363,14 @@ async def serve_conversation(
     tap = api.stream_tap(forwarded) if stream else None
     if stream:
         forwarded = api.prepare_stream(forwarded)
+    upstream_started = time.perf_counter()
     try:
         reply = await _forward(api, parts, forwarded, headers, stream, len(raw), retriever)
     except ProxyError as exc:
         ledger.upstream_accepted = exc.upstream_accepted
         await ledger.finish(exc.status)
         raise
+    upstream_ms = (time.perf_counter() - upstream_started) * 1000
     compression_header = {"x-compression": compression.outcome}
     ledger.upstream_accepted = reply.status < 400
     if len(raw) >= RELEASE_MIN_BYTES:  # forwarded: the parsed body is freed off the loop
@@ -370,7 +382,8 @@ async def serve_conversation(
         response = Response(
             content=reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers
         )
-        response.headers.update({**compression_header, **ledger.figures().headers()})
+        response.headers.update({**compression_header, **ledger.figures().headers(),
+                                 **overhead_header(received_at, compression_ms, upstream_ms)})
         return response
     return StreamingResponse(
         _relay(reply.events, ledger, tap, api.error_event),
@@ -380,6 +393,7 @@ async def serve_conversation(
             **reply.headers,
             **compression_header,
             **ledger.figures().headers(),
+            **overhead_header(received_at, compression_ms, upstream_ms),
             "cache-control": "no-cache",
             "x-accel-buffering": "no",
         },

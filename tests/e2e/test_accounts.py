@@ -118,6 +118,9 @@ def test_usage_rows_and_the_usage_endpoint_add_up(
     for response in [*responses, streamed]:
         before, after, saved = (int(response.headers[f"x-tokens-{k}"]) for k in ("before", "after", "saved"))
         assert before - after == saved >= 0
+        assert float(response.headers["x-ccproxy-overhead-ms"]) >= 0
+    for response in responses:  # ccproxy's own time is part of what the caller waited
+        assert float(response.headers["x-ccproxy-overhead-ms"]) < 1000 * response.elapsed.total_seconds()
 
     events = wait_for_events(database_url, account, 4, timeout_s=60)
     assert len(events) == 4
