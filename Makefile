@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive scorer-bench parity acceptance clean
+.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive scorer-bench overhead parity acceptance clean
 
 # What `make serve` needs: the Gateway, the Compressor's scorer and the embedded upstream, no dev
 # tools. pip is not quiet here: the llama-cpp-python compile (~7 min) shows as it happens.
@@ -84,6 +84,11 @@ bench: install
 load: install
 	$(PY) -m pip install --quiet --editable ".[load]"
 	$(PY) -m bench.load $(LOAD_ARGS)
+
+# The Gateway's own cost (issue 20): through ccproxy minus direct to a fast upstream, 1/16/64 callers,
+# 100-100 k-token prompts (docs/BENCHMARKS.md, "Gateway overhead"); ~2 min on 2 cores.
+overhead: install
+	$(PY) -m bench.overhead $(OVERHEAD_ARGS)
 
 # Multi-turn chats, prompt caching and the bill (docs/BENCHMARKS.md), ~15 min on 2 cores; MULTITURN_ARGS passes options.
 multiturn: install
