@@ -18,12 +18,11 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from bench.compressor_bench import RATIOS, TokenCounter, _qr_scorer, cpu_name, evaluate, prepare
-from bench.load import publish
+from bench.load import publish, run_line
 from bench.multiturn import load_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             rows[arm].append(evaluate(prepared, getattr(scored, arm), counter))
         log(f"{n + 1}/{options.n_items}: {scored.windows} windows, gold rank "
             f"{rows['windowed'][-1]['gold_rank']} -> {rows['ranked'][-1]['gold_rank']}")
-    load_end = os.getloadavg()
     n_items = len(rows["ranked"])
-    busy = max(load_start[0], load_end[0]) > 1.5
     lines = [
         MARKS[0],
         "## QR heads alone over many windows: the joint window",
         "",
-        f"Command: `{command.strip()}`. Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, "
-        f"{os.cpu_count()} cores, {(time.perf_counter() - started) / 60:.1f} min; 1-min load average "
-        f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end"
-        + (" (the machine was busy: timings inflated)" if busy else "") + ".",
+        run_line(command, f"{cpu_name()}, {os.cpu_count()} cores", (time.perf_counter() - started) / 60,
+                 (load_start[0], os.getloadavg()[0])),
         "",
         f"{n_items} items of the evaluation part, {options.documents} documents each (hard distractors; "
         f"mean {tokens / max(n_items, 1):,.0f} document tokens, {windows / max(n_items, 1):.1f} windows of "

@@ -26,13 +26,12 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.load import MODEL, machine, percentile, publish, serving, work_folder
+from bench.load import MODEL, machine, percentile, publish, run_line, serving, work_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
@@ -121,8 +120,8 @@ def _p(values: Sequence[float], q: float) -> float:
 def table(cells: dict[tuple[str, bool, int, int], Cell], stream: bool) -> list[str]:
     what = "time to first content byte" if stream else "whole answer"
     lines = [
-        f"| callers | prompt tokens | direct p50 / p95 / p99 ms | ccproxy p50 / p95 / p99 ms | overhead p50 / p95 / p99 ms "
-        f"| x-ccproxy-overhead-ms p50 / p95 | requests | refused or failed |",
+        "| callers | prompt tokens | direct p50 / p95 / p99 ms | ccproxy p50 / p95 / p99 ms | overhead p50 / p95 / p99 ms "
+        "| x-ccproxy-overhead-ms p50 / p95 | requests | refused or failed |",
         "|---:|---:|---|---|---|---|---:|---:|",
     ]
     for concurrency in CONCURRENCY:
@@ -174,17 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         (work / "data").mkdir(exist_ok=True)
         stack = cleanup.enter_context(serving(work, work / "data"))
         cells = asyncio.run(measure(stack, options.seconds, options.max_requests))
-    load_end = os.getloadavg()
-    info = machine()
-    busy = max(load_start[0], load_end[0]) > 1.5
     lines = [
         MARKS[0],
         "## Gateway overhead: through ccproxy minus direct",
         "",
-        f"Command: `{command.strip()}`. Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {info.get('cpu', '?')}, "
-        f"{os.cpu_count()} cores, {(time.perf_counter() - started) / 60:.1f} min; 1-min load average "
-        f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end"
-        + (" (the machine was busy)" if busy else "") + ".",
+        run_line(command, f"{machine()['cpu']}, {os.cpu_count()} cores", (time.perf_counter() - started) / 60,
+                 (load_start[0], os.getloadavg()[0])),
         "",
         "The fast upstream (`bench/fast_upstream.py`, canned answers) alone, then the same requests through "
         "the Gateway (`ccproxy serve`, default workers, compression off by header, usage recorded), "

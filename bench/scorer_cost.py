@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "--case", case], capture_output=True, text=True, cwd=ROOT, check=True)
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
         print(f"{case}: {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
-    load_end = os.getloadavg()
-    busy = max(load_start[0], load_end[0]) > 1.5
     from bench.compressor_bench import cpu_name
+    from bench.load import run_line
 
     lines = [
         MARKS[0], "## Scorer cost and bounds", "",
-        f"Command: `{command.strip()}`. Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, "
-        f"{options.threads} torch threads, {(time.perf_counter() - started) / 60:.1f} min; 1-min load average "
-        f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end"
-        + (" (the machine was busy: timings inflated)" if busy else "") + ".",
+        run_line(command, f"{cpu_name()}, {options.threads} torch threads", (time.perf_counter() - started) / 60,
+                 (load_start[0], os.getloadavg()[0])),
         "",
         "One scoring call per case, each in a process of its own after a warm-up call; tokens are the "
         "scoring model's (SmolLM2). *model*: resident memory before the call (model loaded, warm-up done); "
