@@ -62,8 +62,8 @@ from bench.cost_model import (
     OPENAI_CACHE_BLOCK,
     OPENAI_CACHE_MINIMUM,
     PROFILES,
+    BilledRequests,
     PriceProfile,
-    Request,
     net_saving,
     session_cost,
 )
@@ -541,7 +541,7 @@ class PrefixCache:
 
 
 @dataclass
-class ArmRun:
+class ArmRun(BilledRequests):
     arm: str
     prompt_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
@@ -560,15 +560,6 @@ class ArmRun:
     markers_final: int = 0
     markers_unresolved: int = 0  # markers whose original the store no longer had
     final_index: int = -1  # the final request's position (a retrieve request may follow it)
-
-    def requests(self) -> list[Request]:
-        return [Request(*values) for values in zip(self.prompt_tokens, self.cached_tokens, self.output_tokens)]
-
-    def bill(self, profile: PriceProfile, *, cache: bool = True) -> float:
-        requests = self.requests()
-        if not cache:
-            requests = [Request(r.prompt_tokens, 0, r.output_tokens) for r in requests]
-        return session_cost(requests, profile)
 
 
 class ChargedScorer:

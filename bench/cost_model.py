@@ -136,6 +136,25 @@ def session_cost(requests: Sequence[Request], profile: PriceProfile, *, minimum:
     return sum(request_cost(r, profile, minimum=minimum) for r in requests)
 
 
+class BilledRequests:
+    """For a benchmark's run of one arm: its requests from per-request token lists (the class
+    that mixes this in has ``prompt_tokens``, ``cached_tokens`` and ``output_tokens``), and their bill."""
+
+    prompt_tokens: list[int]
+    cached_tokens: list[int]
+    output_tokens: list[int]
+
+    def requests(self) -> list[Request]:
+        return [Request(*values) for values in zip(self.prompt_tokens, self.cached_tokens, self.output_tokens)]
+
+    def bill(self, profile: PriceProfile, *, cache: bool = True) -> float:
+        """USD; ``cache=False``: as if the provider cached nothing."""
+        requests = self.requests()
+        if not cache:
+            requests = [Request(r.prompt_tokens, 0, r.output_tokens) for r in requests]
+        return session_cost(requests, profile)
+
+
 def net_saving(cost: float, baseline: float) -> float:
     """Share of the baseline bill saved (negative: it costs more)."""
     return (baseline - cost) / baseline if baseline else 0.0

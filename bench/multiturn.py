@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compressor_bench import cpu_name
-from bench.cost_model import PROFILES, PriceProfile, Request, net_saving, render_ids, session_cache, session_cost
+from bench.cost_model import PROFILES, BilledRequests, PriceProfile, net_saving, render_ids, session_cache, session_cost
 from bench.load import write_section
 from bench.nq import Item, contains_answer, hard_distractor_items, load_records
 from bench.stats import bootstrap_ci, share
@@ -115,7 +115,7 @@ def build_conversations(
 
 
 @dataclass
-class ArmRun:
+class ArmRun(BilledRequests):
     arm: str
     prompt_tokens: list[int] = field(default_factory=list)
     cached_tokens: list[int] = field(default_factory=list)
@@ -125,15 +125,6 @@ class ArmRun:
     gold_kept: bool = False
     answer_in_context: bool = False
     forwarded_messages: int = 0
-
-    def requests(self) -> list[Request]:
-        return [Request(*values) for values in zip(self.prompt_tokens, self.cached_tokens, self.output_tokens)]
-
-    def bill(self, profile: PriceProfile, *, cache: bool = True) -> float:
-        requests = self.requests()
-        if not cache:
-            requests = [Request(r.prompt_tokens, 0, r.output_tokens) for r in requests]
-        return session_cost(requests, profile)
 
 
 def final_context(messages: Sequence[dict[str, Any]]) -> str:
