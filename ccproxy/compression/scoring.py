@@ -91,9 +91,10 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
     adapter = str(settings.scoring_lora_path) if settings.scoring_lora_path else None
     source = scoring_source(settings)
     # Before the weights load (minutes for a 7B model): a model without heads never serves.
-    chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
+    # The name is the one load_scoring_model gives the model it loads.
+    heads = chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
     loaded = load_scoring_model(source, adapter=adapter, cache_dir=settings.model_cache_dir)
-    qr = QRHeadScorer(loaded.model, loaded.tokenizer, chosen_heads(settings, loaded.name, adapter))
+    qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads)
     if settings.scoring_dense == "off":
         return qr
     from ccproxy.compression.dense import DenseModelMissing
