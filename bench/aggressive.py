@@ -30,11 +30,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.compressor_bench import cpu_name
-from bench.load import publish
+from bench.load import publish, run_line
 from bench.multiturn import load_items
 from bench.nq import Item, contains_answer
 from ccproxy.compression.gateway import ContextCompressor
@@ -138,11 +137,8 @@ def report(results, cuts: Sequence[Cut], n_items: int, documents: int, command: 
         "## Aggressive budgets: the best unit kept in part"
         + ("" if documents == 20 else f" ({documents} documents)"),
         "",
-        f"Command: `{command}` (`make aggressive`). Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on "
-        f"{cpu_name()}, {os.cpu_count()} cores, {seconds / 60:.1f} min; 1-min load average "
-        f"{load[0][0]:.1f} at the start, {load[1][0]:.1f} at the end"
-        + (" (the machine was busy: other work shared the cores)" if max(load[0][0], load[1][0]) > 1.5 else "")
-        + ".",
+        run_line(command, f"{cpu_name()}, {os.cpu_count()} cores", seconds / 60, (load[0][0], load[1][0]),
+                 make_target="aggressive"),
         "",
         f"{n_items} items of the evaluation part, {documents} documents each (hard distractors), the question "
         "last; the default scorer, server defaults but for the ratio or budget. Both arms from the same run and the "

@@ -485,11 +485,12 @@ def markdown(rows: list[Row], scenarios: list[Scenario], info: dict[str, str]) -
     return "\n".join(line for line in lines) + "\n"
 
 
-def run_line(command: str, where: str, minutes: float, load: tuple[float, float]) -> str:
+def run_line(command: str, where: str, minutes: float, load: tuple[float, float], make_target: str | None = None) -> str:
     """The first line of a benchmark section: the command, when, where, how long, how busy."""
     busy = " (the machine was busy: timings inflated)" if max(load) > 1.5 else ""
+    make = f" (`make {make_target}`)" if make_target else ""
     return (
-        f"Command: `{command.strip()}`. Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {where}, "
+        f"Command: `{command.strip()}`{make}. Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {where}, "
         f"{minutes:.1f} min; 1-min load average {load[0]:.1f} at the start, {load[1]:.1f} at the end{busy}."
     )
 
