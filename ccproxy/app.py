@@ -37,7 +37,7 @@ from ccproxy.protocol import ProxyError
 from ccproxy.settings import Settings
 from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, relay, route_of
 from ccproxy.upstream import RawCall, UpstreamReply
-from ccproxy.usage.report import build_report, check_buckets, parse_range
+from ccproxy.usage.report import build_report, usage_window
 from ccproxy.usage.store import UsageStore
 
 logger = logging.getLogger("ccproxy")
@@ -241,8 +241,7 @@ def create_app(settings: Settings) -> FastAPI:
         if granularity not in ("hour", "day"):
             raise ProxyError(400, "granularity must be 'hour' or 'day'.", param="granularity")
         try:
-            window = parse_range(start, end, datetime.now(timezone.utc))
-            check_buckets(*window, granularity)  # a range too long is a 400, not a 500 later
+            window = usage_window(start, end, granularity, datetime.now(timezone.utc))  # too long: a 400 now
         except ValueError as exc:
             raise ProxyError(400, str(exc), param="from") from None
         store: UsageStore = _state(request, "store")

@@ -85,13 +85,12 @@ def _serve(host: str, port: int, options: Sequence[str]) -> int:
 
 def _usage(store: UsageStore, settings: Settings, account: str, start: str | None, end: str | None,
            granularity: str) -> dict[str, Any] | None:
-    from ccproxy.usage.report import build_report, check_buckets, parse_range
+    from ccproxy.usage.report import build_report, usage_window
 
     found = store.account_by_name(account)
     if found is None:
         return None
-    window = parse_range(start, end, datetime.now(timezone.utc))
-    check_buckets(*window, granularity)
+    window = usage_window(start, end, granularity, datetime.now(timezone.utc))
     hours = store.hourly(found.id, *window)
     return {**build_report(hours, *window, granularity, settings.price_per_million_input_tokens_usd), "account": account}
 

@@ -518,7 +518,8 @@ class QRHeadScorer:
             scores = self._unit_scores_of(unit_ids, list(window), query_ids, heads_by_layer, per_head, budget)
             total[:, window.start : window.stop] += scores.double()
             counts[window.start : window.stop] += 1
-            local.append((window, scores[0].tolist()))
+            if not per_head:
+                local.append((window, scores[0].tolist()))
         mean = (total / counts).float()
         if per_head:
             return mean

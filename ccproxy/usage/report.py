@@ -81,6 +81,13 @@ def parse_range(
     return start, end
 
 
+def usage_window(from_str: str | None, to_str: str | None, granularity: str, now: datetime) -> tuple[datetime, datetime]:
+    """``parse_range``, then ``check_buckets``: the range a /usage query (or `ccproxy usage`) reads."""
+    window = parse_range(from_str, to_str, now)
+    check_buckets(*window, granularity)
+    return window
+
+
 def check_buckets(start: datetime, end: datetime, granularity: str) -> None:
     """ValueError when [start, end) holds more than MAX_BUCKETS buckets of ``granularity``:
     checked before the database is asked, and answered with a 400, not left to build_report."""
