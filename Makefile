@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install llama-server litellm serve test hostile test-unit fuzz build bench load multiturn agent-bench aggressive scorer-bench overhead parity acceptance clean
+.PHONY: install llama-server litellm serve test hostile test-unit fuzz screenshots build bench load multiturn agent-bench aggressive scorer-bench overhead parity acceptance clean
 
 # What `make serve` needs: the Gateway, the Compressor's scorer and the embedded upstream, no dev
 # tools. pip is not quiet here: the llama-cpp-python compile (~7 min) shows as it happens.
@@ -71,6 +71,11 @@ test-unit: install
 FUZZ_EXAMPLES ?= 1000
 fuzz: install
 	CCPROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/e2e/test_fuzz.py -q
+
+# The README's pictures of the admin page and the demo (docs/img/admin.png, demo.png, demo.gif): the
+# browser test of those pages (tests/e2e/test_web_pages.py) on a real stack, writing what it sees; ~3 min.
+screenshots: install
+	CCPROXY_CAPTURE_DIR=docs/img $(PY) -m pytest tests/e2e/test_web_pages.py -q
 
 build: install
 	$(VENV)/bin/bentoml build

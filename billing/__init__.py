@@ -5,7 +5,7 @@ finalized invoice per account and run).
 
     job.py            what to bill and the Stripe requests for it (pure)
     ledger.py         which account-hours were reported, when, with which Stripe ids (SQL)
-    stripe_client.py  httpx client: idempotency keys, retries with backoff
+    stripe_client.py  stripe-python (the official SDK) with our retry policy: 429, Retry-After
     runner.py         one run: resume pending batches, plan, send, report
     catalog.py        the meter, product, price, customers and subscriptions in Stripe
     __main__.py       the CLI, `python -m billing`

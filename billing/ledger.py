@@ -91,7 +91,7 @@ class BillingLedger:
         ts = self._store._ts
         sums = ", ".join(f"SUM({c}) AS {c}" for c in _USAGE)
         rows = self._read(
-            f"SELECT h.account_id, h.hour, h.model, h.kind, "
+            "SELECT h.account_id, h.hour, h.model, h.kind, "
             + ", ".join(f"h.{c}" for c in _USAGE)
             + ", "
             + ", ".join(f"COALESCE(l.{c}, 0)" for c in _USAGE)

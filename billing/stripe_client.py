@@ -1,12 +1,15 @@
-"""A small synchronous client for the few Stripe endpoints the billing job uses.
+"""The billing job's Stripe client: the official SDK (stripe-python) with our retry policy.
 
-httpx rather than the `stripe` package: the job needs a configurable API base (localstripe,
-test fakes), its own idempotency keys on every POST, and retries it can see and test. Every
-POST carries an Idempotency-Key, so retrying one is safe: Stripe replays the first result.
-
-Retried, with capped exponential backoff (Retry-After honoured): network errors, 409 (a
-concurrent request with the same key), 429 and 5xx; Stripe's `Stripe-Should-Retry` header
-overrides that list either way. Anything else, and the last failure, raises StripeError.
+stripe-python encodes the parameters, sends the key, the pinned API version and each POST's
+Idempotency-Key, parses the answer and raises typed errors; `api_base` points it at localstripe
+or a test fake. The retries stay ours because the SDK's (16.x, `HTTPClient._should_retry`) do not
+cover what a nightly job meets: it never retries a 429 and never reads Retry-After, and it sleeps
+with `time.sleep` where tests need to see the delays. So the SDK runs with
+`max_network_retries=0` and this loop retries, with capped, jittered exponential backoff
+(Retry-After honoured, capped): network errors the SDK marks retryable, 409 (a concurrent request
+with the same key), 429 and 5xx; Stripe's `Stripe-Should-Retry` header overrides that list
+either way. Every POST carries our Idempotency-Key, so a retry is safe: Stripe replays the first
+result. Anything else, and the last failure, raises StripeError.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import httpx
+import stripe
 
 from billing.job import StripeRequest
 
 # The request shapes in billing/job.py are written against this version; pinning it keeps a
 # change of the account's default version from changing them.
 STRIPE_API_VERSION = "2025-03-31.basil"
-USER_AGENT = "ccproxy-billing/0.1"
 
 log = logging.getLogger("billing.stripe")
+# The SDK logs every request and response at INFO; the job's own report says what it sent, and
+# its retries are logged here.
+logging.getLogger("stripe").setLevel(logging.WARNING)
 
 _RETRY_STATUSES = frozenset({409, 429})
 # A 4xx in this set means Stripe refused the request before creating anything.
@@ -82,32 +87,6 @@ class StripeError(RuntimeError):
         return self.status == 401
 
 
-def encode(params: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """Stripe's form encoding: nested maps as a[b]=, lists as a[0]=, booleans as true/false."""
-    pairs: list[tuple[str, str]] = []
-    for key, value in params.items():
-        name = f"{prefix}[{key}]" if prefix else str(key)
-        if value is None:
-            continue
-        if isinstance(value, Mapping):
-            pairs.extend(encode(value, name))
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                if isinstance(item, Mapping):
-                    pairs.extend(encode(item, f"{name}[{i}]"))
-                else:
-                    pairs.append((f"{name}[{i}]", _scalar(item)))
-        else:
-            pairs.append((name, _scalar(value)))
-    return pairs
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 class StripeClient:
     def __init__(
         self,
@@ -120,17 +99,15 @@ class StripeClient:
         backoff_cap_s: float = 20.0,
         retry_after_cap_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._http = httpx.Client(
-            base_url=api_base.rstrip("/"),
-            timeout=timeout_s,
-            transport=transport,
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "Stripe-Version": STRIPE_API_VERSION,
-                "User-Agent": USER_AGENT,
-            },
+        self._api_base = api_base.rstrip("/")
+        self._http = stripe.RequestsClient(timeout=timeout_s)
+        self._sdk = stripe.StripeClient(
+            api_key,
+            stripe_version=STRIPE_API_VERSION,
+            base_addresses={"api": self._api_base},
+            max_network_retries=0,  # the loop below retries (see the module docstring)
+            http_client=self._http,
         )
         self.max_retries = max_retries
         self._backoff_base_s = backoff_base_s
@@ -139,7 +116,7 @@ class StripeClient:
         self._sleep = sleep
 
     def __repr__(self) -> str:  # never the key
-        return f"StripeClient({self._http.base_url!s})"
+        return f"StripeClient({self._api_base})"
 
     def close(self) -> None:
         self._http.close()
@@ -159,41 +136,27 @@ class StripeClient:
         return self.get(request.path, request.params)
 
     def post(self, path: str, params: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
-        return self._call("POST", path, params, {"Idempotency-Key": idempotency_key})
+        return self._call("post", path, {**params, "idempotency_key": idempotency_key})
 
     def get(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return self._call("GET", path, params or {}, {})
+        return self._call("get", path, dict(params or {}))
 
-    def _call(
-        self, method: str, path: str, params: Mapping[str, Any], headers: dict[str, str]
-    ) -> dict[str, Any]:
-        pairs = encode(params)
+    def _call(self, method: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
         attempt = 0
         while True:
             try:
-                if method == "POST":
-                    # Encoded by hand: httpx's `data=` takes a dict, which cannot hold the
-                    # repeated and bracketed keys in order.
-                    form = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
-                    response = self._http.post(path, content=_form(pairs), headers=form)
-                else:
-                    response = self._http.get(path, params=tuple(pairs), headers=headers)
-            except httpx.TransportError as exc:
-                error = StripeError(f"{type(exc).__name__}: {exc}")
-                retry, delay = True, None
-            else:
-                if response.status_code < 400:
-                    body: dict[str, Any] = response.json()
-                    return body
-                error = _error(response)
-                retry, delay = _retry_decision(response)
+                data: dict[str, Any] = self._sdk.raw_request(method, path, **params).data
+                return data
+            except stripe.StripeError as exc:
+                error = _error(exc)
+                retry, delay = _retry_decision(exc)
             if not retry or attempt >= self.max_retries:
                 raise error
             wait = self._delay(attempt, delay)
             attempt += 1
             log.warning(
                 "%s %s failed (%s); retry %d of %d in %.1fs",
-                method,
+                method.upper(),
                 path,
                 error,
                 attempt,
@@ -210,17 +173,16 @@ class StripeClient:
         return backoff * (0.5 + random.random() / 2)
 
 
-def _form(pairs: list[tuple[str, str]]) -> bytes:
-    return str(httpx.QueryParams(tuple(pairs))).encode()
-
-
-def _retry_decision(response: httpx.Response) -> tuple[bool, float | None]:
-    should = response.headers.get("Stripe-Should-Retry")
+def _retry_decision(exc: stripe.StripeError) -> tuple[bool, float | None]:
+    if exc.http_status is None:  # no answer: the SDK knows which network errors are transient
+        return bool(getattr(exc, "should_retry", False)), None
+    headers = exc.headers or {}
+    should = headers.get("Stripe-Should-Retry")
     if should is not None:
         retry = should.strip().lower() == "true"
     else:
-        retry = response.status_code in _RETRY_STATUSES or response.status_code >= 500
-    return retry, _retry_after(response.headers.get("Retry-After"))
+        retry = exc.http_status in _RETRY_STATUSES or exc.http_status >= 500
+    return retry, _retry_after(headers.get("Retry-After"))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -233,19 +195,16 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _error(response: httpx.Response) -> StripeError:
-    request_id = response.headers.get("Request-Id")
-    try:
-        payload = response.json().get("error") or {}
-    except ValueError:
-        payload = {}
-    if not isinstance(payload, dict):
-        payload = {}
-    message = payload.get("message") or response.reason_phrase or "error"
+def _error(exc: stripe.StripeError) -> StripeError:
+    if exc.http_status is None:
+        return StripeError(f"{type(exc).__name__}: {exc.user_message or exc}")
+    body = exc.json_body if isinstance(exc.json_body, dict) else {}
+    payload = body.get("error")
+    payload = payload if isinstance(payload, dict) else {}
     return StripeError(
-        str(message),
-        status=response.status_code,
+        str(payload.get("message") or exc.user_message or "error"),
+        status=exc.http_status,
         error_type=payload.get("type"),
-        code=payload.get("code"),
-        request_id=request_id,
+        code=payload.get("code") or exc.code,
+        request_id=exc.request_id,
     )

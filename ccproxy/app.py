@@ -21,9 +21,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ccproxy.admin.serving import AdminApi, not_found
 from ccproxy.auth import Authenticator, Principal
 from ccproxy.chat import CHAT
 from ccproxy.compress_endpoint import serve_compress, serve_retrieve
+from ccproxy.demo import DemoApi, samples
 from ccproxy.error_shapes import error_payload
 from ccproxy.messages.serving import MESSAGES, count_tokens
 from ccproxy.responses.serving import RESPONSES
@@ -39,6 +41,7 @@ from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, r
 from ccproxy.upstream import RawCall, UpstreamReply
 from ccproxy.usage.report import build_report, usage_window
 from ccproxy.usage.store import UsageStore
+from ccproxy.web import asset
 
 logger = logging.getLogger("ccproxy")
 
@@ -144,6 +147,15 @@ def _state(request: Request, name: str) -> Any:
     return value
 
 
+def _client(request: Request) -> str | None:
+    """The TCP peer's address: per-address budgets (failed auth, the demo) are kept by it."""
+    return request.client.host if request.client else None
+
+
+def _no_store(body: Any) -> JSONResponse:
+    return JSONResponse(body, headers={"cache-control": "no-store"})
+
+
 def _observer(app: FastAPI) -> ChatObserver:
     """The metrics of the wired parts; none before the service has wired them."""
     parts: ChatParts | None = getattr(app.state, "parts", None)
@@ -166,8 +178,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def principal_of(request: Request) -> Principal:
         gate: Authenticator = _state(request, "gate")
-        # The TCP peer's address: the failed-auth budget is kept per address.
-        return await gate.admit(request.headers, request.client.host if request.client else None)
+        return await gate.admit(request.headers, _client(request))
 
     async def admitted(request: Request) -> Principal:
         principal = await principal_of(request)
@@ -255,6 +266,51 @@ def create_app(settings: Settings) -> FastAPI:
             ) from None
         report = build_report(hours, *window, granularity, settings.price_per_million_input_tokens_usd)
         return JSONResponse({**report, "account": principal.account_name})
+
+    # --- the operator's admin page and the public demo (ccproxy/admin/, ccproxy/demo.py) ---
+    admin = AdminApi(settings)
+    demo = DemoApi(settings)
+
+    @app.get("/admin", include_in_schema=False)
+    async def admin_page() -> Response:
+        if not admin.enabled:
+            raise not_found()
+        return asset("admin.html")  # type: ignore[return-value]
+
+    @app.get("/admin/api/summary", include_in_schema=False)
+    async def admin_summary(
+        request: Request,
+        start: str | None = Query(default=None, alias="from"),
+        end: str | None = Query(default=None, alias="to"),
+        granularity: str = "day",
+    ) -> JSONResponse:
+        admin.admit(request.headers.get("authorization"), _client(request))
+        return _no_store(await admin.summary(_state(request, "store"), start, end, granularity))
+
+    @app.get("/demo", include_in_schema=False)
+    async def demo_page() -> Response:
+        if not demo.enabled:
+            raise not_found()
+        return asset("demo.html")  # type: ignore[return-value]
+
+    @app.get("/demo/api/samples", include_in_schema=False)
+    async def demo_samples() -> JSONResponse:
+        if not demo.enabled:
+            raise not_found()
+        return _no_store(samples())
+
+    @app.post("/demo/api/compress", include_in_schema=False)
+    async def demo_compress(request: Request) -> JSONResponse:
+        demo.admit(_client(request))
+        raw = await read_body(request, demo.body_limit)
+        return _no_store(await demo.compress(_state(request, "parts"), raw))
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def web_asset(name: str) -> Response:
+        found = asset(name)
+        if found is None:
+            raise not_found()
+        return found
 
     # BentoML hands a mounted app only the paths it has routes for; this one claims the rest
     # of /v1: the OpenAI routes ccproxy does not compress are relayed (ccproxy/passthrough.py),

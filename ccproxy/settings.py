@@ -472,6 +472,33 @@ class Settings(BaseSettings):
         default=None,
         description="When set, /metrics answers only requests with 'Authorization: Bearer <token>'.",
     )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="The operator's key for the admin page (/admin) and its data (/admin/api/summary, "
+        "'Authorization: Bearer <token>'): savings, tokens and outcomes of every account and key. "
+        "Unset: both answer 404. Use 32 or more random characters.",
+    )
+    demo_enabled: bool = Field(
+        default=False,
+        description="Serve the public demo page (/demo): a visitor pastes a chat and sees what the "
+        "Compressor keeps and drops. Each run costs a compression; nothing is stored or billed.",
+    )
+    demo_requests_per_minute: int = Field(
+        default=6,
+        ge=1,
+        description="Demo compressions one client address may run per minute (per Gateway worker).",
+    )
+    demo_total_requests_per_minute: int = Field(
+        default=60,
+        ge=1,
+        description="Demo compressions all visitors together may run per minute (per Gateway worker).",
+    )
+    demo_max_chars: int = Field(
+        default=40_000,
+        ge=1_000,
+        le=400_000,
+        description="Largest chat the demo takes, in characters of message text (a 413 beyond it).",
+    )
     environment: Literal["development", "production"] = Field(
         default="development",
         description="`production` makes the services refuse to start with settings that expose "
@@ -513,7 +540,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "upstream_api_key", "anthropic_upstream_api_key", "database_url", "stripe_api_key", "metrics_token",
-        "compressor_token", mode="before",
+        "compressor_token", "admin_token", mode="before",
     )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -109,6 +109,10 @@ class UnitReport:
     kept: bool  # any of it: whole, or in part (its best pieces, when it did not fit)
     score: float | None  # None for units that were not scored (protected ones)
     kept_tokens: int  # what is forwarded of it: ``tokens`` kept whole, fewer kept in part, 0 dropped
+    # For the demo page only (ccproxy/demo.py), never in an API answer, a log or the database:
+    # the unit's text and its turn's place in the conversation.
+    text: str = field(default="", repr=False, compare=False)
+    turn: int = -1
 
     @property
     def partly(self) -> bool:
@@ -282,12 +286,16 @@ async def _kept_part(
 
 
 def unit_reports(
-    units: Sequence[Unit], tokens: Sequence[int], decision: Decision, first_index: int = 0
+    units: Sequence[Unit], tokens: Sequence[int], decision: Decision, first_index: int = 0, first_turn: int = 0
 ) -> tuple[UnitReport, ...]:
-    """One report per unit; ``first_index`` numbers units after those of earlier segments."""
+    """One report per unit; ``first_index`` numbers units after those of earlier segments, whose
+    turns come before ``first_turn``."""
     in_part = {unit: kept_tokens for unit, _, kept_tokens in decision.partial}
     return tuple(
-        UnitReport(first_index + u.index, u.kind, n, u.protected, kept, s, in_part.get(u.index, n) if kept else 0)
+        UnitReport(
+            first_index + u.index, u.kind, n, u.protected, kept, s, in_part.get(u.index, n) if kept else 0,
+            u.text, first_turn + u.message_index,
+        )
         for u, n, kept, s in zip(units, tokens, decision.keep, decision.scores)
     )
 
@@ -420,7 +428,9 @@ async def decide(
             if memo is not None and s.key is not None:
                 memo.put(s.key, s.found)
         decisions.append(s.found.decision)
-        reports.extend(unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports)))
+        reports.extend(
+            unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports), first_turn=s.start)
+        )
         kept_total += s.found.kept_tokens
         outcomes.append(s.found.decision.outcome)
 

@@ -24,7 +24,6 @@ from billing.job import (
     plan,
     unit_amount_decimal,
 )
-from billing.stripe_client import encode
 from tests.billing.helpers import PRICES, at
 
 METERS = PlanConfig("meters", PRICES, "usd", "ccproxy_usage_micro")
@@ -217,23 +216,3 @@ def test_invoice_requests_shape() -> None:
     keys = {first.idempotency_key, second.idempotency_key}
     keys |= {invoice.idempotency_key, final.idempotency_key}
     assert len(keys) == 4
-
-
-def test_stripe_form_encoding() -> None:
-    params = {
-        "a": 1,
-        "payload": {"value": "2", "nested": {"x": True}},
-        "items": [{"price": "p1"}, {"price": "p2"}],
-        "keys": ["k"],
-        "skip": None,
-        "flag": False,
-    }
-    assert encode(params) == [
-        ("a", "1"),
-        ("payload[value]", "2"),
-        ("payload[nested][x]", "true"),
-        ("items[0][price]", "p1"),
-        ("items[1][price]", "p2"),
-        ("keys[0]", "k"),
-        ("flag", "false"),
-    ]

@@ -25,6 +25,33 @@ def test_requests_carry_auth_version_and_idempotency_key(fake_stripe: FakeStripe
     assert call.pairs == [("name", "acme"), ("metadata[a]", "1")]
 
 
+def test_nested_params_reach_stripe_in_its_form_encoding(fake_stripe: FakeStripe) -> None:
+    """Maps as a[b]=, lists as a[0]=, booleans as true/false, None left out, in order."""
+    params = {
+        "a": 1,
+        "payload": {"value": "2", "nested": {"x": True}},
+        "items": [{"price": "p1"}, {"price": "p2"}],
+        "keys": ["k"],
+        "skip": None,
+        "flag": False,
+    }
+    with client(fake_stripe.url) as stripe:
+        stripe.send(StripeRequest("POST", "/v1/customers", params, "key-form"))
+        stripe.send(StripeRequest("GET", "/v1/billing/meters", {"limit": 3, "expand": ["data.x"]}))
+    posted, listed = fake_stripe.requests
+    assert posted.pairs == [
+        ("a", "1"),
+        ("payload[value]", "2"),
+        ("payload[nested][x]", "true"),
+        ("items[0][price]", "p1"),
+        ("items[1][price]", "p2"),
+        ("keys[0]", "k"),
+        ("flag", "false"),
+    ]
+    assert (listed.method, listed.pairs) == ("GET", [("limit", "3"), ("expand[0]", "data.x")])
+    assert "idempotency-key" not in listed.headers
+
+
 def test_a_429_is_retried_after_retry_after_with_the_same_key(fake_stripe: FakeStripe) -> None:
     fake_stripe.fail(429, retry_after="2")
     sleeps = Sleeps()
@@ -105,7 +132,7 @@ def test_network_errors_are_retried_then_raised() -> None:
     stripe = client(f"http://127.0.0.1:{free_port()}", sleeps, max_retries=2)
     with stripe, pytest.raises(StripeError) as caught:
         stripe.send(CUSTOMER)
-    assert caught.value.status is None and "ConnectError" in str(caught.value)
+    assert caught.value.status is None and "ConnectionError" in str(caught.value)
     assert len(sleeps) == 2
 
 

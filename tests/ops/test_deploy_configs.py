@@ -210,6 +210,26 @@ def test_the_stack_has_every_part(compose: dict[str, Any]) -> None:
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image's version ({image})"
 
 
+def _distribution(requirement: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_bento_installs_every_runtime_dependency() -> None:
+    """The image installs bentofile.yaml's list, not pyproject.toml: a dependency added to one
+    and not the other is an import error at start-up (or, for billing, in the scheduled job)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + [r for extra in ("scorer", "embedded", "gpu", "billing") for r in extras[extra]]
+    needed = {_distribution(r) for r in wanted}
+    needed -= {"bentoml", "ccproxy"}  # the Bento's base, and the extras' self-references
+    bento = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    packaged = {_distribution(r) for r in bento["python"]["packages"]}
+    assert needed - packaged == set()
+    assert "billing/**/*.py" in bento["include"]
+
+
 def test_the_ccproxy_image_is_the_containerized_bento(raw_compose: dict[str, Any], compose: dict[str, Any]) -> None:
     """Both ccproxy services run the image `bentoml containerize` makes of this Bento, and the
     file says how to build it."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from bench.cost_model import (
-    GPT_4O,
     PROFILES,
     SONNET_STYLE,
     PriceProfile,
