@@ -30,13 +30,14 @@ from ccproxy.error_shapes import error_payload
 from ccproxy.messages.serving import MESSAGES, count_tokens
 from ccproxy.responses.serving import RESPONSES
 from ccproxy.serving import Api, ChatParts, limit_key, serve_conversation
-from ccproxy.limits import ConcurrencyLimitMiddleware, RateLimiter
+from ccproxy.limits import ConcurrencyLimitMiddleware
 from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import (
     CHAT_COMPLETIONS, COMPRESS, COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, RESPONSES_ROUTE, RETRIEVE, USAGE,
 )
 from ccproxy.protocol import ProxyError
 from ccproxy.settings import Settings
+from ccproxy.shared.limits import build_limiter
 from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, relay, route_of
 from ccproxy.upstream import RawCall, UpstreamReply
 from ccproxy.usage.report import build_report, usage_window
@@ -171,9 +172,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware)
     # One per worker process: BentoML imports the service (and so builds this app) in each.
-    limiter = RateLimiter(
-        settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute,
-        on_refused=lambda kind: _observer(app).refused(f"{kind}_per_minute"),
+    limiter = build_limiter(
+        settings, on_refused=lambda kind: _observer(app).refused(f"{kind}_per_minute"),
+        on_unavailable=lambda: _observer(app).refused("rate_limiter_unavailable"),
     )
 
     async def principal_of(request: Request) -> Principal:
@@ -182,7 +183,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def admitted(request: Request) -> Principal:
         principal = await principal_of(request)
-        limiter.admit_request(limit_key(principal))
+        await limiter.aadmit_request(limit_key(principal))
         return principal
 
     @app.exception_handler(ProxyError)

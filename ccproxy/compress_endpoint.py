@@ -34,7 +34,7 @@ from ccproxy.auth import Principal
 from ccproxy.compression.conversation import PART_JOINER
 from ccproxy.compression.gateway import compress_response
 from ccproxy.compression.pipeline import Compression
-from ccproxy.limits import RateLimiter
+from ccproxy.shared.limits import Limiter
 from ccproxy.logs import log_request
 from ccproxy.protocol import CompressRequest, ProxyError, _validated, dumps_bytes
 from ccproxy.retrieval import RetrievalStore, shared_store
@@ -85,7 +85,7 @@ def _figures(compression: Compression, counted: int) -> Compression:
 
 
 async def serve_compress(
-    parts: ChatParts, principal: Principal, raw: bytes, request_id: str, limiter: RateLimiter
+    parts: ChatParts, principal: Principal, raw: bytes, request_id: str, limiter: Limiter
 ) -> Response:
     started = time.perf_counter()
     created_at = datetime.now(timezone.utc)
@@ -95,7 +95,7 @@ async def serve_compress(
     counter = await asyncio.to_thread(parts.counter_for, asked.model)
     counted = await heavy_work(len(raw), count_prompt_or_zero, counter, {"messages": body["messages"]})
     key = limit_key(principal)
-    limiter.admit_tokens(key, counted)  # before any scoring
+    await limiter.aadmit_tokens(key, counted)  # before any scoring
     config = asked.config  # sidecar mode when present
     messages = body["messages"] if config is None else sidecar_view(body["messages"])
     try:

@@ -2,7 +2,8 @@
 
 Both live in the memory of one Gateway worker: nothing is shared between workers or hosts, so
 a key served by N workers can get up to N times its limits. That keeps the hot path free of a
-network round trip; a fleet-wide limit belongs in front of ccproxy (a gateway, a Redis limiter).
+network round trip; with CCPROXY_REDIS_URL the same buckets live in Redis for the whole fleet
+(ccproxy/shared/limits.py). The concurrency cap stays per worker: it protects the worker.
 
 The maths are pure functions over an immutable ``Bucket`` and an explicit ``now``, so the unit
 tests drive them with a fake clock.
@@ -136,6 +137,13 @@ class RateLimiter:
             if wait > 0:
                 self._on_refused("requests")
                 raise rate_limited("requests", self._requests.limit, wait)
+
+    # The routes' interface (ccproxy.shared.limits.Limiter), which a limiter in Redis needs async.
+    async def aadmit_request(self, key: str) -> None:
+        self.admit_request(key)
+
+    async def aadmit_tokens(self, key: str, tokens: int) -> None:
+        self.admit_tokens(key, tokens)
 
     def admit_tokens(self, key: str, tokens: int) -> None:
         if self._tokens is not None:

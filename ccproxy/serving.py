@@ -31,7 +31,7 @@ from ccproxy.compression.conversation import WireFormat
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.offload import RELEASE_MIN_BYTES, release
 from ccproxy.compression.pipeline import Compression, CompressionPlan
-from ccproxy.limits import RateLimiter
+from ccproxy.shared.limits import Limiter
 from ccproxy.logs import log_request
 from ccproxy.lossless.loop import Dialect, RetrieveRounds, Retriever
 from ccproxy.lossless.markers import Marking
@@ -320,7 +320,7 @@ async def serve_conversation(
     headers: Mapping[str, str],
     raw: bytes,
     request_id: str,
-    limiter: RateLimiter | None = None,
+    limiter: Limiter | None = None,
     received_at: float | None = None,  # when the request reached ccproxy (auth and body read before this call)
 ) -> Response:
     started = time.perf_counter()
@@ -336,7 +336,7 @@ async def serve_conversation(
     key = limit_key(principal)
     if limiter is not None:
         # On the raw count, before any scoring: a key over its limit costs no compression work.
-        limiter.admit_tokens(key, counted_before)
+        await limiter.aadmit_tokens(key, counted_before)
     plan = mode_for(api, parts.compressor.plan(control), without_control)
     marking = Marking(plan.mode, principal.account_id, parts.store)
     forwarded, compression, compression_ms = await _compressed(

@@ -79,14 +79,38 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="Requests per minute per API key on /v1 routes (chat, responses, messages, compress, "
-        "relayed), per Gateway worker "
-        "(in-process; a key spread over N workers gets up to N times this). 0: no limit.",
+        "relayed): for the whole fleet with CCPROXY_REDIS_URL, else per Gateway worker (a key spread over "
+        "N workers gets up to N times this). 0: no limit.",
     )
     rate_limit_tokens_per_minute: int = Field(
         default=0,
         ge=0,
-        description="Prompt tokens forwarded plus completion tokens per minute per API key, per "
-        "Gateway worker (in-process). 0: no limit.",
+        description="Prompt tokens forwarded plus completion tokens per minute per API key: for the "
+        "whole fleet with CCPROXY_REDIS_URL, else per Gateway worker. 0: no limit.",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Redis (redis://[:password@]host:port/db, rediss:// for TLS) for state every Gateway "
+        "worker and replica shares: the per-key rate limits and the stable-history memo, so that any "
+        "replica forwards a chat's history exactly as the others did. Unset: each worker keeps its own.",
+    )
+    redis_fail_mode: Literal["open", "closed"] = Field(
+        default="open",
+        description="When Redis cannot be reached: `open` admits requests without the rate limits "
+        "(logged), `closed` refuses them with 503 `rate_limiter_unavailable` (counted in "
+        "refused_requests_total). The history memo falls back to the worker's own either way.",
+    )
+    redis_timeout_s: float = Field(
+        default=0.25,
+        gt=0,
+        le=10,
+        description="Seconds a Redis call may take (connect, and each command) before it counts as "
+        "unreachable.",
+    )
+    redis_memo_ttl_s: int = Field(
+        default=86_400,
+        ge=60,
+        description="Seconds a chat's stable-history decisions stay in Redis after their last write.",
     )
     max_concurrent_requests: int = Field(
         default=1000,
@@ -540,7 +564,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "upstream_api_key", "anthropic_upstream_api_key", "database_url", "stripe_api_key", "metrics_token",
-        "compressor_token", "admin_token", mode="before",
+        "compressor_token", "admin_token", "redis_url", mode="before",
     )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:

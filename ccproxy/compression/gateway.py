@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from ccproxy.adapters import chat as chat_wire
 from ccproxy.compression.bounds import SizeCaps, measure
 from ccproxy.compression.conversation import WireFormat
-from ccproxy.compression.history import HistoryMemo
 from ccproxy.compression.offload import HeavyWork
 from ccproxy.compression.pipeline import (
     Compression,
@@ -31,6 +30,7 @@ from ccproxy.compression.policy import should_compress
 from ccproxy.compression.units import Elide, TooManyUnits
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
+from ccproxy.shared.memo import build_memo
 from ccproxy.tokens import TokenCounter
 
 P = TypeVar("P")
@@ -46,7 +46,7 @@ class ContextCompressor:
         self._score = score
         self._settings = settings
         # Stable history decisions of the chats this worker has seen (ccproxy.compression.history).
-        self.history_memo = HistoryMemo()
+        self.history_memo = build_memo(settings)  # the worker's, or shared in Redis
         self._caps = SizeCaps(
             max_chars=settings.compression_max_chars,
             max_messages=settings.compression_max_messages,
@@ -101,8 +101,12 @@ class ContextCompressor:
         size = measure(conversation.turns, self._caps)
         if size.over_cap is not None:
             return untouched(payload, "too_large")
-        execution = Execution(self.heavy_work, size.chars, self._caps.max_units)
         memo = self.history_memo if self._settings.compression_history == "stable" else None
+        size_chars = size.chars
+        if memo is not None and getattr(memo, "remote", False):
+            # Its lookups are network round trips: in a heavy-work thread, never on the loop.
+            size_chars = max(size_chars, self._settings.heavy_work_min_chars)
+        execution = Execution(self.heavy_work, size_chars, self._caps.max_units)
 
         async def work() -> Decided:
             return await decide(

@@ -426,7 +426,7 @@ async def decide(
                 )
             s.found = SegmentDecision(decision, s.tokens)
             if memo is not None and s.key is not None:
-                memo.put(s.key, s.found)
+                await execution.run(memo.put, s.key, s.found)  # a shared memo writes over the network
         decisions.append(s.found.decision)
         reports.extend(
             unit_reports(s.segmentation.units, s.tokens, s.found.decision, first_index=len(reports), first_turn=s.start)
