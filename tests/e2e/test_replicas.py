@@ -1,0 +1,247 @@
+"""Two Gateways and two Compressors behind a real load balancer (Debian's haproxy, round robin),
+sharing PostgreSQL and a real redis-server, in front of llama.cpp's server:
+
+- a key's request limit holds for the fleet, not per replica;
+- a 20-turn chat whose requests alternate between the replicas is forwarded append-only (each
+  request's compressed messages start with the previous request's, byte for byte), and old
+  turns are scored once in all, not once per replica;
+- a Gateway killed (SIGKILL) under load loses no usage event (its outbox is replayed when it
+  comes back) and the other Gateway carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from bench.nq import load_records
+from tests.e2e.conftest import COMPRESSOR_TOKEN, UPSTREAM_KEY, gateway_env
+from tests.e2e.servers import bentoml_serve, create_key, free_port, kill_tree, running
+from tests.postgres import fresh_database
+from tests.redis_server import redis_server
+
+pytestmark = pytest.mark.e2e
+
+REQUESTS_PER_MINUTE = 30
+
+
+@dataclass
+class Fleet:
+    url: str  # the load balancer's Gateway frontend
+    database_url: str
+    redis_url: str
+    compressor_urls: list[str]
+    gateway_env: list[dict[str, str]]
+    gateway_ports: list[int]
+    logs: Path
+    gateways: list[Any] = field(default_factory=list)  # the running processes
+    stack: ExitStack = field(default_factory=ExitStack)
+
+    def start_gateway(self, i: int) -> None:
+        base = f"http://127.0.0.1:{self.gateway_ports[i]}"
+        log = self.logs / f"replica-gateway{i}-{len(self.gateways)}.log"
+        process = self.stack.enter_context(
+            running(bentoml_serve(self.gateway_ports[i]), probe_url=f"{base}/livez", log=log, env=self.gateway_env[i])
+        )
+        if i < len(self.gateways):
+            self.gateways[i] = process
+        else:
+            self.gateways.append(process)
+
+
+def _haproxy_config(gateway_port: int, compressor_port: int, gateways: list[int], compressors: list[int]) -> str:
+    def backend(name: str, ports: list[int], health: str) -> str:
+        servers = "\n".join(
+            f"  server {name}{i} 127.0.0.1:{port} check inter 300 fall 2 rise 1" for i, port in enumerate(ports)
+        )
+        return (
+            f"backend {name}s\n  balance roundrobin\n  option httpchk GET {health}\n"
+            f"  http-response set-header x-backend %[srv_name]\n{servers}\n"
+        )
+
+    return (
+        "global\n  maxconn 512\n"
+        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n"
+        "  retries 2\n  option redispatch\n"
+        f"frontend gateways\n  bind 127.0.0.1:{gateway_port}\n  default_backend gateways\n"
+        f"frontend compressors\n  bind 127.0.0.1:{compressor_port}\n  default_backend compressors\n"
+        + backend("gateway", gateways, "/livez")
+        + backend("compressor", compressors, "/readyz")
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(llama_upstream: str, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.fail("haproxy is not installed (Debian: apt-get install -y haproxy; .ci/run does)", pytrace=False)
+    with ExitStack() as stack:
+        database_url = stack.enter_context(fresh_database("ccproxy_replicas"))
+        redis_url = stack.enter_context(redis_server(tmp_path_factory.mktemp("replica-redis")))
+        compressor_ports = [free_port(), free_port()]
+        for i, port in enumerate(compressor_ports):
+            stack.enter_context(running(
+                bentoml_serve(port, "service:Compressor"), probe_url=f"http://127.0.0.1:{port}/readyz",
+                log=logs_dir / f"replica-compressor{i}.log", env={"CCPROXY_COMPRESSOR_TOKEN": COMPRESSOR_TOKEN},
+            ))
+        lb_gateway, lb_compressor = free_port(), free_port()
+        gateway_ports = [free_port(), free_port()]
+        config = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
+        config.write_text(_haproxy_config(lb_gateway, lb_compressor, gateway_ports, compressor_ports))
+        check = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        envs = []
+        for i in range(2):
+            env = gateway_env(
+                llama_upstream, f"http://127.0.0.1:{lb_compressor}", database_url, logs_dir / f"replica{i}-data"
+            )
+            env.update(
+                CCPROXY_UPSTREAM_API_KEY=UPSTREAM_KEY, CCPROXY_REDIS_URL=redis_url,
+                CCPROXY_RATE_LIMIT_REQUESTS_PER_MINUTE=str(REQUESTS_PER_MINUTE),
+            )
+            envs.append(env)
+        fleet = Fleet(
+            f"http://127.0.0.1:{lb_gateway}", database_url, redis_url,
+            [f"http://127.0.0.1:{p}" for p in compressor_ports], envs, gateway_ports, logs_dir, stack=stack,
+        )
+        for i in range(2):
+            fleet.start_gateway(i)
+        stack.enter_context(running(
+            [haproxy, "-db", "-f", str(config)], probe_url=f"{fleet.url}/livez", log=logs_dir / "haproxy.log",
+        ))
+        yield fleet
+
+
+def _compress(fleet: Fleet, key: str, messages: list[dict[str, str]]) -> httpx.Response:
+    return httpx.post(f"{fleet.url}/v1/compress", json={"messages": messages}, headers={"x-api-key": key}, timeout=300)
+
+
+def test_a_keys_limit_holds_across_the_replicas(fleet: Fleet) -> None:
+    key = create_key({"CCPROXY_DATABASE_URL": fleet.database_url}, "limited")
+    tiny = [{"role": "user", "content": "Hello there."}]  # under the threshold: no scoring
+    answers = [_compress(fleet, key, tiny) for _ in range(REQUESTS_PER_MINUTE + 6)]
+    statuses = [a.status_code for a in answers]
+    served_by = {a.headers.get("x-backend") for a in answers}
+    assert served_by == {"gateway0", "gateway1"}
+    # Per replica, each would admit 30: all 36 would pass. One bucket for the fleet admits 30
+    # (plus what it refilled meanwhile, half a request a second).
+    assert REQUESTS_PER_MINUTE <= statuses.count(200) <= REQUESTS_PER_MINUTE + 2, statuses
+    assert set(statuses) == {200, 429}
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "retry-after" in refused.headers
+
+
+def _turns(n: int) -> list[str]:
+    """n user turns, each four Wikipedia passages and a question (~500 tokens)."""
+    records = load_records("eval")
+    turns = []
+    for t in range(n):
+        passages = [records[(4 * t + j) % len(records)].gold for j in range(4)]
+        documents = "\n\n".join(p.render(j + 1) for j, p in enumerate(passages))
+        turns.append(f"{documents}\n\nQuestion: {records[4 * t + 1].question}")
+    return turns
+
+
+def _score_calls(compressor_url: str) -> float:
+    text = httpx.get(f"{compressor_url}/metrics", timeout=10).text
+    calls = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("bentoml_service_request_total") and 'endpoint="/score"' in line
+    ]
+    assert calls, "the Compressor reports no /score requests metric"
+    return sum(calls)
+
+
+def test_a_chat_alternating_replicas_is_forwarded_append_only(fleet: Fleet) -> None:
+    key = create_key({"CCPROXY_DATABASE_URL": fleet.database_url}, "chatty")
+    calls_before = sum(_score_calls(url) for url in fleet.compressor_urls)
+    history: list[dict[str, str]] = [{"role": "system", "content": "Answer from the documents."}]
+    previous: list[str] = []
+    served_by = []
+    compressed = 0
+    for n, turn in enumerate(_turns(20)):
+        history.append({"role": "user", "content": turn})
+        answer = _compress(fleet, key, history)
+        assert answer.status_code == 200, answer.text
+        served_by.append(answer.headers["x-backend"])
+        body = answer.json()
+        compressed += body["outcome"] == "compressed"
+        forwarded = [json.dumps(m, sort_keys=True) for m in body["messages"]]
+        # The previous request's messages, then only new ones (its question kept as it was).
+        assert forwarded[: len(previous)] == previous, f"request {n + 1} changed what request {n} forwarded"
+        previous = forwarded
+        history.append({"role": "assistant", "content": f"Answer {n + 1}."})
+    assert served_by[:4] in (["gateway0", "gateway1"] * 2, ["gateway1", "gateway0"] * 2)  # alternating
+    assert compressed >= 15
+    # Each turn is decided once for the fleet: the replica that did not decide a turn finds the
+    # decision in Redis. A decision takes one scoring call, two when its best unit is kept in
+    # part (its pieces are scored too), so at most 40 here. Apart, each replica would decide
+    # again every turn the other decided: about 100 turns more over these 20 requests.
+    scored = sum(_score_calls(url) for url in fleet.compressor_urls) - calls_before
+    assert scored <= 2 * 20, scored
+    memo_keys = redis.Redis.from_url(fleet.redis_url).keys("ccproxy:memo:*")
+    assert len(memo_keys) >= compressed
+
+
+def _account_events(database_url: str, account: str) -> int:
+    with psycopg.connect(database_url) as db:
+        row = db.execute(
+            "SELECT COUNT(*) FROM ccproxy_usage_events e JOIN ccproxy_accounts a ON a.id = e.account_id WHERE a.name = %s",
+            (account,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_gateway_killed_under_load_loses_no_usage_and_the_other_carries_on(fleet: Fleet) -> None:
+    key = create_key({"CCPROXY_DATABASE_URL": fleet.database_url}, "survivor")
+    small = [{"role": "user", "content": "Short question?"}]
+
+    kill_at: list[float] = []
+
+    def send(i: int) -> tuple[float, int]:
+        started = time.monotonic()
+        try:
+            return started, _compress(fleet, key, small).status_code
+        except httpx.HTTPError:
+            return started, 0  # a connection the killed replica held
+
+    with ThreadPoolExecutor(3) as pool:
+        before = [pool.submit(send, i) for i in range(9)]
+        time.sleep(0.3)
+        kill_tree(fleet.gateways[0])  # as an OOM kill or a node failure: no graceful stop
+        kill_at.append(time.monotonic())
+        after = [pool.submit(send, i) for i in range(15)]
+        results = [f.result() for f in before + after]
+    statuses = [status for _, status in results]
+    later = [status for started, status in results if started > kill_at[0]]
+    assert len(later) >= 12 and later.count(200) == len(later), statuses  # haproxy routes around the dead one
+    answered = statuses.count(200)
+    # Events of answered requests sit in the killed replica's outbox until it runs again.
+    fleet.start_gateway(0)
+    deadline = time.monotonic() + 60
+    while _account_events(fleet.database_url, "survivor") < answered and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _account_events(fleet.database_url, "survivor") == answered
+
+
+def test_haproxy_config_is_what_the_docs_show() -> None:
+    """docs/DEPLOY.md's load-balancer example is this test's config (same directives)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "DEPLOY.md").read_text()
+    example = _haproxy_config(3000, 3100, [3001, 3002], [3101, 3102])
+    for directive in ("balance roundrobin", "option httpchk GET /livez", "option redispatch", "check inter 300 fall 2 rise 1"):
+        assert directive in example and directive in docs, directive
+    assert re.search(r"CCPROXY_REDIS_URL", docs)
