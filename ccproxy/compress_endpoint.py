@@ -18,7 +18,6 @@ calling account only (``ccproxy.retrieval``), listed in ``ccr_hashes``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -92,7 +91,7 @@ async def serve_compress(
     heavy_work = parts.compressor.heavy_work
     body, asked = await heavy_work(len(raw), parse_compress_call, raw)
     await parts.admit_spending(asked.model, principal)
-    counter = await asyncio.to_thread(parts.counter_for, asked.model)
+    counter = await parts.counter(asked.model)
     counted = await heavy_work(len(raw), count_prompt_or_zero, counter, {"messages": body["messages"]})
     key = limit_key(principal)
     await limiter.aadmit_tokens(key, counted)  # before any scoring

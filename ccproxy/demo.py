@@ -117,7 +117,7 @@ class DemoApi:
     async def compress(self, parts: ChatParts, raw: bytes) -> dict[str, Any]:
         call = await asyncio.to_thread(parse_demo_call, raw, self.max_chars)
         messages = [m.model_dump() for m in call.messages]
-        counter = await asyncio.to_thread(parts.counter_for, None)
+        counter = await parts.counter(None)
         try:
             compression = await parts.compressor.compress_as_asked(
                 messages, counter, ratio=call.ratio, budget_tokens=None, scope="demo"

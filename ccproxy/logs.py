@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import fields as dataclass_fields
 
 from ccproxy.usage.events import UsageEvent
 
@@ -29,7 +29,9 @@ def configure_access_log(level: int = logging.INFO) -> None:
 
 
 def access_line(request_id: str, event: UsageEvent) -> str:
-    fields = asdict(event)
+    # A shallow copy: `dataclasses.asdict` deep-copies every field, a measurable share of a
+    # small request's time in the Gateway (bench/profile_gateway.py).
+    fields = {f.name: getattr(event, f.name) for f in dataclass_fields(event)}
     fields["created_at"] = event.created_at.isoformat()
     return json.dumps({"log": "chat_completion", "request_id": request_id, **fields}, ensure_ascii=True)
 

@@ -36,7 +36,7 @@ from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_
 from ccproxy.settings import get_settings
 from ccproxy.spend import SpendGuard
 from ccproxy.startup_checks import refuse_unsafe_start
-from ccproxy.tokens import counter_for
+from ccproxy.tokens import counter_for, loaded_counter
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
 from ccproxy.usage.flusher import UsageFlusher
 from ccproxy.usage.outbox import Outbox
@@ -134,6 +134,7 @@ class Gateway:
             upstream=self.upstream,
             compressor=ContextCompressor(self._score, settings),
             counter_for=lambda model: counter_for(model, settings),
+            loaded_counter=lambda model: loaded_counter(model, settings),
             recorder=recorder,
             metrics=gateway_metrics(),
             allowed_models=settings.allowed_models,

@@ -120,6 +120,13 @@ class ChatParts:
     store: RetrievalStore = field(default_factory=shared_store)
     retrieve_max_rounds: int = 3
 
+    # A counter already loaded, without loading one (None then): spares a thread hop per request.
+    loaded_counter: Callable[[str | None], PromptCounter | None] = lambda model: None
+
+    async def counter(self, model: str | None) -> PromptCounter:
+        """The model's token counter: a lookup once loaded; the first load (seconds) in a thread."""
+        return self.loaded_counter(model) or await asyncio.to_thread(self.counter_for, model)  # type: ignore[arg-type]
+
     async def admit_spending(self, model: str | None, principal: Principal) -> None:
         """The model allow-list and the spend cap: before any scoring or forwarding."""
         if model is not None:
@@ -331,7 +338,7 @@ async def serve_conversation(
     request = await heavy_work(len(raw), api.parse, raw)
     control, without_control = compression_control(headers, request.body)  # a bad option: 400 now
     await parts.admit_spending(request.model, principal)
-    counter = await asyncio.to_thread(parts.counter_for, request.model)
+    counter = await parts.counter(request.model)
     counted_before = await heavy_work(len(raw), count_view, api, counter, without_control)
     key = limit_key(principal)
     if limiter is not None:

@@ -356,6 +356,12 @@ _counters: dict[tuple[str, Path | None], PromptCounter] = {}
 _loading = threading.Lock()
 
 
+def loaded_counter(model: str | None, settings: Settings) -> PromptCounter | None:
+    """The counter for ``model`` if it is loaded already; never loads one."""
+    spec = tokenizer_spec_for(model, settings)
+    return _counters.get((spec, settings.embedded_model_path if spec == "embedded" else None))
+
+
 def counter_for(model: str | None, settings: Settings) -> PromptCounter:
     """The counter for ``model``, loaded once per spec and shared by every model that maps to it.
 

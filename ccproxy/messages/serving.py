@@ -5,7 +5,6 @@ lies at or before the client's last cache breakpoint is forwarded as sent."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -67,7 +66,7 @@ async def count_tokens(parts: ChatParts, principal: Principal, headers: Mapping[
     control, body = compression_control(headers, request.body)
     await parts.admit_spending(request.model, principal)
     upstream = anthropic_upstream(parts)
-    counter = await asyncio.to_thread(parts.counter_for, request.model)
+    counter = await parts.counter(request.model)
     counted_before = await heavy_work(len(raw), count_view, MESSAGES, counter, body)
     compressor = parts.compressor
     # Compressed exactly as /v1/messages would be, markers and ccproxy's tool included.
