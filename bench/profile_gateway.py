@@ -1,7 +1,8 @@
 """Where the Gateway's own time goes (issue 20): py-spy samples the Gateway's processes while
 closed-loop callers send chat completions through it to the fast upstream, compression off, as
 `bench.overhead` does. Writes the sampled stacks (collapsed, py-spy's raw format) and a summary
-of the functions that hold the most samples, inclusive and self, to bench/results/.
+of the functions that hold the most samples, inclusive and self, to bench/results/ (the stacks
+gzipped: flamegraph.pl or speedscope read them).
 
     .venv/bin/python -m bench.profile_gateway                      # 16 callers, 1 k tokens, 20 s
     .venv/bin/python -m bench.profile_gateway --callers 1 --tokens 10000
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load_before = machine()
+    about = machine()
+    load_before = os.getloadavg()
     with ExitStack() as cleanup:
         work = work_folder(cleanup, None, "ccproxy-profile-")
         stack = cleanup.enter_context(serving(work, work / "data"))
@@ -108,19 +112,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"py-spy failed: {spy_errors[-2000:]}", file=sys.stderr)
             return 1
         raw = raw_path.read_text()
+        load_after = os.getloadavg()
     name = f"gateway_profile_c{args.callers}_t{args.tokens}{'_stream' if args.stream else ''}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.txt").write_text(raw)
+    (RESULTS / f"{name}.txt.gz").write_bytes(gzip.compress(raw.encode(), mtime=0))
     header = [
         f"# Gateway profile: {args.callers} callers, {args.tokens:,}-token prompts, "
         f"{'streamed' if args.stream else 'whole answers'}",
         "",
         f"Command: `python -m bench.profile_gateway --callers {args.callers} --tokens {args.tokens}"
-        f"{' --stream' if args.stream else ''}`. Run {started} on {load_before}; {len(cell.times_ms)} requests "
+        f"{' --stream' if args.stream else ''}`. Run {started} on {about['cpu']} ({about['cores']} cores), "
+        f"load average {load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end; {len(cell.times_ms)} requests "
         f"in {args.seconds - 1.5:.1f} s through the Gateway (compression off), {cell.failures} failed. py-spy "
         f"sampled every Gateway process at 250 Hz (idle threads excluded); shares are of all samples, "
         f"so the worker's event loop, its threads and the BentoML supervisor add up to 100 %. "
-        f"Stacks: `bench/results/{name}.txt`.",
+        f"Stacks (py-spy's raw format, gzip): `bench/results/{name}.txt.gz`.",
         "",
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(header + summarise(raw)) + "\n")
