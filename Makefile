@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # and pip caches one wheel per version whatever flags made it.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install llama-server litellm serve test hostile test-unit fuzz screenshots build bench load multiturn agent-bench aggressive scorer-bench overhead parity acceptance clean
+.PHONY: install llama-server litellm serve test hostile test-unit fuzz screenshots build bench profile load multiturn agent-bench aggressive scorer-bench overhead parity acceptance clean
 
 # What `make serve` needs: the Gateway, the Compressor's scorer and the embedded upstream, no dev
 # tools. pip is not quiet here: the llama-cpp-python compile (~7 min) shows as it happens.
@@ -94,6 +94,11 @@ load: install
 # 100-100 k-token prompts (docs/BENCHMARKS.md, "Gateway overhead"); ~2 min on 2 cores.
 overhead: install
 	$(PY) -m bench.overhead $(OVERHEAD_ARGS)
+
+# Where the Gateway's own time goes: py-spy over the Gateway under load (docs/BENCHMARKS.md, "Gateway
+# overhead"); PROFILE_ARGS passes options, e.g. --callers 1 --tokens 10000.
+profile: install
+	$(PY) -m bench.profile_gateway $(PROFILE_ARGS)
 
 # Multi-turn chats, prompt caching and the bill (docs/BENCHMARKS.md), ~15 min on 2 cores; MULTITURN_ARGS passes options.
 multiturn: install
