@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 
 from locustfiles import shapes
-from tests.e2e.servers import REPO, bentoml_serve, create_key, free_port, running
+from tests.e2e.servers import REPO, bentoml_serve, create_key, free_port, haproxy, haproxy_config, running
 
 LOCUSTFILE = "locustfiles/ccproxy_load.py"
 RESULTS_CSV = REPO / "bench" / "results" / "load.csv"
@@ -295,11 +295,15 @@ class Stack:
 
 
 @contextmanager
-def serving(logs: Path, data: Path, database_url: str | None = None) -> Iterator[Stack]:
-    upstream_port, compressor_port, gateway_port = free_port(), free_port(), free_port()
+def serving(logs: Path, data: Path, database_url: str | None = None, replicas: int = 1) -> Iterator[Stack]:
+    """The fast upstream, a Compressor and the Gateway on loopback. ``replicas`` > 1: that many
+    Gateways behind Debian's haproxy (round robin), sharing ``database_url`` (required then: a
+    key created for one must work on all); ``Stack.gateway`` is the load balancer."""
+    if replicas > 1 and database_url is None:
+        raise ValueError("replicas share one database: pass database_url")
+    upstream_port, compressor_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     compressor = f"http://127.0.0.1:{compressor_port}"
-    gateway = f"http://127.0.0.1:{gateway_port}"
     quiet = {"OMP_WAIT_POLICY": "PASSIVE", "BENTOML_DO_NOT_TRACK": "true"}
     with ExitStack() as stack:
         stack.enter_context(running(
@@ -322,10 +326,19 @@ def serving(logs: Path, data: Path, database_url: str | None = None) -> Iterator
             **({"CCPROXY_DATABASE_URL": database_url} if database_url else {}),
         }
         api_key = create_key(env, "load")
-        stack.enter_context(running(
-            bentoml_serve(gateway_port), probe_url=f"{gateway}/readyz", log=logs / "gateway.log", env=env, timeout_s=300,
-        ))
-        print(f"load: Gateway on {gateway}", flush=True)
+        ports = [free_port() for _ in range(replicas)]
+        for i, port in enumerate(ports):
+            own = {**env, "CCPROXY_DATA_DIR": str(data / f"replica{i}")} if replicas > 1 else env
+            stack.enter_context(running(
+                bentoml_serve(port), probe_url=f"http://127.0.0.1:{port}/readyz",
+                log=logs / (f"gateway{i}.log" if replicas > 1 else "gateway.log"), env=own, timeout_s=300,
+            ))
+        gateway = f"http://127.0.0.1:{ports[0]}"
+        if replicas > 1:
+            front = free_port()
+            gateway = f"http://127.0.0.1:{front}"
+            stack.enter_context(haproxy(haproxy_config(front, ports), logs, f"{gateway}/livez", logs / "haproxy.log"))
+        print(f"load: Gateway on {gateway}" + (f" ({replicas} replicas behind haproxy)" if replicas > 1 else ""), flush=True)
         yield Stack(upstream, gateway, compressor, api_key)
 
 

@@ -12,6 +12,7 @@ callers the client's own work is part of every figure, on both sides.
 
     .venv/bin/python -m bench.overhead                 # ~8 min on 2 cores
     .venv/bin/python -m bench.overhead --seconds 2 --no-docs
+    .venv/bin/python -m bench.overhead --replicas 2      # two Gateways behind haproxy
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from typing import Any
 import httpx
 
 from bench.load import MODEL, machine, percentile, publish, run_line, serving, work_folder
+from tests.postgres import fresh_database
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
 RESULTS_MD = ROOT / "bench" / "results" / "overhead.md"
 MARKS = ("<!-- overhead:start -->", "<!-- overhead:end -->")
+REPLICA_MARKS = ("<!-- overhead-replicas:start -->", "<!-- overhead-replicas:end -->")
 CONCURRENCY = (1, 16, 64)
 PROMPT_TOKENS = (100, 1_000, 10_000, 100_000)
 GOALS = "p95 overhead ≤ 3 ms at 1 caller and ≤ 10 ms at 16, prompts up to 10 k tokens; streamed TTFT overhead ≤ 3 ms"
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="per cell and target")
     parser.add_argument("--max-requests", type=int, default=400, help="per cell and target")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="Gateways behind haproxy (round robin, one PostgreSQL database); 1: the Gateway alone")
     options = parser.parse_args(argv)
     command = "python -m bench.overhead " + shlex.join(argv if argv is not None else sys.argv[1:])
     load_start = os.getloadavg()
@@ -171,29 +176,42 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as cleanup:
         work = work_folder(cleanup, None, "ccproxy-overhead-")
         (work / "data").mkdir(exist_ok=True)
-        stack = cleanup.enter_context(serving(work, work / "data"))
+        database_url = cleanup.enter_context(fresh_database("ccproxy_overhead")) if options.replicas > 1 else None
+        stack = cleanup.enter_context(serving(work, work / "data", database_url, options.replicas))
         cells = asyncio.run(measure(stack, options.seconds, options.max_requests))
+    marks = MARKS if options.replicas == 1 else REPLICA_MARKS
+    title = (
+        "## Gateway overhead: through ccproxy minus direct" if options.replicas == 1
+        else f"## Gateway overhead: {options.replicas} replicas behind haproxy"
+    )
+    through = (
+        "the Gateway (`ccproxy serve`, default workers, compression off by header, usage recorded)"
+        if options.replicas == 1 else
+        f"{options.replicas} Gateways (`ccproxy serve` each, default workers, one PostgreSQL database, compression "
+        "off by header, usage recorded) behind Debian's haproxy (round robin, `tests/e2e/servers.py`'s config)"
+    )
     lines = [
-        MARKS[0],
-        "## Gateway overhead: through ccproxy minus direct",
+        marks[0],
+        title,
         "",
         run_line(command, f"{machine()['cpu']}, {os.cpu_count()} cores", (time.perf_counter() - started) / 60,
                  (load_start[0], os.getloadavg()[0])),
         "",
         "The fast upstream (`bench/fast_upstream.py`, canned answers) alone, then the same requests through "
-        "the Gateway (`ccproxy serve`, default workers, compression off by header, usage recorded), "
+        f"{through}, "
         f"closed-loop callers for {options.seconds:g} s (at most {options.max_requests} requests) per cell and "
         "target, after a warm-up. Overhead = ccproxy's percentile − the direct percentile, same run. "
-        "Callers, Gateway and upstream share the machine's cores. Goals (issue 20): " + GOALS + ".",
+        "Callers, Gateways, load balancer and upstream share the machine's cores. Goals (issue 20): " + GOALS + ".",
         "",
         *table(cells, stream=False),
         "",
         *table(cells, stream=True),
         "",
-        MARKS[1],
+        marks[1],
         "",
     ]
-    publish("\n".join(lines), RESULTS_MD, None if options.no_docs else BENCHMARKS_MD, MARKS)
+    results = RESULTS_MD if options.replicas == 1 else RESULTS_MD.with_name(f"overhead_{options.replicas}_replicas.md")
+    publish("\n".join(lines), results, None if options.no_docs else BENCHMARKS_MD, marks)
     return 0
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ccproxy.admin.serving import AdminApi, not_found
+from ccproxy.admin.serving import AdminApi
 from ccproxy.auth import Authenticator, Principal
 from ccproxy.chat import CHAT
 from ccproxy.compress_endpoint import serve_compress, serve_retrieve
@@ -35,7 +35,7 @@ from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import (
     CHAT_COMPLETIONS, COMPRESS, COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, RESPONSES_ROUTE, RETRIEVE, USAGE,
 )
-from ccproxy.protocol import ProxyError
+from ccproxy.protocol import ProxyError, unknown_endpoint, usage_unavailable
 from ccproxy.settings import Settings
 from ccproxy.shared.limits import build_limiter
 from ccproxy.passthrough import SERVER_KEY_RESOURCES, refused_with_server_key, relay, route_of
@@ -234,7 +234,9 @@ def create_app(settings: Settings) -> FastAPI:
     # Sidecar mode's originals (docs/SIDECAR.md); declared before the catch-all /v1 route below.
     @app.get("/v1/retrieve/{ref}", openapi_extra=RETRIEVE)
     async def retrieve(request: Request) -> Response:
-        return serve_retrieve(await admitted(request), request.path_params["ref"])
+        principal = await admitted(request)
+        # A store in Redis blocks on the network: read it in a thread.
+        return await asyncio.to_thread(serve_retrieve, principal, request.path_params["ref"])
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -261,10 +263,7 @@ def create_app(settings: Settings) -> FastAPI:
             hours = await asyncio.to_thread(store.hourly, principal.account_id, *window)
         except Exception as exc:
             logger.warning("usage query failed: %s", type(exc).__name__)
-            raise ProxyError(
-                503, "Usage cannot be read right now; try again shortly.", type="server_error",
-                code="usage_store_unavailable",
-            ) from None
+            raise usage_unavailable() from None
         report = build_report(hours, *window, granularity, settings.price_per_million_input_tokens_usd)
         return JSONResponse({**report, "account": principal.account_name})
 
@@ -275,7 +274,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/admin", include_in_schema=False)
     async def admin_page() -> Response:
         if not admin.enabled:
-            raise not_found()
+            raise unknown_endpoint()
         return asset("admin.html")  # type: ignore[return-value]
 
     @app.get("/admin/api/summary", include_in_schema=False)
@@ -291,13 +290,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/demo", include_in_schema=False)
     async def demo_page() -> Response:
         if not demo.enabled:
-            raise not_found()
+            raise unknown_endpoint()
         return asset("demo.html")  # type: ignore[return-value]
 
     @app.get("/demo/api/samples", include_in_schema=False)
     async def demo_samples() -> JSONResponse:
         if not demo.enabled:
-            raise not_found()
+            raise unknown_endpoint()
         return _no_store(samples())
 
     @app.post("/demo/api/compress", include_in_schema=False)
@@ -310,7 +309,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def web_asset(name: str) -> Response:
         found = asset(name)
         if found is None:
-            raise not_found()
+            raise unknown_endpoint()
         return found
 
     # BentoML hands a mounted app only the paths it has routes for; this one claims the rest
@@ -320,8 +319,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def other_endpoint(request: Request, path: str) -> Response:
         resource = route_of(path)
         if resource is None:
-            # The path is not quoted back: error bodies never repeat request content.
-            raise ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
+            raise unknown_endpoint()
         principal = await admitted(request)
         if settings.upstream_api_key is not None and resource not in SERVER_KEY_RESOURCES:
             raise refused_with_server_key()

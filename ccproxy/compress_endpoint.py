@@ -18,6 +18,7 @@ calling account only (``ccproxy.retrieval``), listed in ``ccr_hashes``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -36,7 +37,7 @@ from ccproxy.compression.pipeline import Compression
 from ccproxy.shared.limits import Limiter
 from ccproxy.logs import log_request
 from ccproxy.protocol import CompressRequest, ProxyError, _validated, dumps_bytes
-from ccproxy.retrieval import RetrievalStore, shared_store
+from ccproxy.retrieval import OriginalsStore, shared_store
 from ccproxy.serving import ChatParts, count_prompt_or_zero, limit_key
 from ccproxy.tokens import TokenCounter
 from ccproxy.usage.events import UsageEvent, new_event_id
@@ -117,10 +118,12 @@ async def serve_compress(
     if config is None:
         compression = _figures(compression, counted)
     else:
-        answer = await heavy_work(
-            len(raw), sidecar_answer, body["messages"], compression, counter, counted,
-            shared_store() if config.mode == "ccr" else None, principal.account_id,
-        )
+        store = shared_store() if config.mode == "ccr" else None
+        args = (body["messages"], compression, counter, counted, store, principal.account_id)
+        if getattr(store, "remote", False):  # a store in Redis blocks on the network: in a thread
+            answer = await asyncio.to_thread(sidecar_answer, *args)
+        else:
+            answer = await heavy_work(len(raw), sidecar_answer, *args)
         compression, ccr_hashes = answer.compression, answer.ccr_hashes
     elapsed_ms = round((time.perf_counter() - started) * 1000, 3)  # the whole call is compression
     event = UsageEvent(
@@ -201,7 +204,7 @@ def sidecar_answer(
     compression: Compression,
     count: TokenCounter,
     counted: int,
-    store: RetrievalStore | None,
+    store: OriginalsStore | None,
     account: str,
 ) -> SidecarAnswer:
     """The caller's rows again, each shortened row with its marker, and figures over the rows'
@@ -243,7 +246,7 @@ def sidecar_answer(
 # --- GET /v1/retrieve/{id} -------------------------------------------------------------------
 
 
-def serve_retrieve(principal: Principal, ref: str, store: RetrievalStore | None = None) -> Response:
+def serve_retrieve(principal: Principal, ref: str, store: OriginalsStore | None = None) -> Response:
     """The original text kept under ``ref`` for the caller's account, in the shape the headroom
     guardrail reads (``original_content``); a 404 when it is unknown, expired, evicted or another
     account's (which one is not said, nor is the id quoted back)."""

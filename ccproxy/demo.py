@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ccproxy.compression.pipeline import Compression, UnitReport
 from ccproxy.limits import RateLimiter
-from ccproxy.protocol import ProxyError, param_path, parse_json_object
+from ccproxy.protocol import ProxyError, invalid_field, parse_json_object, unknown_endpoint
 from ccproxy.serving import ChatParts
 from ccproxy.settings import Settings
 
@@ -50,9 +50,7 @@ def parse_demo_call(raw: bytes, max_chars: int) -> DemoCall:
     try:
         call = DemoCall.model_validate(parse_json_object(raw))
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = param_path(tuple(first["loc"]))
-        raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
+        raise invalid_field(exc) from None
     chars = sum(len(m.content) for m in call.messages)
     if chars > max_chars:
         raise ProxyError(
@@ -110,7 +108,7 @@ class DemoApi:
 
     def admit(self, client: str | None) -> None:
         if not self.enabled:
-            raise ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
+            raise unknown_endpoint()
         self._per_address.admit_request(f"demo:{client or '?'}")
         self._everyone.admit_request("demo")
 

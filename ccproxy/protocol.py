@@ -59,6 +59,24 @@ class ProxyError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
+def invalid_field(exc: ValidationError) -> ProxyError:
+    """A 400 naming the first field pydantic refused."""
+    first = exc.errors(include_url=False)[0]
+    param = param_path(tuple(first["loc"]))
+    return ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param)
+
+
+def unknown_endpoint() -> ProxyError:
+    # The path is not quoted back: error bodies never repeat request content.
+    return ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
+
+
+def usage_unavailable() -> ProxyError:
+    return ProxyError(
+        503, "Usage cannot be read right now; try again shortly.", type="server_error", code="usage_store_unavailable"
+    )
+
+
 def error_body(
     message: str,
     *,
@@ -290,9 +308,7 @@ def _validated(raw: bytes, schema: type[_Request]) -> tuple[dict[str, Any], _Req
             for start in range(MESSAGES_AT_ONCE, len(messages), MESSAGES_AT_ONCE):
                 _check_messages(messages, start)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = param_path(tuple(first["loc"]))
-        raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
+        raise invalid_field(exc) from None
     return body, request
 
 
@@ -302,9 +318,7 @@ def validated_fields(schema: type[_Request], body: dict[str, Any], apart: str) -
     try:
         return schema.model_validate({key: value for key, value in body.items() if key != apart})
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = param_path(tuple(first["loc"]))
-        raise ProxyError(400, f"Invalid value for '{param}': {first['msg']}.", param=param) from None
+        raise invalid_field(exc) from None
 
 
 def _check_messages(messages: list[Any], start: int) -> None:

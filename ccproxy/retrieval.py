@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ccproxy.settings import Settings, get_settings
 
@@ -37,6 +38,15 @@ def stable_ref(account: str, text: str) -> str:
     digest.update(b"\0")
     digest.update(text.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
+class OriginalsStore(Protocol):
+    """What callers use: RetrievalStore in process, ccproxy.shared.retrieval's in Redis (whose
+    calls block on the network: run them in threads)."""
+
+    def put(self, account: str, text: str) -> str | None: ...
+    def keep(self, account: str, text: str) -> str | None: ...
+    def get(self, account: str, ref: str) -> str | None: ...
+
+
 SWEEP_EVERY = 256  # every this many puts, expired entries of every account go
 
 
@@ -170,15 +180,18 @@ class RetrievalStore:
             self._drop(account, ref)
 
 
-_store: RetrievalStore | None = None
+_store: OriginalsStore | None = None
 _store_lock = threading.Lock()
 
 
-def shared_store() -> RetrievalStore:
-    """This worker's store, built from the settings on first use."""
+def shared_store() -> OriginalsStore:
+    """This worker's store, built from the settings on first use: in Redis with
+    CCPROXY_REDIS_URL, so that every replica answers every id, else in this worker's memory."""
     global _store
     if _store is None:
         with _store_lock:
             if _store is None:
-                _store = RetrievalStore.from_settings(get_settings())
+                from ccproxy.shared.retrieval import build_store
+
+                _store = build_store(get_settings())
     return _store

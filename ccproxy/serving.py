@@ -37,7 +37,7 @@ from ccproxy.lossless.loop import Dialect, RetrieveRounds, Retriever
 from ccproxy.lossless.markers import Marking
 from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.protocol import ProxyError, compression_control
-from ccproxy.retrieval import RetrievalStore, shared_store
+from ccproxy.retrieval import OriginalsStore, shared_store
 from ccproxy.spend import SpendGuard, check_model_allowed
 from ccproxy.tokens import PromptCounter
 from ccproxy.upstream import Upstream, UpstreamReply
@@ -117,7 +117,7 @@ class ChatParts:
     responses_bridged: bool = False
     # Lossless and citation modes: the dropped originals, and how many extra upstream calls one
     # request may make to answer ccproxy_retrieve (CCPROXY_RETRIEVE_MAX_ROUNDS).
-    store: RetrievalStore = field(default_factory=shared_store)
+    store: OriginalsStore = field(default_factory=shared_store)
     retrieve_max_rounds: int = 3
 
     # A counter already loaded, without loading one (None then): spares a thread hop per request.

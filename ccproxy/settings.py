@@ -91,14 +91,15 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         default=None,
         description="Redis (redis://[:password@]host:port/db, rediss:// for TLS) for state every Gateway "
-        "worker and replica shares: the per-key rate limits and the stable-history memo, so that any "
-        "replica forwards a chat's history exactly as the others did. Unset: each worker keeps its own.",
+        "worker and replica shares: the per-key rate limits, the stable-history memo (so that any replica "
+        "forwards a chat's history exactly as the others did) and the originals lossless, citation and "
+        "sidecar modes dropped (so that any replica answers their ids). Unset: each worker keeps its own.",
     )
     redis_fail_mode: Literal["open", "closed"] = Field(
         default="open",
         description="When Redis cannot be reached: `open` admits requests without the rate limits "
         "(logged), `closed` refuses them with 503 `rate_limiter_unavailable` (counted in "
-        "refused_requests_total). The history memo falls back to the worker's own either way.",
+        "refused_requests_total). The history memo and the originals fall back to the worker's own either way.",
     )
     redis_timeout_s: float = Field(
         default=0.25,
@@ -316,24 +317,25 @@ class Settings(BaseSettings):
         gt=0,
         description="Lossless and citation modes, and sidecar mode of /v1/compress (docs/SIDECAR.md): seconds "
         "a dropped original stays retrievable (each request that drops it again restarts the clock). Kept in "
-        "memory, per Gateway worker, never on disk.",
+        "memory, per Gateway worker, or in Redis for every replica with CCPROXY_REDIS_URL; never on disk.",
     )
     retrieval_max_entries: int = Field(
         default=1000,
         ge=1,
-        description="Retrievable originals: most kept per account (per worker); the oldest go first.",
+        description="Retrievable originals: most kept per account (per worker, or in Redis); the oldest go first.",
     )
     retrieval_max_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1,
-        description="Retrievable originals: most bytes kept per account (per worker); the oldest go first. "
+        description="Retrievable originals: most bytes kept per account (per worker, or in Redis); the oldest go "
+        "first. "
         "A text longer than this is not dropped in lossless mode; in sidecar mode its marker has no id.",
     )
     retrieval_max_total_bytes: int = Field(
         default=256 * 1024 * 1024,
         ge=1,
         description="Bytes of retrievable originals a Gateway worker keeps for all accounts together; the "
-        "oldest go first.",
+        "oldest go first. In Redis, its own `maxmemory` bounds them instead.",
     )
 
     # --- accounts and usage ------------------------------------------------------------------

@@ -18,16 +18,12 @@ from ccproxy.admin.queries import read_admin_data
 from ccproxy.admin.report import build_admin_report
 from ccproxy.auth import FailedAuthLimiter
 from ccproxy.pricing import PriceTable, load_table
-from ccproxy.protocol import ProxyError
+from ccproxy.protocol import ProxyError, unknown_endpoint, usage_unavailable
 from ccproxy.settings import Settings
 from ccproxy.usage.report import usage_window
 from ccproxy.usage.store import SqlStore
 
 logger = logging.getLogger("ccproxy")
-
-
-def not_found() -> ProxyError:
-    return ProxyError(404, "Unknown endpoint: see /v1/openapi.json for the routes.", code="not_found")
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -51,7 +47,7 @@ class AdminApi:
         """Raise 404 when the admin API is off, 429 for an address out of tries, 401 for a
         wrong or missing token."""
         if self._token is None:
-            raise not_found()
+            raise unknown_endpoint()
         self._failures.check(client)
         sent = bearer_token(authorization).encode()
         if not hmac.compare_digest(sent, self._token):
@@ -79,10 +75,7 @@ class AdminApi:
             data = await asyncio.to_thread(read_admin_data, store, *window)
         except Exception as exc:
             logger.warning("admin summary query failed: %s", type(exc).__name__)
-            raise ProxyError(
-                503, "Usage cannot be read right now; try again shortly.", type="server_error",
-                code="usage_store_unavailable",
-            ) from None
+            raise usage_unavailable() from None
         return build_admin_report(
             data.groups, data.series, data.outcomes, *window, granularity,  # type: ignore[arg-type]
             self.prices(), self._settings.billing_currency, truncated=data.truncated,

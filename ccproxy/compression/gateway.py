@@ -103,8 +103,9 @@ class ContextCompressor:
             return untouched(payload, "too_large")
         memo = self.history_memo if self._settings.compression_history == "stable" else None
         size_chars = size.chars
-        if memo is not None and getattr(memo, "remote", False):
-            # Its lookups are network round trips: in a heavy-work thread, never on the loop.
+        if self._settings.redis_url is not None:
+            # The memo's lookups and the dropped originals kept for lossless markers are then
+            # Redis round trips: in a heavy-work thread, never on the event loop.
             size_chars = max(size_chars, self._settings.heavy_work_min_chars)
         execution = Execution(self.heavy_work, size_chars, self._caps.max_units)
 

@@ -15,6 +15,8 @@ Each API's wire shapes live in a ``Dialect`` (``ccproxy/lossless/{chat,responses
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 
 from ccproxy.lossless.markers import RETRIEVE_TOOL
 from ccproxy.protocol import ProxyError
-from ccproxy.retrieval import RetrievalStore
+from ccproxy.retrieval import OriginalsStore
 from ccproxy.upstream import UpstreamReply
 
 logger = logging.getLogger("ccproxy")
@@ -146,7 +148,7 @@ class Retriever:
     """The loop for one request: its dialect, the account's originals, and what it did."""
 
     dialect: Dialect
-    store: RetrievalStore
+    store: OriginalsStore
     account: str
     max_rounds: int
     done: RetrieveRounds
@@ -166,6 +168,12 @@ class Retriever:
             self.done.missing += 1
             return MISSING
         return text
+
+    async def results(self, calls: Sequence[Call]) -> list[tuple[Call, str]]:
+        """Each call with its answer; a store in Redis is read in a thread, off the event loop."""
+        if getattr(self.store, "remote", False):
+            return await asyncio.to_thread(lambda: [(call, self.result(call)) for call in calls])
+        return [(call, self.result(call)) for call in calls]
 
     def _next(self, calls: Sequence[Call]) -> list[Call] | None:
         """ccproxy's calls to answer in another round, or None when the answer ends here."""
@@ -202,7 +210,7 @@ class Retriever:
                 return reply
             usages.append(self.dialect.usage(answer))
             earlier.append(answer)
-            body = self.dialect.continued(body, answer, [(call, self.result(call)) for call in ours])
+            body = self.dialect.continued(body, answer, await self.results(ours))
             self.done.rounds += 1
             reply = await send(body, False)
             if reply.status == 200:
@@ -233,7 +241,7 @@ class Retriever:
                 for out in splicer.finish(summed(usages)):
                     yield out
                 return
-            body = self.dialect.continued(body, splicer.round_answer(), [(call, self.result(call)) for call in ours])
+            body = self.dialect.continued(body, splicer.round_answer(), await self.results(ours))
             self.done.rounds += 1
             splicer.next_round()
             reply = await send(body, True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ccproxy.compression.pipeline import Mode
 from ccproxy.compression.units import Flavour
-from ccproxy.retrieval import RetrievalStore
+from ccproxy.retrieval import OriginalsStore
 
 RETRIEVE_TOOL = "ccproxy_retrieve"
 RETRIEVE_DESCRIPTION = (
@@ -71,7 +71,7 @@ class Marking:
 
     mode: Mode
     account: str
-    store: RetrievalStore | None
+    store: OriginalsStore | None
     made: int = 0
 
     @property

@@ -179,3 +179,49 @@ def llama_server_command(
         "--alias", "smollm2-upstream", "--jinja", "--no-webui",
     ]
     return command + (["--api-key", api_key] if api_key else [])
+
+
+def haproxy_config(gateway_port: int, gateway_ports: list[int], compressor_port: int | None = None,
+                   compressor_ports: list[int] | None = None) -> str:
+    """HAProxy in front of Gateways (and Compressors): round robin, health checks, a refused
+    connection retried on another replica; each answer names its replica in ``x-backend``."""
+
+    def backend(name: str, ports: list[int], health: str) -> str:
+        servers = "\n".join(
+            f"  server {name}{i} 127.0.0.1:{port} check inter 300 fall 2 rise 1" for i, port in enumerate(ports)
+        )
+        return (
+            f"backend {name}s\n  balance roundrobin\n  option httpchk GET {health}\n"
+            f"  http-response set-header x-backend %[srv_name]\n{servers}\n"
+        )
+
+    config = (
+        "global\n  maxconn 4096\n"
+        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n"
+        "  retries 2\n  option redispatch\n"
+        f"frontend gateways\n  bind 127.0.0.1:{gateway_port}\n  default_backend gateways\n"
+        + backend("gateway", gateway_ports, "/livez")
+    )
+    if compressor_port is not None and compressor_ports:
+        config += (
+            f"frontend compressors\n  bind 127.0.0.1:{compressor_port}\n  default_backend compressors\n"
+            + backend("compressor", compressor_ports, "/readyz")
+        )
+    return config
+
+
+@contextmanager
+def haproxy(config: str, folder: Path, probe_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Debian's haproxy with ``config``, checked first, until the block ends."""
+    import shutil
+
+    binary = shutil.which("haproxy")
+    if binary is None:
+        raise FileNotFoundError("haproxy is not installed (Debian: apt-get install -y haproxy; .ci/run does)")
+    path = folder / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"haproxy refused its config:\n{check.stdout}{check.stderr}")
+    with running([binary, "-db", "-f", str(path)], probe_url=probe_url, log=log) as process:
+        yield process

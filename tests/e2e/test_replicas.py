@@ -5,6 +5,7 @@ sharing PostgreSQL and a real redis-server, in front of llama.cpp's server:
 - a 20-turn chat whose requests alternate between the replicas is forwarded append-only (each
   request's compressed messages start with the previous request's, byte for byte), and old
   turns are scored once in all, not once per replica;
+- an original that sidecar mode dropped on one replica is retrieved from either;
 - a Gateway killed (SIGKILL) under load loses no usage event (its outbox is replayed when it
   comes back) and the other Gateway carries on.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +30,7 @@ import redis
 
 from bench.nq import load_records
 from tests.e2e.conftest import COMPRESSOR_TOKEN, UPSTREAM_KEY, gateway_env
-from tests.e2e.servers import bentoml_serve, create_key, free_port, kill_tree, running
+from tests.e2e.servers import bentoml_serve, create_key, free_port, haproxy, haproxy_config, kill_tree, running
 from tests.postgres import fresh_database
 from tests.redis_server import redis_server
 
@@ -63,31 +63,9 @@ class Fleet:
             self.gateways.append(process)
 
 
-def _haproxy_config(gateway_port: int, compressor_port: int, gateways: list[int], compressors: list[int]) -> str:
-    def backend(name: str, ports: list[int], health: str) -> str:
-        servers = "\n".join(
-            f"  server {name}{i} 127.0.0.1:{port} check inter 300 fall 2 rise 1" for i, port in enumerate(ports)
-        )
-        return (
-            f"backend {name}s\n  balance roundrobin\n  option httpchk GET {health}\n"
-            f"  http-response set-header x-backend %[srv_name]\n{servers}\n"
-        )
-
-    return (
-        "global\n  maxconn 512\n"
-        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n"
-        "  retries 2\n  option redispatch\n"
-        f"frontend gateways\n  bind 127.0.0.1:{gateway_port}\n  default_backend gateways\n"
-        f"frontend compressors\n  bind 127.0.0.1:{compressor_port}\n  default_backend compressors\n"
-        + backend("gateway", gateways, "/livez")
-        + backend("compressor", compressors, "/readyz")
-    )
-
-
 @pytest.fixture(scope="module")
 def fleet(llama_upstream: str, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    haproxy = shutil.which("haproxy")
-    if haproxy is None:
+    if shutil.which("haproxy") is None:
         pytest.fail("haproxy is not installed (Debian: apt-get install -y haproxy; .ci/run does)", pytrace=False)
     with ExitStack() as stack:
         database_url = stack.enter_context(fresh_database("ccproxy_replicas"))
@@ -100,10 +78,7 @@ def fleet(llama_upstream: str, logs_dir: Path, tmp_path_factory: pytest.TempPath
             ))
         lb_gateway, lb_compressor = free_port(), free_port()
         gateway_ports = [free_port(), free_port()]
-        config = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
-        config.write_text(_haproxy_config(lb_gateway, lb_compressor, gateway_ports, compressor_ports))
-        check = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
+        config = haproxy_config(lb_gateway, gateway_ports, lb_compressor, compressor_ports)
         envs = []
         for i in range(2):
             env = gateway_env(
@@ -120,8 +95,8 @@ def fleet(llama_upstream: str, logs_dir: Path, tmp_path_factory: pytest.TempPath
         )
         for i in range(2):
             fleet.start_gateway(i)
-        stack.enter_context(running(
-            [haproxy, "-db", "-f", str(config)], probe_url=f"{fleet.url}/livez", log=logs_dir / "haproxy.log",
+        stack.enter_context(haproxy(
+            config, tmp_path_factory.mktemp("haproxy"), probe_url=f"{fleet.url}/livez", log=logs_dir / "haproxy.log"
         ))
         yield fleet
 
@@ -197,6 +172,27 @@ def test_a_chat_alternating_replicas_is_forwarded_append_only(fleet: Fleet) -> N
     assert len(memo_keys) >= compressed
 
 
+def test_an_original_dropped_on_one_replica_is_retrieved_from_either(fleet: Fleet) -> None:
+    """Sidecar mode with retrieval ids (LiteLLM's headroom contract): the originals live in Redis,
+    so the id a replica wrote is answered by both."""
+    key = create_key({"CCPROXY_DATABASE_URL": fleet.database_url}, "sidecar")
+    rows = [{"role": "user", "content": turn} for turn in _turns(3)]
+    answer = httpx.post(
+        f"{fleet.url}/v1/compress", json={"messages": rows, "config": {"mode": "ccr"}},
+        headers={"x-api-key": key}, timeout=300,
+    )
+    assert answer.status_code == 200, answer.text
+    hashes = answer.json()["ccr_hashes"]
+    assert hashes, answer.json()["outcome"]
+    originals = {row["content"] for row in rows}
+    served_by = set()
+    for _ in range(2):  # round robin: one lookup on each replica
+        found = httpx.get(f"{fleet.url}/v1/retrieve/{hashes[0]}", headers={"x-api-key": key}, timeout=30)
+        assert found.status_code == 200 and found.json()["original_content"] in originals
+        served_by.add(found.headers["x-backend"])
+    assert served_by == {"gateway0", "gateway1"}
+
+
 def _account_events(database_url: str, account: str) -> int:
     with psycopg.connect(database_url) as db:
         row = db.execute(
@@ -241,7 +237,7 @@ def test_a_gateway_killed_under_load_loses_no_usage_and_the_other_carries_on(fle
 def test_haproxy_config_is_what_the_docs_show() -> None:
     """docs/DEPLOY.md's load-balancer example is this test's config (same directives)."""
     docs = (Path(__file__).resolve().parents[2] / "docs" / "DEPLOY.md").read_text()
-    example = _haproxy_config(3000, 3100, [3001, 3002], [3101, 3102])
+    example = haproxy_config(3000, [3001, 3002], 3100, [3101, 3102])
     for directive in ("balance roundrobin", "option httpchk GET /livez", "option redispatch", "check inter 300 fall 2 rise 1"):
         assert directive in example and directive in docs, directive
     assert re.search(r"CCPROXY_REDIS_URL", docs)

@@ -1,5 +1,6 @@
 """Shared state on a real redis-server (ccproxy/shared/): per-key limits that hold across
-limiters (workers, replicas), what happens when Redis is down, and the history memo."""
+limiters (workers, replicas), the history memo, the dropped originals of lossless mode, and what
+each does when Redis is down."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import redis
 from ccproxy.compression.history import SegmentDecision
 from ccproxy.compression.pipeline import Decision
 from ccproxy.protocol import ProxyError
+from ccproxy.retrieval import RetrievalStore, stable_ref
 from ccproxy.shared.limits import KEY_PREFIX, RedisRateLimiter, redis_client
 from ccproxy.shared.memo import RedisHistoryMemo, decode_decision, encode_decision, redis_key
+from ccproxy.shared.retrieval import RedisRetrievalStore
 from tests.redis_server import free_port, redis_server
 
 
@@ -129,3 +132,41 @@ def test_without_redis_the_memo_falls_back_to_the_workers_own(tmp_path: Path) ->
     assert memo.get("other") is None and memo.failures == 1  # Redis is left alone for a while
     clock[0] += 10
     assert memo.get("other") is None and memo.failures == 2  # then tried again
+
+
+def _store(client: redis.Redis, *, ttl_s: float = 60, max_entries: int = 100, max_bytes: int = 10_000) -> RedisRetrievalStore:
+    return RedisRetrievalStore(client, ttl_s, max_entries, max_bytes, RetrievalStore(ttl_s, max_entries, max_bytes))
+
+
+def test_originals_kept_by_one_replica_are_answered_by_another(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    first, second = _store(client), _store(client)
+    ref = first.keep("acct_a", "the dropped paragraph, é 世界")
+    assert ref == stable_ref("acct_a", "the dropped paragraph, é 世界")  # the marker is the same everywhere
+    assert second.get("acct_a", ref) == "the dropped paragraph, é 世界"
+    assert second.get("acct_b", ref) is None  # another account's id answers nothing
+    random_ref = second.put("acct_a", "sidecar row")
+    assert random_ref is not None and first.get("acct_a", random_ref) == "sidecar row"
+
+
+def test_each_account_is_bounded_oldest_first_and_entries_expire(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    store = _store(client, max_entries=2, max_bytes=100)
+    refs = [store.keep("acct", f"text {i}") for i in range(3)]
+    assert [store.get("acct", r) for r in refs] == [None, "text 1", "text 2"]  # two entries at most
+    big = store.keep("acct", "x" * 95)  # over 100 bytes with what is held: the rest goes
+    assert store.get("acct", refs[2]) is None and store.get("acct", big) == "x" * 95
+    assert store.keep("acct", "y" * 101) is None  # alone over the bound: not kept, nothing evicted
+    assert store.get("acct", big) == "x" * 95
+    short = _store(client, ttl_s=0.3)
+    ref = short.keep("other", "brief")
+    assert short.get("other", ref) == "brief"
+    time.sleep(0.4)
+    assert short.get("other", ref) is None
+
+
+def test_without_redis_the_worker_keeps_the_originals_itself() -> None:
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2, socket_connect_timeout=0.2)
+    store = _store(dead)
+    ref = store.keep("acct", "kept locally")
+    assert store.get("acct", ref) == "kept locally" and store.failures == 1
