@@ -198,7 +198,9 @@ def haproxy_config(gateway_port: int, gateway_ports: list[int], compressor_port:
     config = (
         "global\n  maxconn 4096\n"
         "defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n"
-        "  retries 2\n  option redispatch\n"
+        # A dead replica's pooled connections fail after the request was sent (an empty
+        # response): retried too, on another replica each time (redispatch 1).
+        "  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response\n"
         f"frontend gateways\n  bind 127.0.0.1:{gateway_port}\n  default_backend gateways\n"
         + backend("gateway", gateway_ports, "/livez")
     )

@@ -238,6 +238,9 @@ def test_haproxy_config_is_what_the_docs_show() -> None:
     """docs/DEPLOY.md's load-balancer example is this test's config (same directives)."""
     docs = (Path(__file__).resolve().parents[2] / "docs" / "DEPLOY.md").read_text()
     example = haproxy_config(3000, [3001, 3002], 3100, [3101, 3102])
-    for directive in ("balance roundrobin", "option httpchk GET /livez", "option redispatch", "check inter 300 fall 2 rise 1"):
+    for directive in (
+        "balance roundrobin", "option httpchk GET /livez", "option redispatch 1", "retry-on conn-failure empty-response",
+        "check inter 300 fall 2 rise 1",
+    ):
         assert directive in example and directive in docs, directive
     assert re.search(r"CCPROXY_REDIS_URL", docs)
