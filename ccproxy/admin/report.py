@@ -17,7 +17,7 @@ from typing import Any
 
 from ccproxy.pricing import TOKENS_PER_PRICE, PriceTable
 from ccproxy.usage.events import TOTAL_FIELDS, as_utc
-from ccproxy.usage.report import _STEP, MAX_BUCKETS, Granularity, _floor, _iso
+from ccproxy.usage.report import BUCKET_STEP, MAX_BUCKETS, Granularity, bucket_start, iso_utc
 
 TOP_ACCOUNTS = 50
 TOP_KEYS = 50
@@ -99,8 +99,8 @@ def build_admin_report(
     models, and the compression outcome mix. `truncated`: a query hit its row cap
     (ccproxy/admin/queries.py), so the lists may miss small entries and the series late hours."""
     start, end = as_utc(start), as_utc(end)
-    step = _STEP[granularity]
-    first = _floor(start, granularity)
+    step = BUCKET_STEP[granularity]
+    first = bucket_start(start, granularity)
     n_buckets = math.ceil((end - first) / step)
     if not 0 < n_buckets <= MAX_BUCKETS:
         raise ValueError(f"the range must hold 1 to {MAX_BUCKETS} {granularity} buckets")
@@ -108,7 +108,7 @@ def build_admin_report(
     for row in series:
         hour = as_utc(row.hour)
         if start <= hour < end:
-            buckets[(_floor(hour, granularity) - first) // step].add(row.counts, money_saved(prices, row.model, row.counts))
+            buckets[(bucket_start(hour, granularity) - first) // step].add(row.counts, money_saved(prices, row.model, row.counts))
 
     total = _Sum.zero()
     accounts: dict[str, _Sum] = {}
@@ -129,13 +129,13 @@ def build_admin_report(
     mix = sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))
     return {
         "object": "ccproxy.admin.summary",
-        "from": _iso(start),
-        "to": _iso(end),
+        "from": iso_utc(start),
+        "to": iso_utc(end),
         "granularity": granularity,
         "currency": currency,
         "truncated": truncated,
         "totals": total.fields(),
-        "series": [{"start": _iso(first + i * step), **bucket.fields()} for i, bucket in enumerate(buckets)],
+        "series": [{"start": iso_utc(first + i * step), **bucket.fields()} for i, bucket in enumerate(buckets)],
         "accounts": [
             {"account_id": account, "name": account_names[account], **sums.fields()}
             for account, sums in _ranked(accounts, TOP_ACCOUNTS)

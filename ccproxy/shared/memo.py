@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from ccproxy.compression.history import HistoryMemo, SegmentDecision
 from ccproxy.compression.pipeline import Decision
-
-logger = logging.getLogger("ccproxy")
+from ccproxy.shared.outage import Outage
 
 KEY_PREFIX = "ccproxy:memo:"
-RETRY_AFTER_FAILURE_S = 5.0
 
 
 def redis_key(key: Hashable) -> str:
@@ -68,29 +64,21 @@ class RedisHistoryMemo(HistoryMemo):
         super().__init__()
         self._client = client  # redis.Redis (synchronous, thread-safe)
         self._ttl_s = ttl_s
-        self._clock = clock
-        self._down_until = 0.0
-        self._state_lock = threading.Lock()
-        self.failures = 0
+        self._outage = Outage("history memo", clock)
 
-    def _usable(self) -> bool:
-        return self._clock() >= self._down_until
-
-    def _failed(self, exc: Exception) -> None:
-        with self._state_lock:
-            self.failures += 1
-            self._down_until = self._clock() + RETRY_AFTER_FAILURE_S
-        logger.warning("history memo: Redis unavailable (%s); using this worker's memo", type(exc).__name__)
+    @property
+    def failures(self) -> int:
+        return self._outage.failures
 
     def get(self, key: Hashable) -> SegmentDecision | None:
         # A decision never changes once made, so this worker's copy is as good as Redis's.
         found = super().get(key)
-        if found is not None or not self._usable():
+        if found is not None or not self._outage.usable():
             return found
         try:
             text = self._client.get(redis_key(key))
         except Exception as exc:  # redis.RedisError, OSError: the local memo answered already
-            self._failed(exc)
+            self._outage.failed(exc)
             return None
         if text is None:
             return None
@@ -103,11 +91,11 @@ class RedisHistoryMemo(HistoryMemo):
 
     def put(self, key: Hashable, value: SegmentDecision) -> None:
         super().put(key, value)
-        if self._usable():
+        if self._outage.usable():
             try:
                 self._client.set(redis_key(key), encode_decision(value), ex=self._ttl_s)
             except Exception as exc:
-                self._failed(exc)
+                self._outage.failed(exc)
 
 
 def build_memo(settings: Any) -> HistoryMemo:

@@ -17,18 +17,13 @@ work, `asyncio.to_thread`). Redis unreachable: the worker's own in-memory store 
 from __future__ import annotations
 
 import hashlib
-import logging
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ccproxy.retrieval import ID_BYTES, RetrievalStore, stable_ref
-
-logger = logging.getLogger("ccproxy")
-
-RETRY_AFTER_FAILURE_S = 5.0
+from ccproxy.shared.outage import Outage
 
 # KEYS: the account's index (ref -> expiry, ms), sizes (ref -> bytes), bytes held, the text's key.
 # ARGV: ref, text, ttl ms, max entries, max bytes, the prefix of the account's text keys.
@@ -80,23 +75,15 @@ class RedisRetrievalStore:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._local = local
-        self._clock = clock
-        self._down_until = 0.0
-        self._state_lock = threading.Lock()
-        self.failures = 0
+        self._outage = Outage("retrieval store", clock)
+
+    @property
+    def failures(self) -> int:
+        return self._outage.failures
 
     def _keys(self, account: str) -> tuple[str, str, str, str]:
         base = f"ccproxy:rt:{{{_tag(account)}}}:"
         return base + "index", base + "sizes", base + "bytes", base + "t:"
-
-    def _usable(self) -> bool:
-        return self._clock() >= self._down_until
-
-    def _failed(self, exc: Exception) -> None:
-        with self._state_lock:
-            self.failures += 1
-            self._down_until = self._clock() + RETRY_AFTER_FAILURE_S
-        logger.warning("retrieval store: Redis unavailable (%s); using this worker's store", type(exc).__name__)
 
     def put(self, account: str, text: str) -> str | None:
         return self._keep(account, text, secrets.token_hex(ID_BYTES))
@@ -108,7 +95,7 @@ class RedisRetrievalStore:
         encoded = text.encode("utf-8", "surrogatepass")
         if len(encoded) > self.max_bytes or self.max_entries < 1:
             return None  # as in process: nothing stored, nothing evicted for it
-        if self._usable():
+        if self._outage.usable():
             index, sizes, held, prefix = self._keys(account)
             try:
                 self._keep_script(
@@ -117,17 +104,17 @@ class RedisRetrievalStore:
                 )
                 return ref
             except Exception as exc:  # redis.RedisError, OSError: this worker keeps it
-                self._failed(exc)
+                self._outage.failed(exc)
         return self._local._keep(account, text, ref)
 
     def get(self, account: str, ref: str) -> str | None:
         found = self._local.get(account, ref)  # kept here while Redis was down
-        if found is not None or not self._usable():
+        if found is not None or not self._outage.usable():
             return found
         try:
             raw = self._client.get(self._keys(account)[3] + ref)
         except Exception as exc:
-            self._failed(exc)
+            self._outage.failed(exc)
             return None
         return None if raw is None else raw.decode("utf-8", "surrogatepass")
 

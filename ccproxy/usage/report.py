@@ -20,21 +20,21 @@ from ccproxy.usage.events import TOTAL_FIELDS, HourlyTotals, as_utc
 Granularity = Literal["hour", "day"]
 DEFAULT_DAYS = 30
 MAX_BUCKETS = 5000
-_STEP: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
+BUCKET_STEP: dict[str, timedelta] = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-def _floor(value: datetime, granularity: str) -> datetime:
+def bucket_start(value: datetime, granularity: str) -> datetime:
     value = as_utc(value).replace(minute=0, second=0, microsecond=0)
     return value.replace(hour=0) if granularity == "day" else value
 
 
 def _ceil_hour(value: datetime) -> datetime:
-    floored = _floor(value, "hour")
+    floored = bucket_start(value, "hour")
     return floored if floored == value else floored + timedelta(hours=1)
 
 
-def _iso(value: datetime) -> str:
+def iso_utc(value: datetime) -> str:
     return as_utc(value).isoformat().replace("+00:00", "Z")
 
 
@@ -71,7 +71,7 @@ def parse_range(
         else:
             end = _ceil_hour(as_utc(now))
         if from_str:
-            start = _floor(_parse(from_str, "from", date_is_inclusive_end=False), "hour")
+            start = bucket_start(_parse(from_str, "from", date_is_inclusive_end=False), "hour")
         else:
             start = end - timedelta(days=DEFAULT_DAYS)
     except OverflowError:
@@ -91,9 +91,9 @@ def usage_window(from_str: str | None, to_str: str | None, granularity: str, now
 def check_buckets(start: datetime, end: datetime, granularity: str) -> None:
     """ValueError when [start, end) holds more than MAX_BUCKETS buckets of ``granularity``:
     checked before the database is asked, and answered with a 400, not left to build_report."""
-    if granularity not in _STEP:
+    if granularity not in BUCKET_STEP:
         raise ValueError("granularity must be 'hour' or 'day'")
-    n_buckets = math.ceil((as_utc(end) - _floor(start, granularity)) / _STEP[granularity])
+    n_buckets = math.ceil((as_utc(end) - bucket_start(start, granularity)) / BUCKET_STEP[granularity])
     if n_buckets > MAX_BUCKETS:
         raise ValueError(
             f"the range holds {n_buckets} {granularity} buckets, more than {MAX_BUCKETS}: "
@@ -117,13 +117,13 @@ def build_report(
     price_per_million_input_tokens_usd: float,
 ) -> dict[str, Any]:
     """The /usage body for one account's hourly rows; rows outside [start, end) are ignored."""
-    if granularity not in _STEP:
+    if granularity not in BUCKET_STEP:
         raise ValueError(f"invalid granularity {granularity!r}: expected 'hour' or 'day'")
     start, end = as_utc(start), as_utc(end)
     if start >= end:
-        raise ValueError(f"start ({_iso(start)}) must be before end ({_iso(end)})")
-    step = _STEP[granularity]
-    first = _floor(start, granularity)
+        raise ValueError(f"start ({iso_utc(start)}) must be before end ({iso_utc(end)})")
+    step = BUCKET_STEP[granularity]
+    first = bucket_start(start, granularity)
     n_buckets = math.ceil((end - first) / step)
     if n_buckets > MAX_BUCKETS:
         raise ValueError(
@@ -135,19 +135,19 @@ def build_report(
         hour = as_utc(row.hour)
         if not start <= hour < end:
             continue
-        bucket = buckets[(_floor(hour, granularity) - first) // step]
+        bucket = buckets[(bucket_start(hour, granularity) - first) // step]
         for i, value in enumerate(row.counts()):
             bucket[i] += value
     totals = [sum(b[i] for b in buckets) for i in range(len(TOTAL_FIELDS))]
     price = price_per_million_input_tokens_usd
     return {
         "object": "usage",
-        "from": _iso(start),
-        "to": _iso(end),
+        "from": iso_utc(start),
+        "to": iso_utc(end),
         "granularity": granularity,
         "totals": _fields(totals, price),
         "series": [
-            {"start": _iso(first + i * step), **_fields(counts, price)}
+            {"start": iso_utc(first + i * step), **_fields(counts, price)}
             for i, counts in enumerate(buckets)
         ],
     }
