@@ -38,6 +38,8 @@ def stable_ref(account: str, text: str) -> str:
     digest.update(b"\0")
     digest.update(text.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
+
+
 class OriginalsStore(Protocol):
     """What callers use: RetrievalStore in process, ccproxy.shared.retrieval's in Redis (whose
     calls block on the network: run them in threads)."""

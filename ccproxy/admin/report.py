@@ -8,7 +8,6 @@ rounded once, to millionths of the currency's main unit, when it becomes JSON.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +16,7 @@ from typing import Any
 
 from ccproxy.pricing import TOKENS_PER_PRICE, PriceTable
 from ccproxy.usage.events import TOTAL_FIELDS, as_utc
-from ccproxy.usage.report import BUCKET_STEP, MAX_BUCKETS, Granularity, bucket_start, iso_utc
+from ccproxy.usage.report import Granularity, bucket_grid, iso_utc, savings_percent
 
 TOP_ACCOUNTS = 50
 TOP_KEYS = 50
@@ -62,8 +61,7 @@ class _Sum:
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(zip(TOTAL_FIELDS, self.counts, strict=True))
-        before, saved = out["tokens_before"], out["tokens_saved"]
-        out["savings_percent"] = round(100.0 * saved / before, 2) if before else 0.0
+        out["savings_percent"] = savings_percent(out["tokens_before"], out["tokens_saved"])
         out["money_saved"] = float(round(self.money_saved, 6))
         return out
 
@@ -99,16 +97,14 @@ def build_admin_report(
     models, and the compression outcome mix. `truncated`: a query hit its row cap
     (ccproxy/admin/queries.py), so the lists may miss small entries and the series late hours."""
     start, end = as_utc(start), as_utc(end)
-    step = BUCKET_STEP[granularity]
-    first = bucket_start(start, granularity)
-    n_buckets = math.ceil((end - first) / step)
-    if not 0 < n_buckets <= MAX_BUCKETS:
-        raise ValueError(f"the range must hold 1 to {MAX_BUCKETS} {granularity} buckets")
-    buckets = [_Sum.zero() for _ in range(n_buckets)]
+    if start >= end:
+        raise ValueError(f"start ({iso_utc(start)}) must be before end ({iso_utc(end)})")
+    grid = bucket_grid(start, end, granularity)
+    buckets = [_Sum.zero() for _ in range(grid.count)]
     for row in series:
         hour = as_utc(row.hour)
         if start <= hour < end:
-            buckets[(bucket_start(hour, granularity) - first) // step].add(row.counts, money_saved(prices, row.model, row.counts))
+            buckets[grid.index(hour)].add(row.counts, money_saved(prices, row.model, row.counts))
 
     total = _Sum.zero()
     accounts: dict[str, _Sum] = {}
@@ -135,7 +131,7 @@ def build_admin_report(
         "currency": currency,
         "truncated": truncated,
         "totals": total.fields(),
-        "series": [{"start": iso_utc(first + i * step), **bucket.fields()} for i, bucket in enumerate(buckets)],
+        "series": [{"start": grid.start(i), **bucket.fields()} for i, bucket in enumerate(buckets)],
         "accounts": [
             {"account_id": account, "name": account_names[account], **sums.fields()}
             for account, sums in _ranked(accounts, TOP_ACCOUNTS)

@@ -16,7 +16,6 @@ Each API's wire shapes live in a ``Dialect`` (``ccproxy/lossless/{chat,responses
 from __future__ import annotations
 
 import asyncio
-
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence

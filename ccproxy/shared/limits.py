@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 from ccproxy.limits import Kind, RateLimiter, rate_limited
 from ccproxy.protocol import ProxyError
+from ccproxy.settings import Settings
+from ccproxy.shared.clients import async_client
 
 logger = logging.getLogger("ccproxy")
 
@@ -143,27 +145,18 @@ class RedisRateLimiter:
     async def drain(self) -> None:
         """Waits for the charges and refunds sent so far (tests; shutdown)."""
         while self._sent:
-            await asyncio.gather(*(asyncio.wrap_future(f) if not isinstance(f, asyncio.Future) else f for f in list(self._sent)), return_exceptions=True)
+            # Tasks as they are; calls handed over from a thread are concurrent futures.
+            waits = [f if isinstance(f, asyncio.Future) else asyncio.wrap_future(f) for f in list(self._sent)]
+            await asyncio.gather(*waits, return_exceptions=True)
 
 
-def redis_client(url: str, timeout_s: float) -> Any:
-    """An asyncio Redis client with bounded connect and command times; connects on first use."""
-    import redis.asyncio
-
-    return redis.asyncio.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30,
-        decode_responses=True,
-    )
-
-
-def build_limiter(settings: Any, on_refused: Callable[[Kind], None], on_unavailable: Callable[[], None]) -> Limiter:
+def build_limiter(settings: Settings, on_refused: Callable[[Kind], None], on_unavailable: Callable[[], None]) -> Limiter:
     """In process without CCPROXY_REDIS_URL; in Redis with it."""
     if settings.redis_url is None:
         return RateLimiter(
             settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute, on_refused=on_refused
         )
-    client = redis_client(settings.redis_url.get_secret_value(), settings.redis_timeout_s)
     return RedisRateLimiter(
-        client, settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute,
+        async_client(settings), settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute,
         fail_open=settings.redis_fail_mode == "open", on_refused=on_refused, on_unavailable=on_unavailable,
     )

@@ -22,6 +22,8 @@ from typing import Any
 
 from ccproxy.compression.history import HistoryMemo, SegmentDecision
 from ccproxy.compression.pipeline import Decision
+from ccproxy.settings import Settings
+from ccproxy.shared.clients import sync_client
 from ccproxy.shared.outage import Outage
 
 KEY_PREFIX = "ccproxy:memo:"
@@ -98,14 +100,8 @@ class RedisHistoryMemo(HistoryMemo):
                 self._outage.failed(exc)
 
 
-def build_memo(settings: Any) -> HistoryMemo:
+def build_memo(settings: Settings) -> HistoryMemo:
     """The worker's memo without CCPROXY_REDIS_URL; the shared one with it."""
     if settings.redis_url is None:
         return HistoryMemo()
-    import redis
-
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s, decode_responses=True,
-    )
-    return RedisHistoryMemo(client, settings.redis_memo_ttl_s)
+    return RedisHistoryMemo(sync_client(settings, text=True), settings.redis_memo_ttl_s)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ccproxy.retrieval import ID_BYTES, RetrievalStore, stable_ref
+from ccproxy.settings import Settings
+from ccproxy.shared.clients import sync_client
 from ccproxy.shared.outage import Outage
 
 # KEYS: the account's index (ref -> expiry, ms), sizes (ref -> bytes), bytes held, the text's key.
@@ -119,17 +121,12 @@ class RedisRetrievalStore:
         return None if raw is None else raw.decode("utf-8", "surrogatepass")
 
 
-def build_store(settings: Any) -> RetrievalStore | RedisRetrievalStore:
+def build_store(settings: Settings) -> RetrievalStore | RedisRetrievalStore:
     """The worker's store without CCPROXY_REDIS_URL; the shared one with it."""
     local = RetrievalStore.from_settings(settings)
     if settings.redis_url is None:
         return local
-    import redis
-
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
     return RedisRetrievalStore(
-        client, settings.retrieval_ttl_s, settings.retrieval_max_entries, settings.retrieval_max_bytes, local
+        sync_client(settings, text=False), settings.retrieval_ttl_s, settings.retrieval_max_entries,
+        settings.retrieval_max_bytes, local,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal
@@ -88,24 +89,50 @@ def usage_window(from_str: str | None, to_str: str | None, granularity: str, now
     return window
 
 
+@dataclass(frozen=True)
+class BucketGrid:
+    """The buckets of [start, end): the first one's start, their granularity and how many."""
+
+    first: datetime
+    granularity: str
+    count: int
+
+    def index(self, hour: datetime) -> int:
+        """The bucket an hour inside the range falls in."""
+        return (bucket_start(hour, self.granularity) - self.first) // BUCKET_STEP[self.granularity]
+
+    def start(self, i: int) -> str:
+        return iso_utc(self.first + i * BUCKET_STEP[self.granularity])
+
+
+def bucket_grid(start: datetime, end: datetime, granularity: str) -> BucketGrid:
+    """ValueError when [start, end) holds more than MAX_BUCKETS buckets of ``granularity``."""
+    first = bucket_start(start, granularity)
+    count = math.ceil((as_utc(end) - first) / BUCKET_STEP[granularity])
+    if count > MAX_BUCKETS:
+        raise ValueError(
+            f"the range holds {count} {granularity} buckets, more than {MAX_BUCKETS}: "
+            "narrow it or use granularity=day"
+        )
+    return BucketGrid(first, granularity, count)
+
+
 def check_buckets(start: datetime, end: datetime, granularity: str) -> None:
     """ValueError when [start, end) holds more than MAX_BUCKETS buckets of ``granularity``:
     checked before the database is asked, and answered with a 400, not left to build_report."""
     if granularity not in BUCKET_STEP:
         raise ValueError("granularity must be 'hour' or 'day'")
-    n_buckets = math.ceil((as_utc(end) - bucket_start(start, granularity)) / BUCKET_STEP[granularity])
-    if n_buckets > MAX_BUCKETS:
-        raise ValueError(
-            f"the range holds {n_buckets} {granularity} buckets, more than {MAX_BUCKETS}: "
-            "narrow it or use granularity=day"
-        )
+    bucket_grid(start, end, granularity)
+
+
+def savings_percent(tokens_before: int, tokens_saved: int) -> float:
+    return round(100.0 * tokens_saved / tokens_before, 2) if tokens_before else 0.0
 
 
 def _fields(counts: Sequence[int], price_per_million_input_tokens_usd: float) -> dict[str, Any]:
     fields: dict[str, Any] = dict(zip(TOTAL_FIELDS, counts, strict=True))
-    before, saved = fields["tokens_before"], fields["tokens_saved"]
-    fields["savings_percent"] = round(100.0 * saved / before, 2) if before else 0.0
-    fields["money_saved_usd"] = round(saved * price_per_million_input_tokens_usd / 1e6, 6)
+    fields["savings_percent"] = savings_percent(fields["tokens_before"], fields["tokens_saved"])
+    fields["money_saved_usd"] = round(fields["tokens_saved"] * price_per_million_input_tokens_usd / 1e6, 6)
     return fields
 
 
@@ -122,20 +149,13 @@ def build_report(
     start, end = as_utc(start), as_utc(end)
     if start >= end:
         raise ValueError(f"start ({iso_utc(start)}) must be before end ({iso_utc(end)})")
-    step = BUCKET_STEP[granularity]
-    first = bucket_start(start, granularity)
-    n_buckets = math.ceil((end - first) / step)
-    if n_buckets > MAX_BUCKETS:
-        raise ValueError(
-            f"the range holds {n_buckets} {granularity} buckets, more than {MAX_BUCKETS}: "
-            "narrow it or use granularity=day"
-        )
-    buckets = [[0] * len(TOTAL_FIELDS) for _ in range(n_buckets)]
+    grid = bucket_grid(start, end, granularity)
+    buckets = [[0] * len(TOTAL_FIELDS) for _ in range(grid.count)]
     for row in rows:
         hour = as_utc(row.hour)
         if not start <= hour < end:
             continue
-        bucket = buckets[(bucket_start(hour, granularity) - first) // step]
+        bucket = buckets[grid.index(hour)]
         for i, value in enumerate(row.counts()):
             bucket[i] += value
     totals = [sum(b[i] for b in buckets) for i in range(len(TOTAL_FIELDS))]
@@ -147,7 +167,7 @@ def build_report(
         "granularity": granularity,
         "totals": _fields(totals, price),
         "series": [
-            {"start": iso_utc(first + i * step), **_fields(counts, price)}
+            {"start": grid.start(i), **_fields(counts, price)}
             for i, counts in enumerate(buckets)
         ],
     }

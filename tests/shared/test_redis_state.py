@@ -16,7 +16,9 @@ from ccproxy.compression.history import SegmentDecision
 from ccproxy.compression.pipeline import Decision
 from ccproxy.protocol import ProxyError
 from ccproxy.retrieval import RetrievalStore, stable_ref
-from ccproxy.shared.limits import KEY_PREFIX, RedisRateLimiter, redis_client
+from ccproxy.settings import Settings
+from ccproxy.shared.clients import async_client
+from ccproxy.shared.limits import KEY_PREFIX, RedisRateLimiter
 from ccproxy.shared.memo import RedisHistoryMemo, decode_decision, encode_decision, redis_key
 from ccproxy.shared.retrieval import RedisRetrievalStore
 from tests.redis_server import free_port, redis_server
@@ -34,7 +36,7 @@ def _empty(redis_url: str) -> None:
 
 
 def _limiter(url: str, rpm: int = 0, tpm: int = 0, **kwargs) -> RedisRateLimiter:
-    return RedisRateLimiter(redis_client(url, 0.25), rpm, tpm, **kwargs)
+    return RedisRateLimiter(async_client(Settings(redis_url=url, redis_timeout_s=0.25)), rpm, tpm, **kwargs)
 
 
 async def _outcome(call) -> int:
