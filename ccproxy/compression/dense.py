@@ -92,20 +92,28 @@ class DenseEncoder:
         """Cosine similarity of the query to each unit. A unit longer than the encoder's window is
         cut into near-equal pieces and scores its best piece: the model never saw the tokens past
         its window, and relevance buried deep in a long unit must not be truncated away."""
-        if not units:
-            return []
-        [query_ids] = self.tokenizer([query], truncation=True, max_length=self.max_tokens).input_ids
+        return self.scores_many([(query, units)])[0]
+
+    def scores_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        """``scores`` of several requests, their queries and pieces encoded in shared batches."""
+        texts = [unit for _, units in requests for unit in units]
+        if not texts:
+            return [[] for _ in requests]
+        queries = self.tokenizer([query for query, _ in requests], truncation=True, max_length=self.max_tokens).input_ids
         pieces: list[list[int]] = []
-        owners: list[int] = []
-        for k, unit_ids in enumerate(self.tokenizer(list(units), add_special_tokens=False).input_ids):
-            for piece in split_evenly(list(unit_ids), self.max_tokens - 2):
-                pieces.append([self.tokenizer.cls_token_id, *piece, self.tokenizer.sep_token_id])
-                owners.append(k)
-        vectors = self._encode_ids([query_ids, *pieces])
-        best = [-math.inf] * len(units)
-        for owner, similarity in zip(owners, (vectors[1:] @ vectors[0]).tolist()):
-            best[owner] = max(best[owner], similarity)
-        return [float(x) for x in best]
+        owners: list[tuple[int, int]] = []  # (request, unit)
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False).input_ids)
+        for r, (_, units) in enumerate(requests):
+            for k in range(len(units)):
+                for piece in split_evenly(list(next(encoded)), self.max_tokens - 2):
+                    pieces.append([self.tokenizer.cls_token_id, *piece, self.tokenizer.sep_token_id])
+                    owners.append((r, k))
+        vectors = self._encode_ids([*queries, *pieces])
+        query_vectors, piece_vectors = vectors[: len(requests)], vectors[len(requests) :]
+        best = [[-math.inf] * len(units) for _, units in requests]
+        for (r, k), vector in zip(owners, piece_vectors):
+            best[r][k] = max(best[r][k], float(vector @ query_vectors[r]))
+        return best
 
     @torch.inference_mode()
     def _encode_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:

@@ -15,7 +15,8 @@ together their order among themselves decides nothing (at ratio 0.5, every conte
 twice the pre-filter budget). The dense order then stands in for theirs.
 
 Same interface as ``QRHeadScorer``: ``score(query, units, hint)``, ``score_batch(requests)`` and the
-``tokenizer`` the in-process compressor counts with.
+``tokenizer`` the in-process compressor counts with. ``EncoderScorer`` is the encoder alone
+(``CCPROXY_SCORING_DENSE=only``): no QR model at all.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ DenseMode = Literal["fusion", "prefilter", "both"]
 class UnitScorer(Protocol):  # QRHeadScorer
     tokenizer: Any
 
-    def score(self, query: str, units: Sequence[str]) -> list[float]: ...
+    def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]: ...
 
 
 class SimilarityScorer(Protocol):  # DenseEncoder
-    def scores(self, query: str, units: Sequence[str]) -> list[float]: ...
+    def scores_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]: ...
 
 
 class FusedScorer:
@@ -70,30 +71,46 @@ class FusedScorer:
 
     def score(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
         """One relevance score per unit (higher = more relevant to the query)."""
-        if not units:
-            return []
-        return self.score_with_dense(query, units, self.dense.scores(query, units), hint)
+        return self.score_batch([(query, units, hint)])[0]
 
     def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
-        """(query, units) or (query, units, hint) each."""
-        return [self.score(*request) for request in requests]
+        """(query, units) or (query, units, hint) each: one encoder pass over all of them, then one
+        batched QR-head pass over the requests that need one (``QRHeadScorer.score_batch``)."""
+        dense = self.dense.scores_many([(request[0], request[1]) for request in requests])
+        return self.score_batch_with_dense(requests, dense)
 
     def score_with_dense(
         self, query: str, units: Sequence[str], dense_scores: Sequence[float], hint: KeepHint | None = None
     ) -> list[float]:
         """The rest of ``score`` once the dense scores are known (the benchmark reuses its own)."""
-        if len(dense_scores) != len(units):
-            raise ValueError(f"{len(dense_scores)} dense scores for {len(units)} units")
-        if hint is not None and len(hint.unit_tokens) != len(units):
-            raise ValueError(f"a hint for {len(hint.unit_tokens)} units, {len(units)} to score")
-        kept = self.rescored_units(units, dense_scores)
-        if hint is not None and kept_whatever_the_order(hint, kept):
-            self.passes_skipped += 1
-            return merge_prefiltered(dense_scores, kept, [dense_scores[i] for i in kept])
-        qr_scores = self.qr.score(query, [units[i] for i in kept])
-        if self.mode in ("fusion", "both"):
-            qr_scores = fuse(qr_scores, [dense_scores[i] for i in kept], self.method, self.weight)
-        return merge_prefiltered(dense_scores, kept, qr_scores)
+        return self.score_batch_with_dense([(query, units, hint)], [dense_scores])[0]
+
+    def score_batch_with_dense(
+        self, requests: Sequence[tuple[Any, ...]], dense: Sequence[Sequence[float]]
+    ) -> list[list[float]]:
+        out: list[list[float]] = [[] for _ in requests]
+        pending: list[tuple[int, list[int]]] = []  # (request, the units its QR pass rescores)
+        for r, (request, dense_scores) in enumerate(zip(requests, dense, strict=True)):
+            units, hint = request[1], request[2] if len(request) > 2 else None
+            if len(dense_scores) != len(units):
+                raise ValueError(f"{len(dense_scores)} dense scores for {len(units)} units")
+            if hint is not None and len(hint.unit_tokens) != len(units):
+                raise ValueError(f"a hint for {len(hint.unit_tokens)} units, {len(units)} to score")
+            if not units:
+                continue
+            kept = self.rescored_units(units, dense_scores)
+            if hint is not None and kept_whatever_the_order(hint, kept):
+                self.passes_skipped += 1
+                out[r] = merge_prefiltered(dense_scores, kept, [dense_scores[i] for i in kept])
+            else:
+                pending.append((r, kept))
+        qr_all = self.qr.score_batch([(requests[r][0], [requests[r][1][i] for i in kept]) for r, kept in pending])
+        for (r, kept), qr_scores in zip(pending, qr_all, strict=True):
+            dense_scores = dense[r]
+            if self.mode in ("fusion", "both"):
+                qr_scores = fuse(qr_scores, [dense_scores[i] for i in kept], self.method, self.weight)
+            out[r] = merge_prefiltered(dense_scores, kept, qr_scores)
+        return out
 
     def rescored_units(self, units: Sequence[str], dense_scores: Sequence[float]) -> list[int]:
         """Indices of the units the QR heads score: all, unless the pre-filter applies."""
@@ -109,3 +126,20 @@ class FusedScorer:
         """Unit lengths in the QR model's tokens: what its pass costs and what its window holds."""
         texts = list(units)
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+
+
+class EncoderScorer:
+    """The sentence encoder alone (``CCPROXY_SCORING_DENSE=only``): on NQ it keeps what fusion
+    keeps at about a ninth of the CPU time (docs/BENCHMARKS.md); the QR model is not loaded, only
+    its tokenizer, which the in-process compressor counts with."""
+
+    def __init__(self, dense: SimilarityScorer, tokenizer: Any) -> None:
+        self.dense = dense
+        self.tokenizer = tokenizer
+
+    def score(self, query: str, units: Sequence[str], hint: KeepHint | None = None) -> list[float]:
+        return self.score_batch([(query, units)])[0]
+
+    def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
+        """(query, units) or (query, units, hint) each; one encoder pass over all of them."""
+        return self.dense.scores_many([(request[0], request[1]) for request in requests])

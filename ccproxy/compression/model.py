@@ -93,6 +93,21 @@ def load_scoring_model(
         return _load(arguments[0], adapter, *arguments[1:])
 
 
+def load_scoring_tokenizer(source: str | None = None, *, cache_dir: str | Path | None = None) -> Any:
+    """The scoring model's tokenizer without its weights (the encoder-only scorer counts with it):
+    from the converted checkpoint when there is one, else read from the GGUF or the hub folder."""
+    from transformers import AutoTokenizer
+
+    source = source or EMBEDDED
+    if source == EMBEDDED or source.endswith(".gguf"):
+        gguf = _gguf_path(source)
+        folder = _gguf_cache_folder(gguf, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        if (folder / "config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(source)
+
+
 def load_base_for_training(
     source: str | None = None,
     *,

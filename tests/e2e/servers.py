@@ -57,14 +57,31 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL for a server and everything it started, as a crash or an OOM kill would do."""
-    for pid in [process.pid, *descendants(process.pid)]:
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: a zombie has closed its sockets already."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def kill_tree(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """SIGKILL for a server and everything it started, as a crash or an OOM kill would do; returns
+    once every one of them is gone. SIGKILL is asynchronous: a worker that is still freeing its
+    memory keeps its listening socket open, and connections it accepts then are reset."""
+    pids = [process.pid, *descendants(process.pid)]
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    process.wait(10)
+    process.wait(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {[pid for pid in pids if _alive(pid)]} outlived SIGKILL")
+        time.sleep(0.01)
 
 
 @contextmanager
@@ -196,8 +213,11 @@ def haproxy_config(gateway_port: int, gateway_ports: list[int], compressor_port:
         )
 
     config = (
-        "global\n  maxconn 4096\n"
-        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n"
+        # Each request's log line (stdout: the test's log file) says which replica answered, its
+        # retries and how it ended (termination state), for a failure in CI.
+        "global\n  maxconn 4096\n  log stdout format raw local0\n"
+        "defaults\n  mode http\n  log global\n  option httplog\n"
+        "  timeout connect 2s\n  timeout client 300s\n  timeout server 300s\n"
         # A dead replica's pooled connections fail after the request was sent (an empty
         # response): retried too, on another replica each time (redispatch 1).
         "  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response\n"

@@ -8,7 +8,7 @@ import pytest
 
 from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.dense import DISTRIBUTION, DenseEncoder, load_dense_encoder, split_evenly
-from ccproxy.compression.fused import FusedScorer
+from ccproxy.compression.fused import EncoderScorer, FusedScorer
 from ccproxy.compression.fusion import fuse
 from ccproxy.compression.qrhead import QRHeadScorer
 from ccproxy.compression.scoring import load_scorer
@@ -94,3 +94,30 @@ def test_settings_pick_the_scorer() -> None:
     both = load_scorer(Settings(scoring_dense="both", scoring_fusion_weight=0.7, scoring_prefilter_tokens=900))
     assert isinstance(both, FusedScorer)
     assert (both.mode, both.weight, both.prefilter_tokens) == ("both", 0.7, 900)
+
+
+def test_the_encoder_alone_loads_no_qr_model(dense: DenseEncoder, scorer: QRHeadScorer, item, monkeypatch) -> None:
+    """CCPROXY_SCORING_DENSE=only: the encoder's scores, the scoring model's tokenizer for the
+    counts, and the QR model's weights never loaded."""
+    import ccproxy.compression.model as model
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the QR model was loaded")
+
+    monkeypatch.setattr(model, "load_scoring_model", refuse)
+    only = load_scorer(Settings(scoring_dense="only"))
+    assert isinstance(only, EncoderScorer)
+    units = item.document_texts()
+    served = load_dense_encoder(model.default_dtype("cpu"))  # bf16 where the CPU has it, as served
+    assert only.score(item.question, units) == served.scores(item.question, units)
+    assert max(range(len(units)), key=only.score(item.question, units).__getitem__) == item.gold_index
+    text = "Counting with the scoring model's own tokenizer."
+    assert only.tokenizer(text).input_ids == scorer.tokenizer(text).input_ids
+
+
+def test_the_encoder_scores_several_requests_as_it_scores_each(dense: DenseEncoder, item) -> None:
+    units = item.document_texts()
+    requests = [(item.question, units[:4]), ("What is a banana?", []), ("Who wrote it?", units[3:] + ["x " * 600])]
+    many = dense.scores_many(requests)
+    for (query, texts), scores in zip(requests, many, strict=True):
+        assert scores == pytest.approx(dense.scores(query, texts), abs=1e-5)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from ccproxy.compression.qrhead import (
+    batch_tail_mask,
     calibrated_token_scores,
     middle_layers,
+    padded_batches,
     plan_windows,
     rows_attention,
     tail_mask,
@@ -116,3 +118,28 @@ def test_joint_ranking_puts_candidates_first_and_keeps_the_rest_in_order() -> No
     assert all(ranked[k] < 0.2 for k in rest)
     assert ranked[0] > ranked[2] == ranked[3]  # the windowed order, ties kept
     assert min(ranked) >= 0.2 - (0.6 - 0.2)  # within one spread: comparable scales for fusion
+
+
+def test_batch_tail_mask_is_each_prompts_own_mask_with_pads_masked() -> None:
+    # Two prompts padded to a context of 5 and a tail of 4: contexts 5 and 3, tails (2, 2) and (1, 1).
+    mask = batch_tail_mask([5, 3], [(2, 2), (1, 1)], 5)
+    assert mask.shape == (2, 4, 9)
+    own0 = tail_mask(5, [2, 2])
+    assert torch.equal(mask[0], own0)  # the longest prompt needs no padding
+    own1 = tail_mask(3, [1, 1])  # [2, 5]
+    assert torch.equal(mask[1, :2, :3], own1[:, :3])  # its own context
+    assert not mask[1, :2, 3:5].any()  # never the padded context
+    assert torch.equal(mask[1, :2, 5:7], own1[:, 3:])  # its own tails, apart
+    assert not mask[1, :2, 7:].any()
+    # Pad rows see key 0 only: no empty softmax row.
+    assert mask[1, 2:].sum(dim=-1).tolist() == [1, 1] and mask[1, 2:, 0].all()
+
+
+def test_padded_batches_group_longest_first_within_the_token_cap() -> None:
+    lengths = [1000, 6000, 900, 1100, 6000, 20_000]
+    groups = padded_batches(lengths, 12_000)
+    assert groups == [[5], [1, 4], [3, 0, 2]]  # 20 k alone; 2 x 6 k; 3 x 1.1 k
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        assert len(group) == 1 or len(group) * lengths[group[0]] <= 12_000
+    assert padded_batches([], 100) == []

@@ -45,7 +45,11 @@ def test_one_score_per_unit_and_edge_cases(scorer: QRHeadScorer) -> None:
 def test_score_batch_equals_score(scorer: QRHeadScorer, eval_items) -> None:
     requests = [(QUERY, UNITS), (eval_items[0].question, eval_items[0].document_texts()[:6]), (QUERY, UNITS[1:])]
     batched = scorer.score_batch(requests)
-    assert batched == [scorer.score(query, units) for query, units in requests]
+    # In the serving dtype: bf16 GEMMs over a padded batch round differently from a lone prompt's
+    # (float32 agrees to 1e-6: tests/scorer/test_qrhead_batch.py); the order stays.
+    for mine, alone in zip(batched, [scorer.score(query, units) for query, units in requests], strict=True):
+        assert mine == pytest.approx(alone, rel=5e-2, abs=2e-3)
+        assert mine.index(max(mine)) == alone.index(max(alone))
 
 
 def _prompt_tokens(scorer: QRHeadScorer, query: str, units: list[str]) -> int:
@@ -53,8 +57,10 @@ def _prompt_tokens(scorer: QRHeadScorer, query: str, units: list[str]) -> int:
     return len(prompt.context) + len(prompt.query_tail)
 
 
-def test_windowing_is_single_window_scoring_where_it_fits(scoring_model: ScoringModel, shipped_heads, eval_items) -> None:
-    model, tokenizer, _ = scoring_model
+def test_windowing_is_single_window_scoring_where_it_fits(float32_model: ScoringModel, shipped_heads, eval_items) -> None:
+    # float32: the windows go through the model as one padded batch, whose bf16 GEMMs round
+    # differently from a lone prompt's.
+    model, tokenizer, _ = float32_model
     item = eval_items[1]
     units = item.document_texts()[:8]
     exact = _prompt_tokens(QRHeadScorer(model, tokenizer, shipped_heads), item.question, units)
@@ -148,13 +154,13 @@ def test_a_pasted_40k_character_query_is_capped_and_scores_in_one_window(scorer:
     pasted = QUERY + "\n" + '{"key": "value", "n": 12345}, ' * 1400
     assert len(pasted) > 40_000
     windows: list[int] = []
-    real = scorer._window_token_scores
+    real = scorer._batch_token_scores
 
-    def counted(prompt, heads_by_layer):  # type: ignore[no-untyped-def]
-        windows.append(len(prompt.context) + len(prompt.query_tail))
-        return real(prompt, heads_by_layer)
+    def counted(prompts, heads_by_layer):  # type: ignore[no-untyped-def]
+        windows.extend(len(prompt.context) + len(prompt.query_tail) for prompt in prompts)
+        return real(prompts, heads_by_layer)
 
-    monkeypatch.setattr(scorer, "_window_token_scores", counted)
+    monkeypatch.setattr(scorer, "_batch_token_scores", counted)
     scores = scorer.score(pasted, UNITS * 10)
     assert len(windows) == 1 and windows[0] <= scorer.window_tokens
     assert len(scores) == 40 and all(s == s for s in scores)  # no NaN

@@ -42,8 +42,11 @@ class ListScorer:
         self.calls += 1
         return [self.scores_by_text[u] for u in units]
 
-    def scores(self, query: str, units: Sequence[str]) -> list[float]:
-        return self.score(query, units)
+    def score_batch(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        return [self.score(query, units) for query, units in requests]
+
+    def scores_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        return [[self.scores_by_text[u] for u in units] for _, units in requests]
 
 
 @settings(max_examples=300, deadline=None)
