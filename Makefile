@@ -118,6 +118,7 @@ scorer-bench: install
 	$(PY) -m pip install --quiet --editable ".[bench]"
 	$(PY) -m bench.joint_window --n-items 20
 	$(PY) -m bench.scorer_cost
+	$(PY) -m bench.scorer_batch
 
 # Agent traces (issue 17): coding and research agent loops through the arms side by side, prompt caching and
 # the bill (docs/BENCHMARKS.md): 23 min on 2 cores at load 2-3, 45 min at load 4; AGENT_ARGS passes options, e.g. --quick (~2 min).

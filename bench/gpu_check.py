@@ -4,6 +4,10 @@ No hub here: the weights are random, the shapes real (32 layers, 32 query / 8 KV
 wide), saved once and loaded back through the production path (``load_scoring_model`` with
 bitsandbytes NF4). Speed does not depend on the weights' values. The vocabulary is the
 tokenizer's (SmolLM2's, carried along), which changes only the embedding table's size.
+
+``--batches 1 8 32`` (``bash bench/gpu_check.sh load``): requests/s of the batched scorer for that
+many 1 k-token requests in one ``score_batch`` call (windows in padded forwards up to
+MAX_BATCH_TOKENS_CUDA), against the same requests one at a time, same run (issue 18).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mistral-7b-random"))
     parser.add_argument("--contexts", type=int, nargs="+", default=[1000, 8000, 20000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="*", default=[], help="batch sizes at 1 k tokens (load mode)")
     args = parser.parse_args()
 
     from ccproxy.compression.model import load_scoring_model
@@ -76,6 +81,9 @@ def main() -> None:
     }
     rng = random.Random(0)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    if args.batches:
+        batched_throughput(loaded, head_sets["16 heads, layers <= 15"], args.batches, rng)
+        return
     print("| head set | context tokens | ms per request | context tokens/s | peak GiB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, heads in head_sets.items():
@@ -93,6 +101,32 @@ def main() -> None:
             seconds = (time.perf_counter() - started) / args.repeats
             peak = torch.cuda.max_memory_allocated() / 2**30
             print(f"| {label} | {n_tokens} | {seconds * 1000:.0f} | {n_tokens / seconds:,.0f} | {peak:.1f} |", flush=True)
+
+
+def batched_throughput(loaded, heads, sizes: list[int], rng: random.Random) -> None:
+    from ccproxy.compression.qrhead import QRHeadScorer
+
+    scorer = QRHeadScorer(loaded.model, loaded.tokenizer, heads)  # CUDA: padded batches by default
+    query = "which season did the band release the album"
+    print(f"| requests | one at a time s (req/s) | batched s (req/s) | batched / one at a time | peak GiB |  (max_batch_tokens {scorer.max_batch_tokens})")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for size in sizes:
+        requests = [(query, units_of(1000, loaded.tokenizer, rng)) for _ in range(size)]
+        scorer.score_batch(requests[:2])  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for request in requests:
+            scorer.score_batch([request])
+        torch.cuda.synchronize()
+        alone = time.perf_counter() - started
+        started = time.perf_counter()
+        scorer.score_batch(requests)
+        torch.cuda.synchronize()
+        batched = time.perf_counter() - started
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"| {size} | {alone:.2f} ({size / alone:.1f}) | {batched:.2f} ({size / batched:.1f}) | "
+              f"{batched / alone:.2f} | {peak:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ SEPARATOR = "\n\n"
 NULL_QUERY = "N/A"
 MAX_QUERY_TOKENS = 512
 MIN_QUERY_TOKENS = 16
-# Padded tokens per batched forward (prompts x the longest): bounds a batch's activations; two
-# full windows fit, or a dozen 1 k-token requests.
-MAX_BATCH_TOKENS = 16_384
+# Padded tokens per batched forward (prompts x the longest) on CUDA: bounds a batch's activations;
+# five full windows fit, or thirty 1 k-token requests. On a CPU the default is 0, every prompt
+# alone: two cores are saturated by one 1 k-token prompt, and a padded batch of 8 took 1.2x the
+# time of its prompts one by one (bench/scorer_batch.py: larger activations fall out of cache).
+MAX_BATCH_TOKENS_CUDA = 32_768
 _SENTINEL = "\x00CCPROXY_CONTENT\x00"
 
 Head = tuple[int, int]
@@ -432,6 +434,8 @@ class QRHeadScorer:
     ``heads``: (layer, head) pairs; ``None`` scores with every head of the middle third of the
     layers (ICR-style, no detection needed). ``window_tokens``: the longest prompt scored at once;
     longer contexts go through overlapping windows (``overlap_tokens`` of units repeated).
+    ``max_batch_tokens``: padded tokens per batched forward (None: MAX_BATCH_TOKENS_CUDA on CUDA,
+    0 on a CPU, where each prompt runs alone).
     """
 
     def __init__(
@@ -445,7 +449,7 @@ class QRHeadScorer:
         instruction: str = LATE_INSTRUCTION,
         null_query: str = NULL_QUERY,
         max_query_tokens: int = MAX_QUERY_TOKENS,
-        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -468,6 +472,9 @@ class QRHeadScorer:
         limits = [getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", None)]
         self.window_tokens = min([window_tokens, *(int(x) for x in limits if x)])
         self.overlap_tokens = overlap_tokens
+        if max_batch_tokens is None:
+            on_cuda = self.decoder.embed_tokens.weight.device.type == "cuda"
+            max_batch_tokens = MAX_BATCH_TOKENS_CUDA if on_cuda else 0
         self.max_batch_tokens = max_batch_tokens
         self.null_query = null_query
         self.pieces = prompt_pieces(tokenizer, instruction)

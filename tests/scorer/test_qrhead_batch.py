@@ -69,7 +69,8 @@ def test_score_batch_scores_every_window_of_every_request_in_few_forwards(
 ) -> None:
     model, tokenizer, _ = float32_model  # float32: bf16 GEMMs of another shape round differently
     # Small windows: the first request needs several (and a joint window), the others one each.
-    scorer = QRHeadScorer(model, tokenizer, shipped_heads, window_tokens=700, overlap_tokens=100)
+    scorer = QRHeadScorer(model, tokenizer, shipped_heads, window_tokens=700, overlap_tokens=100,
+                          max_batch_tokens=16_384)
     requests = [
         (items[0].question, items[0].document_texts()[:16]),
         (items[1].question, items[1].document_texts()[:4]),
@@ -94,3 +95,16 @@ def test_score_batch_scores_every_window_of_every_request_in_few_forwards(
     for mine, single in zip(batched, singles):
         assert len(mine) == len(single.ranked)
         assert mine == pytest.approx(single.ranked, rel=1e-4, abs=1e-6)
+
+
+def test_on_a_cpu_each_prompt_runs_alone_by_default(scoring_model: ScoringModel, shipped_heads, monkeypatch) -> None:
+    """Padded batches cost more than their prompts one by one on two CPU cores
+    (bench/scorer_batch.py); CUDA batches up to MAX_BATCH_TOKENS_CUDA."""
+    model, tokenizer, _ = scoring_model
+    scorer = QRHeadScorer(model, tokenizer, shipped_heads)
+    assert scorer.max_batch_tokens == 0
+    calls: list[int] = []
+    real = scorer._batch_token_scores
+    monkeypatch.setattr(scorer, "_batch_token_scores", lambda prompts, heads: calls.append(len(prompts)) or real(prompts, heads))
+    scorer.score_batch([(QUERY, ["Paris is in France.", "Bananas are yellow."]), (QUERY, ["The Eiffel Tower."])])
+    assert calls == [1, 1]
