@@ -114,19 +114,18 @@ class Options:
 
 
 def _qr_scorer(heads_from_file: bool, adapter: str | None = None) -> Any:
-    from ccproxy.compression.heads import head_set_path, scoring_head_set
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
+    from ccproxy.compression.scoring import chosen_heads
+    from ccproxy.settings import Settings
 
     loaded = load_scoring_model(adapter=adapter)
-    heads = None
-    if heads_from_file:
-        # As the Compressor picks them: with an adapter, the set it was trained for.
-        heads = scoring_head_set(loaded.name, adapter)
-        if heads is None:
-            # Without the file the scorer would fall back to ICR's heads: that is not "qrhead".
-            raise SystemExit(f"no shipped head set at {head_set_path(loaded.name)}; run training/detect_heads.py")
-    return QRHeadScorer(loaded.model, loaded.tokenizer, heads)
+    if not heads_from_file:
+        return QRHeadScorer(loaded.model, loaded.tokenizer, None)
+    # As the Compressor picks them (CCPROXY_SCORING_HEAD_SET, else the model's or the adapter's
+    # set); none raises NoHeadSet: without one the scorer would be ICR's heads, not "qrhead".
+    heads, weights = chosen_heads(Settings(), loaded.name, adapter)
+    return QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights)
 
 
 def dense_dtype() -> Any:

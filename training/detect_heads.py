@@ -127,19 +127,26 @@ def select_heads(qrscore: torch.Tensor, k: int, max_layer: int | None = None) ->
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def gold_ranks(scores: Sequence[ItemScores], heads: Sequence[Head], n_heads: int) -> torch.Tensor:
+def gold_ranks(scores: Sequence[ItemScores], heads: Sequence[Head], n_heads: int,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each item's gold rank as the scorer ranks: the heads' token scores summed (``weights``:
+    one per head, in the order of ``heads``), then ``unit_scores``."""
     rows = torch.tensor([layer * n_heads + head for layer, head in heads])
     ranks = []
     for item in scores:
-        units = unit_scores(item.tokens.float()[rows].sum(dim=0), item.spans)
+        tokens = item.tokens.float()[rows]
+        if weights is not None:
+            tokens = tokens * weights[:, None]
+        units = unit_scores(tokens.sum(dim=0), item.spans)
         ranks.append(int((units > units[item.gold]).sum()))
     return torch.tensor(ranks)
 
 
-def evaluate(scores: Sequence[ItemScores], head_sets: dict[str, list[Head]], n_heads: int) -> dict[str, dict[str, float]]:
+def evaluate(scores: Sequence[ItemScores], head_sets: dict[str, list[Head]], n_heads: int,
+             weights: dict[str, torch.Tensor | None] | None = None) -> dict[str, dict[str, float]]:
     table = {}
     for name, heads in head_sets.items():
-        ranks = gold_ranks(scores, heads, n_heads)
+        ranks = gold_ranks(scores, heads, n_heads, (weights or {}).get(name))
         table[name] = {
             "top1": round(float((ranks == 0).float().mean()), 4),
             "top4": round(float((ranks < 4).float().mean()), 4),

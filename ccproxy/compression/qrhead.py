@@ -10,7 +10,8 @@ al., ICLR 2025):
   probability A_h[i, t], minus the same quantity with the query replaced by "N/A" (calibration:
   it removes the mass a head puts on a token whatever the question).
 * Sum over the head set; inside each unit, drop tokens below mean - 2 std of that unit's token
-  scores (outliers such as attention sinks); the unit scores the sum of what is left.
+  scores (outliers such as attention sinks); the unit scores the sum of what is left over its best
+  256 consecutive tokens (the whole sum for shorter units, as the reference; ``unit_scores``).
 
 Efficiency (never materialise the full attention matrix):
 
@@ -57,6 +58,9 @@ SEPARATOR = "\n\n"
 NULL_QUERY = "N/A"
 MAX_QUERY_TOKENS = 512
 MIN_QUERY_TOKENS = 16
+# A unit scores its best stretch of this many tokens (``unit_scores``): about the encoder's own
+# window (254 tokens a piece), and above the length of an NQ passage (~135), whose sum it keeps.
+UNIT_WINDOW_TOKENS = 256
 # Padded tokens per batched forward (prompts x the longest) on CUDA: bounds a batch's activations;
 # five full windows fit, or thirty 1 k-token requests. On a CPU the default is 0, every prompt
 # alone: two cores are saturated by one 1 k-token prompt, and a padded batch of 8 took 1.2x the
@@ -212,17 +216,37 @@ def calibrated_token_scores(probs: torch.Tensor, n_context: int, n_query_rows: i
     return query - null
 
 
-def unit_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """[..., n_tokens] -> [..., n_units]: per unit, the sum of its token scores above
-    mean - 2 std (unbiased std, as the reference); units of 0 or 1 token keep what they have."""
+def unit_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]],
+                window: int | None = UNIT_WINDOW_TOKENS) -> torch.Tensor:
+    """[..., n_tokens] -> [..., n_units]: per unit, its token scores above mean - 2 std (unbiased
+    std, as the reference), summed over its best ``window`` consecutive tokens (prefix sums).
+
+    A unit of at most ``window`` tokens scores the reference's sum (it ranks equal-length
+    passages). Longer units score their best stretch: chat units run from five-token turns to
+    whole code blocks and tool outputs, and a plain sum lets a long block outscore a short
+    relevant turn by piling up many slightly positive tokens (bench/length_fair.py). The encoder
+    scores a long unit by its best piece the same way (``DenseEncoder.scores``). ``None``: the
+    plain sum. Units of 0 or 1 token keep what they have."""
     out = token_scores.new_zeros((*token_scores.shape[:-1], len(spans)))
     for k, (start, end) in enumerate(spans):
         scores = token_scores[..., start:end]
         if end - start >= 2:
             threshold = scores.mean(dim=-1, keepdim=True) - 2 * scores.std(dim=-1, keepdim=True)
             scores = scores * (scores > threshold)
-        out[..., k] = scores.sum(dim=-1)
+        if window is None or end - start <= window:
+            out[..., k] = scores.sum(dim=-1)
+        else:
+            prefix = torch.nn.functional.pad(scores.cumsum(dim=-1), (1, 0))
+            out[..., k] = (prefix[..., window:] - prefix[..., :-window]).max(dim=-1).values
     return out
+
+
+def combined_heads(token_scores: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """[n_heads, n_tokens] -> [1, n_tokens]: the heads' token scores summed, each times its weight
+    (``weights`` [n_heads], rows' order; None: the reference's plain sum)."""
+    if weights is not None:
+        token_scores = token_scores * weights.to(token_scores.dtype)[:, None]
+    return token_scores.sum(dim=0, keepdim=True)
 
 
 def plan_windows(costs: Sequence[int], budget: int, overlap: int) -> list[range]:
@@ -432,7 +456,8 @@ class QRHeadScorer:
     """Scores context units by the calibrated attention of selected heads from the query.
 
     ``heads``: (layer, head) pairs; ``None`` scores with every head of the middle third of the
-    layers (ICR-style, no detection needed). ``window_tokens``: the longest prompt scored at once;
+    layers (ICR-style, no detection needed). ``head_weights``: one non-negative weight per head,
+    in the order of ``heads`` (``training/fit_head_weights.py``); None: every head counts 1. ``window_tokens``: the longest prompt scored at once;
     longer contexts go through overlapping windows (``overlap_tokens`` of units repeated).
     ``max_batch_tokens``: padded tokens per batched forward (None: MAX_BATCH_TOKENS_CUDA on CUDA,
     0 on a CPU, where each prompt runs alone).
@@ -444,6 +469,7 @@ class QRHeadScorer:
         tokenizer: Any,
         heads: Sequence[tuple[int, int]] | None = None,
         *,
+        head_weights: Sequence[float] | None = None,
         window_tokens: int = 6000,
         overlap_tokens: int = 512,
         instruction: str = LATE_INSTRUCTION,
@@ -461,7 +487,16 @@ class QRHeadScorer:
         self.kv_group = self.n_heads // self.n_kv_heads  # query heads per KV head (GQA)
         if heads is None:
             heads = [(layer, head) for layer in middle_layers(self.n_layers) for head in range(self.n_heads)]
-        self.heads: list[Head] = sorted({(int(layer), int(head)) for layer, head in heads})
+        pairs = [(int(layer), int(head)) for layer, head in heads]
+        self.heads: list[Head] = sorted(set(pairs))
+        self.head_weights: torch.Tensor | None = None
+        if head_weights is not None:
+            if len(head_weights) != len(pairs) or len(self.heads) != len(pairs):
+                raise ValueError(f"{len(head_weights)} weights for {len(pairs)} heads ({len(self.heads)} distinct)")
+            weight_of = dict(zip(pairs, (float(w) for w in head_weights)))
+            if not all(w >= 0 and math.isfinite(w) for w in weight_of.values()):
+                raise ValueError("head weights must be finite and non-negative")
+            self.head_weights = torch.tensor([weight_of[h] for h in self.heads])  # rows' order
         for layer, head in self.heads:
             if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
                 raise ValueError(f"head ({layer}, {head}) is outside {self.n_layers} layers x {self.n_heads} heads")
@@ -489,11 +524,14 @@ class QRHeadScorer:
     @classmethod
     def load(cls, source: str | None = None, *, adapter: str | None = None, **kwargs: Any) -> QRHeadScorer:
         """The scoring model (see ``model.load_scoring_model``) with its shipped head set, if any."""
-        from ccproxy.compression.heads import scoring_head_set
+        from ccproxy.compression.heads import head_pairs, head_weights, scoring_head_file
         from ccproxy.compression.model import load_scoring_model
 
         model, tokenizer, name = load_scoring_model(source, adapter=adapter)
-        kwargs.setdefault("heads", scoring_head_set(name, adapter))
+        if "heads" not in kwargs:
+            data = scoring_head_file(name, adapter)
+            kwargs["heads"] = None if data is None else head_pairs(data)
+            kwargs.setdefault("head_weights", head_weights(data))
         return cls(model, tokenizer, **kwargs)
 
     # -- public API --------------------------------------------------------------------------
@@ -547,7 +585,7 @@ class QRHeadScorer:
         if len(prompt.context) + len(prompt.query_tail) > self.window_tokens:
             raise ValueError(f"the prompt does not fit one window of {self.window_tokens} tokens")
         tokens = window_token_scores(self.decoder, prompt, self._group(self.heads), self.kv_group)
-        return unit_scores(tokens.sum(dim=0), prompt.spans)
+        return unit_scores(combined_heads(tokens, self.head_weights)[0], prompt.spans)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -622,8 +660,8 @@ class QRHeadScorer:
         for members in padded_batches(lengths, self.max_batch_tokens):
             batch = [prompts[i] for i in members]
             for i, tokens in zip(members, self._batch_token_scores(batch, heads_by_layer), strict=True):
-                if not per_head:
-                    tokens = tokens.sum(dim=0, keepdim=True)
+                if not per_head:  # only ever with this scorer's own heads
+                    tokens = combined_heads(tokens, self.head_weights)
                 out[i] = unit_scores(tokens, prompts[i].spans)
         return out
 

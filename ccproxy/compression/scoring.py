@@ -54,23 +54,24 @@ def scoring_source(settings: Settings) -> str | None:
     return settings.scoring_model or None
 
 
-def chosen_heads(settings: Settings, model_name: str, adapter: str | None) -> list[tuple[int, int]]:
-    """The head set to score with, or NoHeadSet naming the way to make one."""
-    from ccproxy.compression.heads import head_set_path, load_head_set, scoring_head_set
+def chosen_heads(settings: Settings, model_name: str, adapter: str | None) -> tuple[list[tuple[int, int]], list[float] | None]:
+    """The head set to score with and its per-head weights (None: equal), or NoHeadSet naming the
+    way to make one."""
+    from ccproxy.compression.heads import head_pairs, head_set_path, head_weights, read_head_set, scoring_head_file
 
     if settings.scoring_head_set:
-        heads = load_head_set(settings.scoring_head_set)
+        data = read_head_set(settings.scoring_head_set)
         where = f"CCPROXY_SCORING_HEAD_SET={settings.scoring_head_set!r} names no file ({head_set_path(settings.scoring_head_set)})"
     else:
-        heads = scoring_head_set(model_name, adapter)
+        data = scoring_head_file(model_name, adapter)
         where = f"no head set ships for the scoring model {model_name!r} ({head_set_path(model_name)})"
-    if not heads:
+    if data is None or not data.get("heads"):
         raise NoHeadSet(
             f"{where}. Detect one with `python -m training.detect_heads --model <model>` (docs/TRAINING.md) "
             "and name it with CCPROXY_SCORING_HEAD_SET, or unset CCPROXY_SCORING_MODEL for the embedded "
             "SmolLM2 and its shipped set."
         )
-    return heads
+    return head_pairs(data), head_weights(data)
 
 
 def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is imported only here
@@ -94,9 +95,9 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
         return encoder_scorer(settings, source)
     # Before the weights load (minutes for a 7B model): a model without heads never serves.
     # The name is the one load_scoring_model gives the model it loads.
-    heads = chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
+    heads, weights = chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
     loaded = load_scoring_model(source, adapter=adapter, cache_dir=settings.model_cache_dir)
-    qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads)
+    qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights)
     if settings.scoring_dense == "off":
         return qr
     from ccproxy.compression.dense import DenseModelMissing

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ccproxy.compression.qrhead import (
     batch_tail_mask,
     calibrated_token_scores,
+    combined_heads,
     middle_layers,
     padded_batches,
     plan_windows,
@@ -143,3 +145,24 @@ def test_padded_batches_group_longest_first_within_the_token_cap() -> None:
     for group in groups:
         assert len(group) == 1 or len(group) * lengths[group[0]] <= 12_000
     assert padded_batches([], 100) == []
+
+
+def test_a_long_unit_scores_its_best_stretch_a_short_one_its_sum() -> None:
+    # A 3-token unit of 1.5 in all, then a 10-token unit with 0.2 a token and 1.0 at tokens 5-6.
+    long = [0.2] * 10
+    long[5] = long[6] = 1.0
+    scores = torch.tensor([0.4, 0.5, 0.6, *long])
+    spans = [(0, 3), (3, 13)]
+    plain = unit_scores(scores, spans, window=None)
+    assert plain.tolist() == pytest.approx([1.5, 3.6])  # the long one wins by length
+    best = unit_scores(scores, spans, window=3)
+    assert best.tolist() == pytest.approx([1.5, 2.2])  # its best 3 tokens: 1.0 + 1.0 + 0.2
+    # Per head rows too, each row its own best stretch.
+    rows = torch.stack([scores, scores.flip(0)])
+    assert unit_scores(rows, [(0, 13)], window=2)[:, 0].tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_combined_heads_sum_plain_or_weighted() -> None:
+    tokens = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    assert combined_heads(tokens, None).tolist() == [[11.0, 22.0, 33.0]]
+    assert combined_heads(tokens, torch.tensor([2.0, 0.0])).tolist() == [[2.0, 4.0, 6.0]]

@@ -12,8 +12,9 @@ from ccproxy.settings import Settings
 
 def test_the_default_is_the_embedded_model_with_its_shipped_heads_on_any_device() -> None:
     assert scoring_source(Settings()) is None  # the embedded SmolLM2, with or without CUDA
-    heads = chosen_heads(Settings(), EMBEDDED_NAME, None)
+    heads, weights = chosen_heads(Settings(), EMBEDDED_NAME, None)
     assert heads == load_head_set(EMBEDDED_NAME) and heads
+    assert weights is None or len(weights) == len(heads)
 
 
 def test_a_model_without_a_head_set_is_refused_before_its_weights_load() -> None:
@@ -25,4 +26,5 @@ def test_a_model_without_a_head_set_is_refused_before_its_weights_load() -> None
 def test_a_head_set_name_that_names_no_file_is_refused() -> None:
     with pytest.raises(NoHeadSet, match="CCPROXY_SCORING_HEAD_SET='no-such-set'"):
         chosen_heads(Settings(scoring_head_set="no-such-set"), EMBEDDED_NAME, None)
-    assert chosen_heads(Settings(scoring_head_set=EMBEDDED_NAME), "any-model", None) == load_head_set(EMBEDDED_NAME)
+    heads, _ = chosen_heads(Settings(scoring_head_set=EMBEDDED_NAME), "any-model", None)
+    assert heads == load_head_set(EMBEDDED_NAME)

@@ -1,7 +1,8 @@
 """Detected QR-head sets, one JSON file per model (written by ``training/detect_heads.py``).
 
-File format: ``{"model": ..., "heads": [[layer, head], ...], "source": ..., "detected_on": ...}``
-plus whatever report the detector adds. The file name is the model's name as
+File format: ``{"model": ..., "heads": [[layer, head], ...], "source": ..., "detected_on": ...}``,
+optionally ``"weights": [w, ...]`` (one non-negative weight per head, in the order of ``heads``;
+``training/fit_head_weights.py``), plus whatever report the detector adds. The file name is the model's name as
 ``ccproxy.compression.model.model_name`` spells it, e.g. ``smollm2-135m-instruct.json``.
 
 A LoRA adapter (``training/train_qr_lora.py``) carries the set it was trained for as
@@ -33,24 +34,40 @@ def read_head_set(model_name: str) -> dict[str, Any] | None:
 def load_head_set(model_name: str) -> list[tuple[int, int]] | None:
     """The detected (layer, head) pairs for ``model_name``; None means: use the scorer's default."""
     data = read_head_set(model_name)
-    return None if data is None else _pairs(data)
+    return None if data is None else head_pairs(data)
 
 
-def _pairs(data: dict[str, Any]) -> list[tuple[int, int]]:
+def head_pairs(data: dict[str, Any]) -> list[tuple[int, int]]:
     return [(int(layer), int(head)) for layer, head in data["heads"]]
+
+
+def head_weights(data: dict[str, Any] | None) -> list[float] | None:
+    """A head set file's per-head weights, in the order of its heads; None: every head counts 1."""
+    if data is None or data.get("weights") is None:
+        return None
+    weights = [float(w) for w in data["weights"]]
+    if len(weights) != len(data["heads"]):
+        raise ValueError(f"{len(weights)} weights for {len(data['heads'])} heads in the head set of {data.get('model')!r}")
+    return weights
 
 
 def adapter_head_set_path(adapter: str | Path) -> Path:
     return Path(adapter) / ADAPTER_HEADS_FILE
 
 
-def scoring_head_set(model_name: str, adapter: str | Path | None = None) -> list[tuple[int, int]] | None:
-    """The heads a loaded model scores with. With an adapter: the adapter's own ``heads.json``,
-    else a set shipped under the adapted model's name (``<base>+<adapter>``), else the base
-    model's set, since the adapter was most likely trained on it. None: the scorer's default."""
+def scoring_head_file(model_name: str, adapter: str | Path | None = None) -> dict[str, Any] | None:
+    """The head set file a loaded model scores with. With an adapter: the adapter's own
+    ``heads.json``, else a set shipped under the adapted model's name (``<base>+<adapter>``), else
+    the base model's set, since the adapter was most likely trained on it. None: no set."""
     if adapter is not None:
         path = adapter_head_set_path(adapter)
         if path.is_file():
-            return _pairs(json.loads(path.read_text(encoding="utf-8")))
-        return load_head_set(model_name) or load_head_set(model_name.split("+", 1)[0])
-    return load_head_set(model_name)
+            return json.loads(path.read_text(encoding="utf-8"))
+        return read_head_set(model_name) or read_head_set(model_name.split("+", 1)[0])
+    return read_head_set(model_name)
+
+
+def scoring_head_set(model_name: str, adapter: str | Path | None = None) -> list[tuple[int, int]] | None:
+    """The heads of ``scoring_head_file``; None: the scorer's default."""
+    data = scoring_head_file(model_name, adapter)
+    return None if data is None else head_pairs(data)

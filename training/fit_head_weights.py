@@ -1,0 +1,173 @@
+"""Weighted QR heads (issue 18, "heads that decide"): SmolLM2's heads re-detected on hard
+distractors, a non-negative weight per head, k and depth chosen on a held-out slice.
+
+1. Per-head calibrated token scores, every head of every layer (``detect_heads.score_items``), for
+   TRAINING-part items with hard distractors (mined by BM25 and MiniLM, ``bench.nq``), and for
+   EVALUATION-part items of the same kind (the report only; nothing is chosen on them).
+2. The training items split by a seeded draw into a fit part and a held-out slice.
+3. For each candidate (k heads, deepest layer): the top-k heads by QRScore on the fit part, then
+   their non-negative weights fitted on the fit part: softmax cross-entropy of the gold document
+   over the weighted per-head unit scores (each head thresholded on its own, as in detection),
+   plus a small L2 term; projected gradient steps (the loss is convex in the weights).
+4. The candidate, uniform or weighted, with the best held-out top-1 (then MRR, then the shallower
+   and smaller set) wins. Every set is evaluated as the scorer scores: the weighted sum of the
+   heads' token scores, then ``unit_scores``.
+
+    python -m training.fit_head_weights --scores-cache /tmp/qrh/hard     # ~45 min on 2 cores
+        # rerun with the same cache: seconds. --out FILE writes the winner as a head set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.nq import hard_distractor_items, load_records
+from ccproxy.compression.heads import load_head_set
+from ccproxy.compression.model import load_scoring_model
+from ccproxy.compression.qrhead import QRHeadScorer
+from training.detect_heads import (
+    Head,
+    ItemScores,
+    cached_scores,
+    dump_json,
+    evaluate,
+    format_eval_table,
+    head_statistics,
+    per_head_unit_scores,
+    score_items,
+    select_heads,
+)
+
+CANDIDATE_K = (4, 8, 12, 16, 24, 32)
+CANDIDATE_DEPTH = (15, 18, 22, 29)
+
+
+def fit_weights(features: torch.Tensor, gold: torch.Tensor, *, l2: float = 1e-3, steps: int = 400,
+                lr: float = 0.05) -> torch.Tensor:
+    """Non-negative weights [k] for ``features`` [items, k heads, units] that put the ``gold``
+    [items] unit first: softmax cross-entropy over each item's units plus ``l2`` |w|^2, Adam steps
+    projected onto w >= 0. Heads are standardised first (their scales differ by 100x), so the
+    same ``l2`` and step size suit every head; the weights returned apply to the raw scores and
+    average 1."""
+    scale = features.transpose(0, 1).reshape(features.shape[1], -1).std(dim=1).clamp(min=1e-12)
+    x = features / scale[None, :, None]
+    weights = torch.ones(features.shape[1], requires_grad=True)
+    optimiser = torch.optim.Adam([weights], lr=lr)
+    for _ in range(steps):
+        logits = torch.einsum("k,iku->iu", weights, x)
+        loss = torch.nn.functional.cross_entropy(logits, gold) + l2 * weights.square().sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            weights.clamp_(min=0.0)
+    raw = weights.detach() / scale
+    return raw / raw.mean().clamp(min=1e-12)
+
+
+def head_features(scores: Sequence[ItemScores], heads: Sequence[Head], n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([items, k, units] per-head unit scores, [items] gold indices); items of equal size."""
+    rows = torch.tensor([layer * n_heads + head for layer, head in heads])
+    per_head = per_head_unit_scores(scores)
+    return torch.stack([units[rows] for units in per_head]), torch.tensor([s.gold for s in scores])
+
+
+def split(items: Sequence[ItemScores], n_held_out: int, seed: int) -> tuple[list[ItemScores], list[ItemScores]]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held_out])
+    return [s for i, s in enumerate(items) if i not in held], [s for i, s in enumerate(items) if i in held]
+
+
+def choose(table: dict[str, dict[str, float]]) -> str:
+    """Best top-1, then MRR, then the shallower, then the smaller set."""
+    return max(table, key=lambda name: (table[name]["top1"], table[name]["mrr"],
+                                        -table[name]["deepest_layer"], -table[name]["n_heads"]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-train", type=int, default=150, help="training-part items (fit + held out)")
+    parser.add_argument("--n-held-out", type=int, default=50, help="of those, the slice that chooses k and depth")
+    parser.add_argument("--n-eval", type=int, default=100, help="evaluation-part items for the report")
+    parser.add_argument("--documents", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--scores-cache", type=Path, default=None, help="reuse per-head scores across runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the winner there as a head set file (ccproxy/compression/heads/<name>.json "
+                        "is served with CCPROXY_SCORING_HEAD_SET=<name>)")
+    args = parser.parse_args(argv)
+
+    model, tokenizer, name = load_scoring_model(None)
+    scorer = QRHeadScorer(model, tokenizer, window_tokens=6000)
+    dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    n_heads = scorer.n_heads
+    key = {"model": name, "dtype": dtype_name, "documents": args.documents, "seed": args.seed, "distractors": "hard"}
+    cache = args.scores_cache
+
+    def scored(split_name: str, n: int) -> list[ItemScores]:
+        def compute() -> list[ItemScores]:
+            items = hard_distractor_items(load_records(split_name), args.documents, n_items=n, seed=args.seed)
+            return score_items(scorer, items, f"per-head scores ({split_name})")
+
+        return cached_scores(cache and cache.with_suffix(f".{split_name}.pt"), {**key, "n": n, "split": split_name}, compute)
+
+    fit_part, held_out = split(scored("train", args.n_train), args.n_held_out, args.seed)
+    stats = head_statistics(fit_part, scorer.n_layers, n_heads)
+    head_sets: dict[str, list[Head]] = {}
+    weights: dict[str, torch.Tensor | None] = {}
+    for depth in CANDIDATE_DEPTH:
+        for k in CANDIDATE_K:
+            heads = select_heads(stats["qrscore"], k, depth)
+            features, gold = head_features(fit_part, heads, n_heads)
+            head_sets[f"top{k} layers<={depth}"] = heads
+            weights[f"top{k} layers<={depth}"] = None
+            head_sets[f"top{k} layers<={depth} weighted"] = heads
+            weights[f"top{k} layers<={depth} weighted"] = fit_weights(features, gold, l2=args.l2)
+    shipped = load_head_set(name)
+    if shipped:
+        head_sets["shipped (random-distractor detection)"] = shipped
+        weights["shipped (random-distractor detection)"] = None
+
+    held_table = evaluate(held_out, head_sets, n_heads, weights)
+    print(f"\nHeld-out slice of the training part: {len(held_out)} items x {args.documents} documents, hard distractors")
+    print(format_eval_table(held_table))
+    winner = choose({k: v for k, v in held_table.items() if not k.startswith("shipped")})
+    print(f"\nchosen on the held-out slice: {winner}")
+
+    report_sets = {k: head_sets[k] for k in (winner, winner.removesuffix(" weighted"), *(k for k in head_sets if k.startswith("shipped")))}
+    evaluation: dict[str, dict[str, float]] = {}
+    if args.n_eval:
+        eval_scores = scored("eval", args.n_eval)
+        evaluation = evaluate(eval_scores, report_sets, n_heads, {k: weights[k] for k in report_sets})
+        print(f"\nEvaluation part: {args.n_eval} items x {args.documents} documents, hard distractors")
+        print(format_eval_table(evaluation))
+
+    chosen_weights = weights[winner]
+    print("\nheads:", head_sets[winner])
+    if chosen_weights is not None:
+        print("weights:", [round(float(w), 3) for w in chosen_weights])
+    if args.out is None:
+        return 0
+    data: dict[str, object] = {"model": name, "heads": [list(h) for h in head_sets[winner]]}
+    if chosen_weights is not None:
+        data["weights"] = [round(float(w), 4) for w in chosen_weights]
+    data["source"] = (f"training/fit_head_weights.py: {winner}, chosen by top-1 on a held-out slice of "
+                      f"{len(held_out)} training items among k in {list(CANDIDATE_K)}, depth in {list(CANDIDATE_DEPTH)}")
+    data["detected_on"] = (f"bench.nq TRAINING part (NQ-open oracle dev lines 0-499): {len(fit_part)} items x "
+                           f"{args.documents} documents, hard distractors, seed {args.seed}; {dtype_name} weights")
+    data["report"] = {"held_out": held_table, "evaluation_hard": evaluation}
+    out = args.out
+    out.write_text(dump_json(data), encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
