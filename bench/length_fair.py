@@ -1,6 +1,6 @@
 """Length-fair unit scores (issue 18): short relevant units next to long blocks, and back.
 
-Chat units run from five-token turns to whole code blocks and tool outputs. Two cases per NQ
+Chat units run from five-token turns to whole code blocks and tool outputs. Three cases per NQ
 question of the evaluation part (random distractors from other questions):
 
 - *short gold among long blocks*: the gold passage (~135 tokens) among four blocks of five
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.compressor_bench import cpu_name
     from bench.load import publish, run_line
     from ccproxy.compression.fusion import fuse
-    from ccproxy.compression.qrhead import UNIT_WINDOW_TOKENS, unit_scores
+    from ccproxy.compression.qrhead import UNIT_WINDOW_TOKENS, combined_heads, unit_scores
     from ccproxy.compression.scoring import load_scorer
     from ccproxy.settings import Settings
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for case, question, units, gold in cases(options.n_items, options.seed):
         prompt = qr.build_prompt(question, units)
         assert len(prompt.context) + len(prompt.query_tail) <= qr.window_tokens, "one window per prompt"
-        tokens = qr.token_scores(prompt, qr._group(qr.heads)).sum(dim=0)
+        tokens = combined_heads(qr.token_scores(prompt, qr._group(qr.heads)), qr.head_weights)[0]
         plain = unit_scores(tokens, prompt.spans, window=None).tolist()
         best = {w: unit_scores(tokens, prompt.spans, window=w).tolist() for w in WINDOWS}
         encoder = dense.scores(question, units)

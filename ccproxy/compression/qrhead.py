@@ -66,6 +66,11 @@ UNIT_WINDOW_TOKENS = 256
 # alone: two cores are saturated by one 1 k-token prompt, and a padded batch of 8 took 1.2x the
 # time of its prompts one by one (bench/scorer_batch.py: larger activations fall out of cache).
 MAX_BATCH_TOKENS_CUDA = 32_768
+# A unit bigger than a window is scored in at most this many window-sized pieces, spread evenly
+# over it, and scores its best piece. Two: its start and its end (a log's verdict, a file's tail),
+# about 12 k tokens, ~15 s on two CPU cores, under the Gateway's 30 s Compressor timeout; a
+# 50 k-token tool output would need nine to be read whole.
+MAX_UNIT_PIECES = 2
 _SENTINEL = "\x00CCPROXY_CONTENT\x00"
 
 Head = tuple[int, int]
@@ -229,16 +234,35 @@ def unit_scores(token_scores: torch.Tensor, spans: Sequence[tuple[int, int]],
     plain sum. Units of 0 or 1 token keep what they have."""
     out = token_scores.new_zeros((*token_scores.shape[:-1], len(spans)))
     for k, (start, end) in enumerate(spans):
-        scores = token_scores[..., start:end]
-        if end - start >= 2:
-            threshold = scores.mean(dim=-1, keepdim=True) - 2 * scores.std(dim=-1, keepdim=True)
-            scores = scores * (scores > threshold)
+        scores = _without_outliers(token_scores[..., start:end])
         if window is None or end - start <= window:
             out[..., k] = scores.sum(dim=-1)
         else:
-            prefix = torch.nn.functional.pad(scores.cumsum(dim=-1), (1, 0))
-            out[..., k] = (prefix[..., window:] - prefix[..., :-window]).max(dim=-1).values
+            out[..., k] = _stretch_sums(scores, window).max(dim=-1).values
     return out
+
+
+def best_stretch(token_scores: torch.Tensor, span: tuple[int, int], window: int = UNIT_WINDOW_TOKENS) -> int:
+    """[n_tokens] -> where, inside the unit at ``span``, the stretch that ``unit_scores`` scores it
+    by starts (0 for a unit of at most ``window`` tokens)."""
+    start, end = span
+    if end - start <= window:
+        return 0
+    return int(_stretch_sums(_without_outliers(token_scores[start:end]), window).argmax())
+
+
+def _without_outliers(scores: torch.Tensor) -> torch.Tensor:
+    """A unit's token scores with those below mean - 2 std zeroed (1 token: as it is)."""
+    if scores.shape[-1] < 2:
+        return scores
+    threshold = scores.mean(dim=-1, keepdim=True) - 2 * scores.std(dim=-1, keepdim=True)
+    return scores * (scores > threshold)
+
+
+def _stretch_sums(scores: torch.Tensor, window: int) -> torch.Tensor:
+    """[..., n] -> [..., n - window + 1]: the sum of each ``window`` consecutive scores."""
+    prefix = torch.nn.functional.pad(scores.cumsum(dim=-1), (1, 0))
+    return prefix[..., window:] - prefix[..., :-window]
 
 
 def combined_heads(token_scores: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -252,7 +276,7 @@ def combined_heads(token_scores: torch.Tensor, weights: torch.Tensor | None) -> 
 def plan_windows(costs: Sequence[int], budget: int, overlap: int) -> list[range]:
     """Greedy windows of consecutive units whose costs fit ``budget``; each next window starts
     early enough to repeat up to ``overlap`` tokens of units from the end of the previous one.
-    A unit bigger than the budget gets a window to itself (the caller truncates it)."""
+    A unit bigger than the budget gets a window to itself (the caller scores it in pieces)."""
     windows: list[range] = []
     start, n = 0, len(costs)
     while start < n:
@@ -269,6 +293,18 @@ def plan_windows(costs: Sequence[int], budget: int, overlap: int) -> list[range]
             next_start -= 1
         start = next_start
     return windows
+
+
+def piece_starts(n_tokens: int, piece: int, max_pieces: int) -> list[int]:
+    """Where the pieces of a unit of ``n_tokens`` start, ``piece`` tokens each: as few as cover it,
+    at most ``max_pieces``, the first at its start, the last at its end, the rest evenly between."""
+    if n_tokens <= piece:
+        return [0]
+    count = min(max_pieces, -(-n_tokens // piece))
+    if count == 1:
+        return [0]
+    last = n_tokens - piece
+    return [round(i * last / (count - 1)) for i in range(count)]
 
 
 def capped_query(query_ids: list[int], max_tokens: int) -> list[int]:
@@ -449,7 +485,7 @@ def batch_token_scores(decoder: Any, prompts: Sequence[Prompt], heads_by_layer: 
 class Scored:
     windowed: list[float]  # per unit, the mean of its scores in the windows that hold it
     ranked: list[float]  # what ``score`` returns: the joint window's ranking over several windows
-    windows: int
+    windows: int  # window prompts scored (an oversized unit's pieces included), joint window apart
 
 
 class QRHeadScorer:
@@ -457,8 +493,9 @@ class QRHeadScorer:
 
     ``heads``: (layer, head) pairs; ``None`` scores with every head of the middle third of the
     layers (ICR-style, no detection needed). ``head_weights``: one non-negative weight per head,
-    in the order of ``heads`` (``training/fit_head_weights.py``); None: every head counts 1. ``window_tokens``: the longest prompt scored at once;
-    longer contexts go through overlapping windows (``overlap_tokens`` of units repeated).
+    in the order of ``heads`` (``training/fit_head_weights.py``); None: every head counts 1.
+    ``window_tokens``: the longest prompt scored at once; longer contexts go through overlapping windows (``overlap_tokens`` of units repeated); a unit
+    bigger than a window, through up to ``max_unit_pieces`` window-sized pieces (its best counts).
     ``max_batch_tokens``: padded tokens per batched forward (None: MAX_BATCH_TOKENS_CUDA on CUDA,
     0 on a CPU, where each prompt runs alone).
     """
@@ -476,6 +513,7 @@ class QRHeadScorer:
         null_query: str = NULL_QUERY,
         max_query_tokens: int = MAX_QUERY_TOKENS,
         max_batch_tokens: int | None = None,
+        max_unit_pieces: int = MAX_UNIT_PIECES,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -507,6 +545,9 @@ class QRHeadScorer:
         limits = [getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", None)]
         self.window_tokens = min([window_tokens, *(int(x) for x in limits if x)])
         self.overlap_tokens = overlap_tokens
+        if max_unit_pieces < 1:
+            raise ValueError(f"max_unit_pieces must be >= 1, got {max_unit_pieces}")
+        self.max_unit_pieces = max_unit_pieces
         if max_batch_tokens is None:
             on_cuda = self.decoder.embed_tokens.weight.device.type == "cuda"
             max_batch_tokens = MAX_BATCH_TOKENS_CUDA if on_cuda else 0
@@ -614,56 +655,99 @@ class QRHeadScorer:
         fixed = len(self.pieces.head) + len(self.pieces.tail(query_ids))
         budget = self.window_tokens - fixed  # at least half a window (the query is capped)
         costs = [len(ids) + len(self.pieces.separator) for ids in unit_ids]
-        return _Plan(unit_ids, query_ids, costs, budget, plan_windows(costs, budget, self.overlap_tokens))
+        windows = plan_windows(costs, budget, self.overlap_tokens)
+        return _Plan(unit_ids, query_ids, costs, budget, windows, len(self.pieces.separator))
 
-    def _window_prompt(self, plan: _Plan, chosen: Sequence[int]) -> Prompt:
-        """The ``chosen`` units of one request as one window's prompt."""
-        sep = len(self.pieces.separator)
-        ids = [plan.unit_ids[k] for k in chosen]
-        if len(ids) == 1 and len(ids[0]) + sep > plan.budget:
-            ids = [ids[0][: plan.budget - sep]]  # one oversized unit: its head stands for it
+    def _window_prompt(self, plan: _Plan, chosen: Sequence[int], piece_start: int = 0,
+                       stand_ins: Mapping[int, int] | None = None) -> Prompt:
+        """The ``chosen`` units of one request as one window's prompt. An oversized unit (alone in
+        its window) is its window-sized piece from ``piece_start``; in the joint window
+        (``stand_ins``: unit -> where its best stretch starts), its best stretch."""
+        ids = []
+        for k in chosen:
+            unit = plan.unit_ids[k]
+            if plan.oversized(k):
+                start, length = (stand_ins[k], UNIT_WINDOW_TOKENS) if stand_ins is not None else (piece_start, plan.piece_tokens)
+                unit = unit[start : start + length]
+            ids.append(unit)
         return self.pieces.assemble(ids, plan.query_ids, self._null_ids)
+
+    def _jobs(self, plans: Sequence[_Plan]) -> list[tuple[int, list[int], int]]:
+        """(request, its window's units, piece start) for every prompt to score: one per window,
+        and one per piece for a unit bigger than a window (``piece_starts``)."""
+        jobs = []
+        for r, plan in enumerate(plans):
+            for window in plan.windows:
+                if len(window) == 1 and plan.oversized(window[0]):
+                    n_tokens = len(plan.unit_ids[window[0]])
+                    jobs += [(r, [window[0]], start) for start in piece_starts(n_tokens, plan.piece_tokens, self.max_unit_pieces)]
+                else:
+                    jobs.append((r, list(window), 0))
+        return jobs
 
     def _windowed_many(self, requests: Sequence[tuple[str, Sequence[str]]],
                        heads_by_layer: Mapping[int, Sequence[int]], *, per_head: bool) -> list[Any]:
         """Per request, the [n_rows, n_units] tensor (``per_head``) or its ``Scored``: every window
         of every request in one batched pass, then the joint windows of the requests that had
-        several windows in a second."""
+        several windows in a second. A unit in several windows scores the mean of its windows'
+        scores; an oversized unit, its best piece's, and its best stretch stands in for it in the
+        joint window."""
         plans = [self._plan(query, units) for query, units in requests]
-        jobs = [(r, list(window)) for r, plan in enumerate(plans) for window in plan.windows]
+        jobs = self._jobs(plans)
         n_rows = sum(len(h) for h in heads_by_layer.values()) if per_head else 1
         totals = [torch.zeros(n_rows, len(plan.unit_ids), dtype=torch.float64) for plan in plans]
         counts = [torch.zeros(len(plan.unit_ids), dtype=torch.float64) for plan in plans]
+        best_piece: dict[tuple[int, int], torch.Tensor] = {}  # (request, unit) -> [n_rows], rowwise max
+        stand_ins: list[dict[int, int]] = [{} for _ in plans]  # per request: unit -> its best stretch's start
         local: list[list[tuple[list[int], list[float]]]] = [[] for _ in plans]
-        window_scores = self._unit_scores_many([self._window_prompt(plans[r], chosen) for r, chosen in jobs],
-                                               heads_by_layer, per_head)
-        for (r, chosen), scores in zip(jobs, window_scores, strict=True):
+        window_scores, stretches = self._unit_scores_many(
+            [self._window_prompt(plans[r], chosen, start) for r, chosen, start in jobs], heads_by_layer, per_head)
+        for (r, chosen, start), scores, stretch in zip(jobs, window_scores, stretches, strict=True):
+            if len(chosen) == 1 and plans[r].oversized(chosen[0]):
+                key, piece = (r, chosen[0]), scores[:, 0].double()
+                seen = best_piece.get(key)
+                if seen is None or piece[0] > seen[0]:
+                    stand_ins[r][chosen[0]] = start + stretch
+                best_piece[key] = piece if seen is None else torch.maximum(seen, piece)
+                continue
             totals[r][:, chosen[0] : chosen[-1] + 1] += scores.double()
             counts[r][chosen[0] : chosen[-1] + 1] += 1
             local[r].append((chosen, scores[0].tolist()))
+        for (r, k), scores in best_piece.items():
+            totals[r][:, k], counts[r][k] = scores, 1
+            local[r].append(([k], [float(scores[0])]))
         means = [(total / count.clamp(min=1)).float() for total, count in zip(totals, counts)]
+        prompts_per_request = [0] * len(plans)
+        for r, _, _ in jobs:
+            prompts_per_request[r] += 1
         if per_head:
             return means
         windowed = [mean[0].tolist() for mean in means]
         several = [r for r, plan in enumerate(plans) if len(plan.windows) > 1]
-        candidates = {r: joint_candidates(local[r], plans[r].costs, plans[r].budget) for r in several}
-        joint = self._unit_scores_many([self._window_prompt(plans[r], candidates[r]) for r in several],
-                                       heads_by_layer, False)
+        candidates = {r: joint_candidates(local[r], plans[r].joint_costs, plans[r].budget) for r in several}
+        joint, _ = self._unit_scores_many(
+            [self._window_prompt(plans[r], candidates[r], stand_ins=stand_ins[r]) for r in several], heads_by_layer, False)
         ranked = {r: joint_ranking(windowed[r], candidates[r], scores[0].tolist()) for r, scores in zip(several, joint)}
-        return [Scored(windowed[r], ranked.get(r, windowed[r]), len(plan.windows)) for r, plan in enumerate(plans)]
+        return [Scored(windowed[r], ranked.get(r, windowed[r]), prompts_per_request[r]) for r in range(len(plans))]
 
     def _unit_scores_many(self, prompts: Sequence[Prompt], heads_by_layer: Mapping[int, Sequence[int]],
-                          per_head: bool) -> list[torch.Tensor]:
-        """Per prompt, the scores of its units: [n_rows or 1, n_units]."""
+                          per_head: bool) -> tuple[list[torch.Tensor], list[int]]:
+        """Per prompt, the scores of its units, [n_rows or 1, n_units], and for a prompt of one
+        unit where that unit's best stretch starts (``best_stretch`` of the heads' sum; else 0)."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+        stretches = [0] * len(prompts)
         lengths = [len(prompt.context) + len(prompt.query_tail) + len(prompt.null_tail) for prompt in prompts]
         for members in padded_batches(lengths, self.max_batch_tokens):
             batch = [prompts[i] for i in members]
             for i, tokens in zip(members, self._batch_token_scores(batch, heads_by_layer), strict=True):
-                if not per_head:  # only ever with this scorer's own heads
-                    tokens = combined_heads(tokens, self.head_weights)
-                out[i] = unit_scores(tokens, prompts[i].spans)
-        return out
+                if per_head:
+                    out[i] = unit_scores(tokens, prompts[i].spans)
+                    continue
+                combined = combined_heads(tokens, self.head_weights)  # only ever with this scorer's own heads
+                out[i] = unit_scores(combined, prompts[i].spans)
+                if len(prompts[i].spans) == 1:
+                    stretches[i] = best_stretch(combined[0], prompts[i].spans[0])
+        return out, stretches
 
     @torch.inference_mode()
     def _batch_token_scores(self, prompts: Sequence[Prompt], heads_by_layer: Mapping[int, Sequence[int]]) -> list[torch.Tensor]:
@@ -680,3 +764,18 @@ class _Plan:
     costs: list[int]  # each unit's tokens with its separator
     budget: int  # context tokens a window holds
     windows: list[range]
+    separator_tokens: int
+
+    @property
+    def piece_tokens(self) -> int:
+        """Tokens of an oversized unit one window holds (its separator aside)."""
+        return self.budget - self.separator_tokens
+
+    def oversized(self, unit: int) -> bool:
+        return self.costs[unit] > self.budget
+
+    @property
+    def joint_costs(self) -> list[int]:
+        """Each unit's cost in the joint window, where an oversized unit is its best stretch."""
+        stand_in = UNIT_WINDOW_TOKENS + self.separator_tokens
+        return [min(cost, stand_in) if cost > self.budget else cost for cost in self.costs]

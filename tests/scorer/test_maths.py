@@ -7,10 +7,12 @@ import torch
 
 from ccproxy.compression.qrhead import (
     batch_tail_mask,
+    best_stretch,
     calibrated_token_scores,
     combined_heads,
     middle_layers,
     padded_batches,
+    piece_starts,
     plan_windows,
     rows_attention,
     tail_mask,
@@ -157,6 +159,8 @@ def test_a_long_unit_scores_its_best_stretch_a_short_one_its_sum() -> None:
     assert plain.tolist() == pytest.approx([1.5, 3.6])  # the long one wins by length
     best = unit_scores(scores, spans, window=3)
     assert best.tolist() == pytest.approx([1.5, 2.2])  # its best 3 tokens: 1.0 + 1.0 + 0.2
+    assert best_stretch(scores, (3, 13), window=3) == 4  # tokens 4-6 of the long unit: 0.2 + 1.0 + 1.0
+    assert best_stretch(scores, (0, 3), window=3) == 0  # short: the whole unit
     # Per head rows too, each row its own best stretch.
     rows = torch.stack([scores, scores.flip(0)])
     assert unit_scores(rows, [(0, 13)], window=2)[:, 0].tolist() == pytest.approx([2.0, 2.0])
@@ -166,3 +170,11 @@ def test_combined_heads_sum_plain_or_weighted() -> None:
     tokens = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
     assert combined_heads(tokens, None).tolist() == [[11.0, 22.0, 33.0]]
     assert combined_heads(tokens, torch.tensor([2.0, 0.0])).tolist() == [[2.0, 4.0, 6.0]]
+
+
+def test_an_oversized_unit_is_cut_into_few_even_pieces_that_cover_its_ends() -> None:
+    assert piece_starts(90, 100, 4) == [0]  # fits: one piece
+    assert piece_starts(250, 100, 4) == [0, 75, 150]  # three pieces cover 250 tokens
+    starts = piece_starts(50_000, 5_000, 4)  # ten would cover it: four, spread evenly
+    assert starts == [0, 15_000, 30_000, 45_000] and starts[-1] + 5_000 == 50_000
+    assert piece_starts(50_000, 5_000, 1) == [0]
