@@ -34,6 +34,10 @@ window that is scored as a whole; they rank by that score, above every other uni
 follow in their windowed order (``joint_candidates``, ``joint_ranking``). Per-head scores (head
 detection) keep the windowed means.
 
+A unit bigger than a window (a tool output, a pasted file) is scored in window-sized pieces, at
+most ``max_unit_pieces`` spread over it (``piece_starts``), and takes its best piece's score; in
+the joint window its best 256-token stretch stands in for it, as that stretch is what it scores by.
+
 Bounded cost: the query the heads read is capped at ``max_query_tokens`` (its first and last
 halves: a question before pasted data, or after it), so the template and the query take at most
 half a window and a window never runs past the model's positions. A pasted 40 k-character "query"
@@ -67,10 +71,10 @@ UNIT_WINDOW_TOKENS = 256
 # time of its prompts one by one (bench/scorer_batch.py: larger activations fall out of cache).
 MAX_BATCH_TOKENS_CUDA = 32_768
 # A unit bigger than a window is scored in at most this many window-sized pieces, spread evenly
-# over it, and scores its best piece. Two: its start and its end (a log's verdict, a file's tail),
-# about 12 k tokens, ~15 s on two CPU cores, under the Gateway's 30 s Compressor timeout; a
-# 50 k-token tool output would need nine to be read whole.
-MAX_UNIT_PIECES = 2
+# over it, and scores its best piece. On CUDA four (a 50 k-token tool output would need nine to be
+# read whole); on a CPU one, its start: with two, a 50 k-token unit among 19 documents took 44 s on
+# two cores (bench/scorer_cost.py), over the Gateway's 30 s Compressor timeout.
+MAX_UNIT_PIECES_CUDA = 4
 _SENTINEL = "\x00CCPROXY_CONTENT\x00"
 
 Head = tuple[int, int]
@@ -495,7 +499,8 @@ class QRHeadScorer:
     layers (ICR-style, no detection needed). ``head_weights``: one non-negative weight per head,
     in the order of ``heads`` (``training/fit_head_weights.py``); None: every head counts 1.
     ``window_tokens``: the longest prompt scored at once; longer contexts go through overlapping windows (``overlap_tokens`` of units repeated); a unit
-    bigger than a window, through up to ``max_unit_pieces`` window-sized pieces (its best counts).
+    bigger than a window, through up to ``max_unit_pieces`` window-sized pieces (its best counts;
+    None: MAX_UNIT_PIECES_CUDA on CUDA, 1 on a CPU).
     ``max_batch_tokens``: padded tokens per batched forward (None: MAX_BATCH_TOKENS_CUDA on CUDA,
     0 on a CPU, where each prompt runs alone).
     """
@@ -513,7 +518,7 @@ class QRHeadScorer:
         null_query: str = NULL_QUERY,
         max_query_tokens: int = MAX_QUERY_TOKENS,
         max_batch_tokens: int | None = None,
-        max_unit_pieces: int = MAX_UNIT_PIECES,
+        max_unit_pieces: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -545,11 +550,13 @@ class QRHeadScorer:
         limits = [getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", None)]
         self.window_tokens = min([window_tokens, *(int(x) for x in limits if x)])
         self.overlap_tokens = overlap_tokens
+        on_cuda = self.decoder.embed_tokens.weight.device.type == "cuda"
+        if max_unit_pieces is None:
+            max_unit_pieces = MAX_UNIT_PIECES_CUDA if on_cuda else 1
         if max_unit_pieces < 1:
             raise ValueError(f"max_unit_pieces must be >= 1, got {max_unit_pieces}")
         self.max_unit_pieces = max_unit_pieces
         if max_batch_tokens is None:
-            on_cuda = self.decoder.embed_tokens.weight.device.type == "cuda"
             max_batch_tokens = MAX_BATCH_TOKENS_CUDA if on_cuda else 0
         self.max_batch_tokens = max_batch_tokens
         self.null_query = null_query

@@ -176,16 +176,18 @@ def test_per_head_scores_refuse_layers_they_would_mislabel(scorer: QRHeadScorer)
 def test_a_unit_bigger_than_a_window_scores_its_best_piece(scorer: QRHeadScorer) -> None:
     # A 'tool output' of several windows whose one relevant line sits near its end, next to short
     # unrelated units, in 700-token windows: cut to its first window-full (as before), the relevant
-    # line is never seen; in pieces (by default its first and its last), the last holds it.
+    # line is never seen; in two pieces (its first and its last), the last holds it.
     filler = [f"row {i}: status ok, latency {i % 7} ms, region eu-west-{i % 3}" for i in range(190)]
     tool_output = "\n".join([*filler, UNITS[0], *filler[:10]])
     units = [UNITS[1], tool_output, UNITS[2], UNITS[3]]
-    pieces = QRHeadScorer(scorer.model, scorer.tokenizer, scorer.heads, window_tokens=700, overlap_tokens=100)
+    pieces = QRHeadScorer(scorer.model, scorer.tokenizer, scorer.heads, window_tokens=700, overlap_tokens=100,
+                          max_unit_pieces=2)
     first_only = QRHeadScorer(scorer.model, scorer.tokenizer, scorer.heads, window_tokens=700, overlap_tokens=100,
                               max_unit_pieces=1)
     assert len(pieces._encode_units([tool_output])[0]) > 3 * 700
     scored = pieces.scored(QUERY, units)
     assert scored.windows == 2 + 2  # two pieces of the big unit, two windows for the rest
+    assert QRHeadScorer(scorer.model, scorer.tokenizer, scorer.heads).max_unit_pieces == 1  # a CPU's default
     before = first_only.scored(QUERY, units)
     # Measured: its best piece scores 0.52 against 0.10 for its first window-full; in the joint
     # window its best stretch stands in for it and ranks it first (0.35, the next 0.07), where

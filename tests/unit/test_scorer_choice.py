@@ -28,3 +28,11 @@ def test_a_head_set_name_that_names_no_file_is_refused() -> None:
         chosen_heads(Settings(scoring_head_set="no-such-set"), EMBEDDED_NAME, None)
     heads, _ = chosen_heads(Settings(scoring_head_set=EMBEDDED_NAME), "any-model", None)
     assert heads == load_head_set(EMBEDDED_NAME)
+
+
+def test_the_weighted_hard_distractor_set_is_one_setting_away() -> None:
+    # training/fit_head_weights.py --out ccproxy/compression/heads/smollm2-135m-instruct-hard.json
+    heads, weights = chosen_heads(Settings(scoring_head_set="smollm2-135m-instruct-hard"), EMBEDDED_NAME, None)
+    assert heads and weights is not None and len(weights) == len(heads)
+    assert all(w >= 0 for w in weights) and sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-3)
+    assert max(layer for layer, _ in heads) <= 15  # shallower than the shipped set: fewer layers run
