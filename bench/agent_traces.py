@@ -10,7 +10,7 @@ Traces are chat-completions agent loops built from real text, deterministically 
   real ``pytest tests/unit -v`` log, ``bench/data/pytest_log.txt``);
 * research traces: a list of questions to research, then steps of ``search`` (a JSON array of
   titles, urls and snippets) and ``open_page`` (several NQ passages as one page), from the
-  evaluation part of the NQ file (``bench/nq.py``).
+  evaluation part of the NQ file (``nqdata/items.py``).
 
 Every step is a request that resends the whole history, as agent loops do. After the last step
 the agent reports back and the user asks one question whose answer lies in ONE earlier tool
@@ -448,7 +448,7 @@ def build_traces(n_traces: int, min_steps: int, max_steps: int, seed: int, *,
                  corpus: Sequence[RepoFile] | None = None, log_lines: Sequence[str] | None = None) -> list[Trace]:
     """Coding and research traces alternately over the sorted lengths, so both kinds span the
     range; each trace from its own generator (seed, number)."""
-    from bench.nq import load_records
+    from nqdata.items import load_records
 
     corpus = repo_corpus() if corpus is None else corpus
     log_lines = pytest_log_lines() if log_lines is None else log_lines

@@ -1,6 +1,6 @@
 """Aggressive budgets: does the answer survive a 20× cut when the best unit is kept in part?
 
-Evaluation part of the NQ file (``bench/nq.py``): one gold passage among hard distractors (mined
+Evaluation part of the NQ file (``nqdata/items.py``): one gold passage among hard distractors (mined
 by BM25 and MiniLM, none holding an answer), the question last, as one chat message. The
 product's compression runs in-process (``ContextCompressor`` with ``load_scorer``, server
 defaults) in two arms that differ only in ``CCPROXY_COMPRESSION_PARTIAL_UNITS``:
@@ -35,12 +35,12 @@ from pathlib import Path
 from bench.compressor_bench import cpu_name
 from bench.load import publish, run_line
 from bench.multiturn import load_items
-from bench.nq import Item, contains_answer
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.local import _compressor
 from ccproxy.compression.policy import KeepHint
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
+from nqdata.items import Item, contains_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"

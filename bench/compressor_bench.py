@@ -1,6 +1,6 @@
 """Compressor benchmark: does the gold passage (and the answer) survive compression?
 
-Multi-document QA from the EVALUATION part of the NQ file (``bench/nq.py``): one gold passage,
+Multi-document QA from the EVALUATION part of the NQ file (``nqdata/items.py``): one gold passage,
 random or mined (BM25 + MiniLM) distractors, the question last. Every method gives one score per
 document; the product's policy (``ccproxy.compression.policy``) then keeps the best documents that
 fit the budget, so methods differ only in their scores. Budgets: 10/20/30 % of the document
@@ -38,10 +38,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.nq import Item, contains_answer, hard_distractor_items, load_records, random_distractor_items
 from ccproxy.compression.fusion import FUSION_METHODS
 from ccproxy.compression.policy import allowance, select
 from ccproxy.settings import Settings
+from nqdata.items import Item, contains_answer, hard_distractor_items, load_records, random_distractor_items
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSION = "qrhead+minilm"  # the product's FusedScorer, mode "fusion"
@@ -162,14 +162,14 @@ def _fused(mode: str, options: Options) -> Scorer:
 
 
 def _bm25() -> Scorer:
-    from bench.retrievers import bm25_scores
+    from nqdata.retrievers import bm25_scores
 
     return lambda item: bm25_scores(item.question, item.document_texts()).tolist()
 
 
 def _minilm() -> Scorer:
     # The reference, as sentence-transformers runs it: float32, documents cut at 256 tokens.
-    from bench.retrievers import minilm
+    from nqdata.retrievers import minilm
 
     encoder = minilm()
 

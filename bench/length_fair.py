@@ -37,7 +37,7 @@ WINDOWS = (64, 128, 256)
 
 def cases(n_items: int, seed: int) -> list[tuple[str, str, list[str], int]]:
     """(case, question, units, gold index) for each item and case."""
-    from bench.nq import load_records
+    from nqdata.items import load_records
 
     records = load_records("eval")[:n_items]
     source = (ROOT / "ccproxy" / "compression" / "qrhead.py").read_text().split("\n\n")

@@ -42,8 +42,8 @@ from typing import Any
 
 import httpx
 
+from harness.servers import REPO, bentoml_serve, create_key, free_port, haproxy, haproxy_config, running
 from locustfiles import shapes
-from tests.e2e.servers import REPO, bentoml_serve, create_key, free_port, haproxy, haproxy_config, running
 
 LOCUSTFILE = "locustfiles/ccproxy_load.py"
 RESULTS_CSV = REPO / "bench" / "results" / "load.csv"

@@ -1,6 +1,6 @@
 """Multi-turn chats through the product's compression: kept rate, tokens, prompt-cache hits, bill.
 
-Synthetic conversations from the EVALUATION part of the NQ file (``bench/nq.py``): each turn a
+Synthetic conversations from the EVALUATION part of the NQ file (``nqdata/items.py``): each turn a
 user message with a few retrieved documents (the gold passage and hard distractors, in random
 order) and the question last, answered by a canned assistant reply (the gold answer). The final
 turn asks one earlier turn's question again, so it depends on that turn alone. Every request
@@ -41,13 +41,13 @@ from typing import Any
 from bench.compressor_bench import cpu_name
 from bench.cost_model import PROFILES, BilledRequests, PriceProfile, net_saving, render_ids, session_cache, session_cost
 from bench.load import write_section
-from bench.nq import Item, contains_answer, hard_distractor_items, load_records
 from bench.stats import bootstrap_ci, share
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.policy import KeepHint
 from ccproxy.protocol import CompressionControl
 from ccproxy.settings import Settings
 from ccproxy.tokens import TiktokenCounter, content_text, tiktoken_encoding
+from nqdata.items import Item, contains_answer, hard_distractor_items, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "bench" / "results" / "multiturn.md"

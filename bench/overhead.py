@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from bench.load import MODEL, machine, percentile, publish, run_line, serving, work_folder
-from tests.postgres import fresh_database
+from harness.postgres import fresh_database
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "the Gateway (`ccproxy serve`, default workers, compression off by header, usage recorded)"
         if options.replicas == 1 else
         f"{options.replicas} Gateways (`ccproxy serve` each, default workers, one PostgreSQL database, compression "
-        "off by header, usage recorded) behind Debian's haproxy (round robin, `tests/e2e/servers.py`'s config)"
+        "off by header, usage recorded) behind Debian's haproxy (round robin, `harness/servers.py`'s config)"
     )
     lines = [
         marks[0],

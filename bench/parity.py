@@ -4,7 +4,7 @@ Each question goes through a real ccproxy Gateway twice (official ``openai`` cli
 once with ``X-Compression: off``, once per ratio with ``X-Compression-Ratio``. The reader is
 llama.cpp's OpenAI server on the embedded SmolLM2-135M-Instruct GGUF, or any OpenAI-compatible
 server given with ``--upstream``. Items: NQ multi-document questions from the evaluation part,
-20 documents with hard distractors (``bench/nq.py``), the same items as the compressor benchmark.
+20 documents with hard distractors (``nqdata/items.py``), the same items as the compressor benchmark.
 
 Reported per ratio: best-subspan exact match for both arms, their paired difference with a 95 %
 bootstrap interval, the answers' Levenshtein distances, the achieved compression ratio from the
@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import BENCHMARKS_MD, machine, work_folder, write_section
-from bench.nq import Item, contains_answer, hard_distractor_items, load_records
 from bench.stats import PairedDifference, levenshtein, paired_bootstrap, share_within
-from tests.e2e.servers import REPO, bentoml_serve, create_key, free_port, llama_cpp_server, running
+from harness.servers import REPO, bentoml_serve, create_key, free_port, llama_cpp_server, running
+from nqdata.items import Item, contains_answer, hard_distractor_items, load_records
 
 RESULTS = REPO / "bench" / "results"
 START_MARK, END_MARK = "<!-- parity:start -->", "<!-- parity:end -->"
-EMBEDDED_READER = "smollm2-upstream"  # the alias tests.e2e.servers.llama_cpp_server serves
+EMBEDDED_READER = "smollm2-upstream"  # the alias harness.servers.llama_cpp_server serves
 
 
 # --- the servers ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ MARKS = ("<!-- scorer-batch:start -->", "<!-- scorer-batch:end -->")
 
 
 def _requests(n: int) -> list[tuple[str, list[str]]]:
-    from bench.nq import load_records, random_distractor_items
+    from nqdata.items import load_records, random_distractor_items
 
     items = random_distractor_items(load_records("eval"), 7, n_items=n, seed=3)
     return [(item.question, item.document_texts()) for item in items]

@@ -64,7 +64,7 @@ class PeakRss:
 
 def _documents(n: int) -> tuple[str, list[str]]:
     from bench.multiturn import load_items
-    from bench.nq import load_records
+    from nqdata.items import load_records
 
     if n <= 200:
         item = load_items(n, 0)[0]

@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 
 from bench.load import REPO, default_scenarios, run_locust, serving, warm_up, write_section
-from tests.postgres import fresh_database
+from harness.postgres import fresh_database
 
 RELIABILITY_MD = REPO / "docs" / "RELIABILITY.md"
 

@@ -23,7 +23,6 @@ from ccproxy.auth import (
     OpenAccess,
     Principal,
 )
-from ccproxy.serving import ChatParts
 from ccproxy.compression.gateway import ContextCompressor
 from ccproxy.compression.offload import favour_the_event_loop, serial_tokenizers
 from ccproxy.compression.policy import KeepHint
@@ -33,6 +32,8 @@ from ccproxy.embedded import EmbeddedEngine
 from ccproxy.http_metrics import bound_endpoint_labels, static_paths
 from ccproxy.logs import configure_access_log
 from ccproxy.metrics import MetricsTokenMiddleware, gateway_metrics, report_gpu_memory, usage_metrics
+from ccproxy.readiness import ReadinessProbe
+from ccproxy.serving import ChatParts
 from ccproxy.settings import get_settings
 from ccproxy.spend import SpendGuard
 from ccproxy.startup_checks import refuse_unsafe_start
@@ -106,6 +107,7 @@ class Gateway:
         self.upstream: Upstream = (
             HttpUpstream(settings) if settings.upstream_url else EmbeddedUpstream(self.embedded_llm)
         )
+        self.readiness = ReadinessProbe(self.upstream.ready)
         self.anthropic_upstream: Upstream | None = (
             HttpUpstream(settings, anthropic=True) if settings.anthropic_upstream_url else None
         )
@@ -169,7 +171,7 @@ class Gateway:
         return scores
 
     async def __is_ready__(self) -> bool:
-        return await self.upstream.ready()
+        return await self.readiness()
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:

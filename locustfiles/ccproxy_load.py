@@ -6,7 +6,7 @@ User classes (name one or several on locust's command line):
 - ``StreamingChat``  — the same with ``stream: true`` and ``stream_options.include_usage``; reports
   the whole stream as ``stream total`` and the first content delta as ``stream first token``.
 - ``Rag1k``          — a RAG prompt of ~1,100 tokens (1,012–1,100): NaturalQuestions passages
-  (``bench/nq.py``, evaluation part), the question last; ``shapes.rag_items`` builds them.
+  (``nqdata/items.py``, evaluation part), the question last; ``shapes.rag_items`` builds them.
 - ``Rag20k``         — the same at ~20,000 tokens (18,400–20,000).
 
 Environment:

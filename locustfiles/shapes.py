@@ -2,8 +2,8 @@
 process it is imported in), so ``bench/load.py`` can build and count the very same requests.
 
 - short chat: a system prompt and one NaturalQuestions question (~30 tokens);
-- RAG: NQ passages from the evaluation part (``bench/nq.py``), the question last, the shape of
-  ``bench.nq.Item.messages()``, trimmed to a target size in the o200k tokens ccproxy counts for
+- RAG: NQ passages from the evaluation part (``nqdata/items.py``), the question last, the shape of
+  ``nqdata.items.Item.messages()``, trimmed to a target size in the o200k tokens ccproxy counts for
   OpenAI models (whole prompt, chat framing included).
 """
 
@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from bench.nq import Item, load_records, random_distractor_items
+from nqdata.items import Item, load_records, random_distractor_items
 
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short sentence."
 MAX_TOKENS = 16

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.nq import load_records, random_distractor_items  # noqa: E402
+from nqdata.items import load_records, random_distractor_items  # noqa: E402
 
 TARGET = ROOT / "ccproxy" / "web" / "demo_samples.json"
 DOCUMENTS = 10

@@ -1,6 +1,6 @@
 """Training data for the QR-head LoRA, from the TRAINING part of the NQ file only.
 
-``bench/nq.py`` fixes the split: lines 0-499 of ``nq_open_oracle_dev.jsonl.gz`` are the training
+``nqdata/items.py`` fixes the split: lines 0-499 of ``nq_open_oracle_dev.jsonl.gz`` are the training
 part, lines 500-999 the evaluation part that every reported benchmark figure uses. Here the
 training part is split once more, by a seeded draw:
 
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from bench.nq import SPLIT_LINES, Item, Record, hard_distractor_items, load_records, random_distractor_items
+from nqdata.items import SPLIT_LINES, Item, Record, hard_distractor_items, load_records, random_distractor_items
 
 Distractors = Literal["hard", "random"]
 BUILDERS: dict[str, Callable[..., list[Item]]] = {"hard": hard_distractor_items, "random": random_distractor_items}

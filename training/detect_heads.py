@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from bench.nq import Item, load_records, random_distractor_items
 from ccproxy.compression.heads import head_set_path
 from ccproxy.compression.model import load_scoring_model
 from ccproxy.compression.qrhead import QRHeadScorer, middle_layers, unit_scores
+from nqdata.items import Item, load_records, random_distractor_items
 
 try:
     from tqdm import tqdm
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"thresholded on its own), among layers <= {args.max_layer}"
         ),
         "detected_on": (
-            f"bench.nq TRAINING part (NQ-open oracle dev lines 0-499): {args.n_train} items x "
+            f"nqdata.items TRAINING part (NQ-open oracle dev lines 0-499): {args.n_train} items x "
             f"{args.documents} documents, random distractors, seed {args.seed}; {dtype_name} weights"
         ),
         "report": {
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "top1": [[round(float(v), 4) for v in row] for row in stats["top1"]],
             "top4": [[round(float(v), 4) for v in row] for row in stats["top4"]],
             "evaluation": {
-                "on": f"bench.nq EVALUATION part (lines 500-999): {args.n_eval} items x {args.documents} documents, "
+                "on": f"nqdata.items EVALUATION part (lines 500-999): {args.n_eval} items x {args.documents} documents, "
                 f"random distractors, seed {args.seed}",
                 "head_sets": {k: {**v, "heads": [list(h) for h in head_sets[k]] if len(head_sets[k]) <= 32 else None}
                               for k, v in evaluation.items()},

@@ -2,7 +2,7 @@
 distractors, a non-negative weight per head, k and depth chosen on a held-out slice.
 
 1. Per-head calibrated token scores, every head of every layer (``detect_heads.score_items``), for
-   TRAINING-part items with hard distractors (mined by BM25 and MiniLM, ``bench.nq``), and for
+   TRAINING-part items with hard distractors (mined by BM25 and MiniLM, ``nqdata.items``), and for
    EVALUATION-part items of the same kind (the report only; nothing is chosen on them).
 2. The training items split by a seeded draw into a fit part and a held-out slice.
 3. For each candidate (k heads, deepest layer): the top-k heads by QRScore on the fit part, then
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from bench.nq import hard_distractor_items, load_records
 from ccproxy.compression.heads import load_head_set
 from ccproxy.compression.model import load_scoring_model
 from ccproxy.compression.qrhead import QRHeadScorer
+from nqdata.items import hard_distractor_items, load_records
 from training.detect_heads import (
     Head,
     ItemScores,
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["weights"] = [round(float(w), 4) for w in chosen_weights]
     data["source"] = (f"training/fit_head_weights.py: {winner}, chosen by top-1 on a held-out slice of "
                       f"{len(held_out)} training items among k in {list(CANDIDATE_K)}, depth in {list(CANDIDATE_DEPTH)}")
-    data["detected_on"] = (f"bench.nq TRAINING part (NQ-open oracle dev lines 0-499): {len(fit_part)} items x "
+    data["detected_on"] = (f"nqdata.items TRAINING part (NQ-open oracle dev lines 0-499): {len(fit_part)} items x "
                            f"{args.documents} documents, hard distractors, seed {args.seed}; {dtype_name} weights")
     data["report"] = {"held_out": held_table, "evaluation_hard": evaluation}
     out = args.out

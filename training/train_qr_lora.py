@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.nq import Item
 from ccproxy.compression.heads import ADAPTER_HEADS_FILE, scoring_head_set
 from ccproxy.compression.qrhead import QRHeadScorer
+from nqdata.items import Item
 from training.detect_heads import dump_json
 
 Head = tuple[int, int]
@@ -383,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_train=args.n_train, distractors=args.distractors, seed=args.seed,
     )
     note = (
-        f"bench.nq TRAINING part (NQ-open oracle dev lines 0-499) only: {len(data.train)} training questions x "
+        f"nqdata.items TRAINING part (NQ-open oracle dev lines 0-499) only: {len(data.train)} training questions x "
         f"{args.documents} documents ({args.distractors} distractors from the other training questions' "
         f"passages), {len(data.held_out)} held-out questions x {args.held_out_documents} documents "
         f"({args.distractors} distractors from the whole training part), seed {args.seed}"

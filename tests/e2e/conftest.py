@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.nq import Item, load_records, random_distractor_items
 from ccproxy.embedded import embedded_gguf_path
-from tests.e2e.servers import (
-    bentoml_serve, create_key, free_port, llama_cpp_server, llama_server_binary, llama_server_command,
+from harness.postgres import fresh_database
+from harness.servers import (
+    bentoml_serve,
+    create_key,
+    free_port,
+    llama_cpp_server,
+    llama_server_binary,
+    llama_server_command,
     running,
 )
-from tests.postgres import fresh_database
+from nqdata.items import Item, load_records, random_distractor_items
 
 UPSTREAM_KEY = "sk-upstream-test-key"
 # The remote Compressor takes only calls with this shared secret; every gateway sends it.

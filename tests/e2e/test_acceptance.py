@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from bench.nq import Item, contains_answer, load_records, random_distractor_items
+from nqdata.items import Item, contains_answer, load_records, random_distractor_items
 
 pytestmark = [pytest.mark.e2e, pytest.mark.acceptance]
 
@@ -45,7 +45,7 @@ def _hard_items(n_documents: int, n_items: int) -> list[Item]:
     # Hard distractors are mined with BM25 and MiniLM: the `bench` extra (`make acceptance`
     # installs it).
     pytest.importorskip("bm25s", reason="the bench extra: pip install -e '.[bench]'")
-    from bench.nq import hard_distractor_items
+    from nqdata.items import hard_distractor_items
 
     return hard_distractor_items(load_records("eval"), n_documents, n_items=n_items, seed=0)
 
@@ -177,7 +177,7 @@ MAX_EM_LOSS = 0.05
 
 @pytest.mark.slow_acceptance
 def test_compressed_answers_stay_close_to_the_full_context_answers(client: openai.OpenAI) -> None:
-    from bench.parity import ask, answer_distance
+    from bench.parity import answer_distance, ask
 
     # The first 100 of the 200 items of `make parity` (drawing only 100 would shuffle differently).
     items = _hard_items(20, 200)[:N_PARITY]

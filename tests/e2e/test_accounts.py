@@ -13,9 +13,9 @@ import openai
 import psycopg
 import pytest
 
+from harness.servers import ccproxy_cli, create_key
 from tests.e2e.chat_corpus import varied_chats
 from tests.e2e.conftest import UPSTREAM_KEY
-from tests.e2e.servers import ccproxy_cli, create_key
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from bench.nq import Item
+from harness.servers import create_key
+from nqdata.items import Item
 from tests.e2e.conftest import UPSTREAM_KEY, _gateway_to
-from tests.e2e.servers import create_key
 from tests.e2e.usage_db import account_events
 
 pytestmark = pytest.mark.e2e

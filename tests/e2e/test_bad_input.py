@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.servers import create_key
+from harness.servers import create_key
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from harness.servers import create_key
 from tests.e2e.conftest import FAULT_UPSTREAM_KEY
-from tests.e2e.servers import create_key
 from tests.e2e.usage_db import account_events
 
 pytestmark = pytest.mark.e2e

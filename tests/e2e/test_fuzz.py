@@ -29,7 +29,7 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.e2e.servers import create_key
+from harness.servers import create_key
 
 pytestmark = pytest.mark.e2e
 

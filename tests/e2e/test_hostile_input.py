@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.servers import bentoml_serve, create_key, descendants, free_port, running
 from tests.e2e.conftest import gateway_env
-from tests.e2e.servers import bentoml_serve, create_key, descendants, free_port, running
 
 pytestmark = pytest.mark.e2e
 

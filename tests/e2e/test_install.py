@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness.servers import REPO, free_port, running
 from tests.e2e.conftest import UPSTREAM_KEY, gateway_env
-from tests.e2e.servers import REPO, free_port, running
 
 pytestmark = pytest.mark.e2e
 

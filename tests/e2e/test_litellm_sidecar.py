@@ -24,9 +24,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from bench.nq import Item
+from harness.servers import REPO, create_key, free_port, running
+from nqdata.items import Item
 from tests.e2e.conftest import UPSTREAM_KEY
-from tests.e2e.servers import REPO, create_key, free_port, running
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

@@ -23,9 +23,9 @@ import httpx
 import openai
 import pytest
 
-from bench.nq import Item
+from harness.servers import create_key, free_port, running
+from nqdata.items import Item
 from tests.e2e.conftest import _gateway_to
-from tests.e2e.servers import create_key, free_port, running
 from tests.e2e.usage_db import account_events
 
 pytestmark = pytest.mark.e2e

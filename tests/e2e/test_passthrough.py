@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from collections.abc import Iterator
-from pathlib import Path
-
+from harness.servers import create_key
 from tests.e2e.conftest import UPSTREAM_KEY, _gateway_to
-from tests.e2e.servers import create_key
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ import pytest
 
 from ccproxy.usage.events import UsageEvent
 from ccproxy.usage.outbox import Outbox
-from tests.e2e.servers import create_key
+from harness.servers import create_key
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

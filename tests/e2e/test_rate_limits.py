@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.servers import bentoml_serve, create_key, free_port, running
 from tests.e2e.conftest import gateway_env
-from tests.e2e.servers import bentoml_serve, create_key, free_port, running
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

@@ -28,10 +28,10 @@ import psycopg
 import pytest
 import redis
 
-from bench.nq import load_records
+from harness.postgres import fresh_database
+from harness.servers import bentoml_serve, create_key, free_port, haproxy, haproxy_config, kill_tree, running
+from nqdata.items import load_records
 from tests.e2e.conftest import COMPRESSOR_TOKEN, UPSTREAM_KEY, gateway_env
-from tests.e2e.servers import bentoml_serve, create_key, free_port, haproxy, haproxy_config, kill_tree, running
-from tests.postgres import fresh_database
 from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.e2e

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
+from harness.servers import REPO, bentoml_serve, create_key, free_port
 from tests.e2e.conftest import COMPRESSOR_TOKEN, FAULT_UPSTREAM_KEY, _gateway_to
-from tests.e2e.servers import REPO, bentoml_serve, create_key, free_port
 
 pytestmark = pytest.mark.e2e
 

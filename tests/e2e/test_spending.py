@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.servers import create_key
 from tests.e2e.conftest import FAULT_UPSTREAM_KEY, _gateway_to
-from tests.e2e.servers import create_key
 from tests.e2e.usage_db import wait_for_events
 
 pytestmark = pytest.mark.e2e

@@ -19,9 +19,9 @@ import httpx
 import psycopg
 import pytest
 
+from harness.postgres import fresh_database
+from harness.servers import bentoml_serve, create_key, free_port, kill_tree, running
 from tests.e2e.conftest import UPSTREAM_KEY, gateway_env
-from tests.e2e.servers import bentoml_serve, create_key, free_port, kill_tree, running
-from tests.postgres import fresh_database
 
 pytestmark = pytest.mark.e2e
 

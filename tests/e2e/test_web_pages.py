@@ -25,10 +25,10 @@ import httpx
 import psycopg
 import pytest
 
+from harness.postgres import fresh_database
+from harness.servers import create_key
 from tests.e2e.conftest import UPSTREAM_KEY, _gateway_to
-from tests.e2e.servers import create_key
 from tests.e2e.usage_db import wait_for_events
-from tests.postgres import fresh_database
 
 pytestmark = pytest.mark.e2e
 

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema_rs
 import pytest
 import yaml
 
@@ -186,14 +187,12 @@ def ccproxy_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_compose_matches_the_compose_specification(compose: dict[str, Any]) -> None:
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")  # installed with schemathesis (dev extra)
     validator = jsonschema_rs.validator_for(json.loads(COMPOSE_SCHEMA.read_text()))
     errors = [f"{'/'.join(map(str, error.instance_path))}: {error.message}" for error in validator.iter_errors(compose)]
     assert errors == []
 
 
 def test_the_schema_check_would_catch_a_mistake(compose: dict[str, Any]) -> None:
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
     validator = jsonschema_rs.validator_for(json.loads(COMPOSE_SCHEMA.read_text()))
     broken = json.loads(json.dumps(compose))
     broken["services"]["gateway"]["healthcheck"]["tset"] = broken["services"]["gateway"]["healthcheck"].pop("test")

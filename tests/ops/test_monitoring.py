@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.servers import free_port, running
+from harness.servers import free_port, running
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -6,13 +6,13 @@ from importlib import metadata
 
 import pytest
 
-from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.dense import DISTRIBUTION, DenseEncoder, load_dense_encoder, split_evenly
 from ccproxy.compression.fused import EncoderScorer, FusedScorer
 from ccproxy.compression.fusion import fuse
 from ccproxy.compression.qrhead import QRHeadScorer
 from ccproxy.compression.scoring import load_scorer
 from ccproxy.settings import Settings
+from nqdata.items import load_records, random_distractor_items
 
 try:
     metadata.distribution(DISTRIBUTION)

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.heads import head_weights
 from ccproxy.compression.model import ScoringModel
 from ccproxy.compression.qrhead import QRHeadScorer
+from nqdata.items import load_records, random_distractor_items
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import ccproxy
-from bench.nq import load_records, random_distractor_items
+from nqdata.items import load_records, random_distractor_items
 
 
 def test_compress_keeps_the_gold_passage_and_the_question_within_the_ratio() -> None:

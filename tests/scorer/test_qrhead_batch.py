@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.model import ScoringModel
 from ccproxy.compression.qrhead import QRHeadScorer, batch_token_scores, window_token_scores
+from nqdata.items import load_records, random_distractor_items
 
 QUERY = "In which city is the Eiffel Tower?"
 

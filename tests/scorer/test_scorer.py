@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.model import ScoringModel
 from ccproxy.compression.qrhead import QRHeadScorer, joint_candidates, joint_ranking, plan_windows, unit_scores
+from nqdata.items import load_records, random_distractor_items
 
 UNITS = [
     "The Eiffel Tower is a wrought-iron tower in Paris, France, completed in 1889.",

@@ -9,12 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bench.nq import load_records, random_distractor_items
 from ccproxy.compression.heads import load_head_set
 from ccproxy.compression.model import EMBEDDED_NAME, load_scoring_model
 from ccproxy.compression.qrhead import QRHeadScorer
 from ccproxy.compression.scoring import load_scorer
 from ccproxy.settings import Settings
+from nqdata.items import load_records, random_distractor_items
 from training.train_qr_lora import CHECKPOINT, METADATA, TrainConfig, batch_indices, learning_rate, train
 
 # Two of the shipped heads: shallower than the shipped set (cheaper steps) and not equal to it,

@@ -10,7 +10,7 @@ import pytest
 
 from bench import agent_traces
 from bench.cost_model import session_cache
-from bench.nq import DATA_FILE
+from nqdata.items import DATA_FILE
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,7 @@ def hard_distractor_items(
     """
     import numpy as np
 
-    from bench.retrievers import BM25, minilm
+    from nqdata.retrievers import BM25, minilm
 
     rng = random.Random(seed)
     chosen = records if n_items is None else rng.sample(records, min(n_items, len(records)))
