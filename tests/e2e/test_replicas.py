@@ -7,7 +7,9 @@ sharing PostgreSQL and a real redis-server, in front of llama.cpp's server:
   turns are scored once in all, not once per replica;
 - an original that sidecar mode dropped on one replica is retrieved from either;
 - a Gateway killed (SIGKILL) under load loses no usage event (its outbox is replayed when it
-  comes back) and the other Gateway carries on.
+  comes back) and the other Gateway carries on;
+- with Redis down, the fleet (`CCPROXY_REDIS_FAIL_MODE=open`) serves every request without the
+  limits, and a Gateway set to `closed` refuses with 503 `rate_limiter_unavailable`, nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -246,3 +249,55 @@ def test_haproxy_config_is_what_the_docs_show() -> None:
     ):
         assert directive in example and directive in docs, directive
     assert re.search(r"CCPROXY_REDIS_URL", docs)
+
+
+def _stop_redis(url: str) -> None:
+    try:
+        redis.Redis.from_url(url).shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # the server closed the connection as it went down
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=0.2).close()
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("redis-server is still up")
+
+
+def test_with_redis_down_the_fleet_serves_and_a_fail_closed_gateway_refuses_with_503(fleet: Fleet) -> None:
+    """Last in this module: it stops the fleet's redis-server. `open` (the fleet's setting) admits
+    without the limits and keeps compressing on each worker's own memo; `closed` refuses with a
+    503 in OpenAI's error shape. No other 5xx either way."""
+    key = create_key({"CCPROXY_DATABASE_URL": fleet.database_url}, "redisless")
+    _stop_redis(fleet.redis_url)
+    tiny = [{"role": "user", "content": "Hello there."}]
+    answers = [_compress(fleet, key, tiny) for _ in range(REQUESTS_PER_MINUTE + 6)]
+    # With Redis up the fleet admitted 30 of these 36 (the first test); open, it admits all.
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    assert {a.headers.get("x-backend") for a in answers} == {"gateway0", "gateway1"}
+    history: list[dict[str, str]] = []
+    for n, turn in enumerate(_turns(4)):  # ~2,000 tokens: above the compression threshold
+        history += [{"role": "user", "content": turn}, {"role": "assistant", "content": f"Answer {n + 1}."}]
+    history.pop()
+    compressed = _compress(fleet, key, history)
+    assert compressed.status_code == 200 and compressed.json()["outcome"] == "compressed", compressed.text
+    ccr = httpx.post(f"{fleet.url}/v1/compress", json={"messages": history, "config": {"mode": "ccr"}},
+                     headers={"x-api-key": key}, timeout=300)
+    assert ccr.status_code == 200, ccr.text
+    for retrieval_id in ccr.json()["ccr_hashes"][:1] * 2:  # each replica: its own copy, or a 404
+        found = httpx.get(f"{fleet.url}/v1/retrieve/{retrieval_id}", headers={"x-api-key": key}, timeout=30)
+        assert found.status_code in (200, 404), found.text
+
+    port = free_port()
+    env = {**fleet.gateway_env[0], "CCPROXY_REDIS_FAIL_MODE": "closed",
+           "CCPROXY_DATA_DIR": str(fleet.logs / "replica-closed-data")}
+    base = f"http://127.0.0.1:{port}"
+    with running(bentoml_serve(port), probe_url=f"{base}/livez", log=fleet.logs / "replica-closed.log", env=env):
+        refused = httpx.post(f"{base}/v1/compress", json={"messages": tiny}, headers={"x-api-key": key}, timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
+        assert refused.headers["retry-after"] == "1"
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200  # Redis is not the upstream
