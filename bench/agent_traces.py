@@ -1099,8 +1099,8 @@ def load_scorer_named(name: str) -> tuple[ChargedScorer, str]:
     from ccproxy.compression.scoring import load_scorer
 
     return ChargedScorer(load_scorer(settings)), (
-        f"the product's default (`load_scorer`: QR heads of the embedded SmolLM2-135M, `CCPROXY_SCORING_DENSE="
-        f"{settings.scoring_dense}` with MiniLM)"
+        f"the product's default (`load_scorer`: QR heads of the embedded SmolLM2-135M, `CCPROXY_SCORING_MODE="
+        f"{settings.scoring_mode}` with MiniLM)"
     )
 
 

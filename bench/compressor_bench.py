@@ -45,9 +45,9 @@ from nqdata.items import Item, contains_answer, hard_distractor_items, load_reco
 
 ROOT = Path(__file__).resolve().parents[1]
 FUSION = "qrhead+minilm"  # the product's FusedScorer, mode "fusion"
-PREFILTER = "minilm>qrhead"  # mode "prefilter"
+PREFILTER = "minilm>qrhead"  # mode "qrhead-prefiltered"
 LORA = "qrhead-lora"  # `qrhead` with the --adapter LoRA
-BOTH = "minilm>qrhead+minilm"  # mode "both": pre-filter, then fusion on what it kept
+BOTH = "minilm>qrhead+minilm"  # mode "fusion-prefiltered": pre-filter, then fusion on what it kept
 METHODS = ("qrhead", "icr", "bm25", "minilm", "dense", FUSION, PREFILTER, BOTH, "recent", "random")
 ALL_METHODS = (*METHODS, LORA)  # LORA only with --adapter
 RATIOS = (0.05, 0.1, 0.2, 0.3)
@@ -219,8 +219,8 @@ def make_scorer(name: str, options: Options) -> Scorer:
         "minilm": _minilm,
         "dense": shared("dense"),
         FUSION: lambda: _fused("fusion", options),
-        PREFILTER: lambda: _fused("prefilter", options),
-        BOTH: lambda: _fused("both", options),
+        PREFILTER: lambda: _fused("qrhead-prefiltered", options),
+        BOTH: lambda: _fused("fusion-prefiltered", options),
         "recent": _recent,
         "random": lambda: _random(options.seed),
         LORA: lambda: _lora(options),

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{n_items} items of the evaluation part, {options.documents} documents each (hard distractors; "
         f"mean {tokens / max(n_items, 1):,.0f} document tokens, {windows / max(n_items, 1):.1f} windows of "
-        "6,000 tokens). The shipped head set, no encoder (`CCPROXY_SCORING_DENSE=off`). Both rows come from the "
+        "6,000 tokens). The shipped head set, no encoder (`CCPROXY_SCORING_MODE=qrhead`). Both rows come from the "
         "same pass (`QRHeadScorer.scored`): *windowed means* rank by each unit's mean score over its windows "
         "(the scorer before issue 18); *joint window* re-scores each window's best units together in one more "
         "window and ranks them above the rest. Budgets as in the compressor benchmark (policy `select`; @4k: "

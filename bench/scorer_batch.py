@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     started = time.perf_counter()
     rows = []
-    for mode in ("off", "both", "only"):
-        scorer = load_scorer(Settings(scoring_dense=mode))
+    for mode in ("qrhead", "fusion-prefiltered", "dense"):
+        scorer = load_scorer(Settings(scoring_mode=mode))
         tokenizer = scorer.tokenizer
         for size in options.sizes:
             requests = _requests(size)
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode} x{size}: " + ", ".join(f"{arm} {t:.2f} s" for arm, t in zip(ARMS, seconds)),
                   file=sys.stderr, flush=True)
 
-    names = {"off": "QR heads alone (`off`)", "both": "default (`both`)", "only": "encoder alone (`only`)"}
+    names = {"qrhead": "QR heads alone (`qrhead`)", "fusion-prefiltered": "default (`fusion-prefiltered`)",
+             "dense": "encoder alone (`dense`)"}
     lines = [
         MARKS[0], "## Batched scoring", "",
         run_line(command, f"{cpu_name()}, {options.threads} torch threads", (time.perf_counter() - started) / 60,

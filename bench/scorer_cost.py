@@ -4,7 +4,7 @@ Each case runs in a child process of its own (the model loaded there first). Res
 sampled every 5 ms during the call: ``model`` is what the process held just before it, ``peak``
 the most it held during it, ``request`` the difference.
 
-- ``qr 2k`` / ``qr 27k``: the QR heads alone (``CCPROXY_SCORING_DENSE=off``) on 15 and 200 NQ
+- ``qr 2k`` / ``qr 27k``: the QR heads alone (``CCPROXY_SCORING_MODE=qrhead``) on 15 and 200 NQ
   documents; ms per 1k context tokens (the bar: flat per-token cost from 2 k to 27 k tokens).
 - ``both, ratio 0.5``: the default scorer on 200 documents, without and with the policy's
   ``KeepHint`` for a 50 % ratio: the pre-filtered units all fit, so the QR pass is skipped.
@@ -85,7 +85,7 @@ def run_case(case: str, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     qr_only = case.startswith("qr") or case in ("40k-character query", "one 50k-token unit")
-    scorer = load_scorer(Settings(scoring_dense="off" if qr_only else "both"))
+    scorer = load_scorer(Settings(scoring_mode="qrhead" if qr_only else "fusion-prefiltered"))
     tokenizer = scorer.tokenizer
     if case == "qr 2k":
         query, units = _documents(15)

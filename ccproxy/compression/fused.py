@@ -4,10 +4,10 @@
   (passages that share the question's words and topic) the QR heads of a small model lose gold
   passages that a sentence encoder keeps; the mix keeps those, and the heads still weigh in on
   text the encoder was not trained for (docs/BENCHMARKS.md).
-* ``prefilter``: on a context longer than ``prefilter_tokens`` the dense encoder (several times
+* ``qrhead-prefiltered``: on a context longer than ``prefilter_tokens`` the dense encoder (several times
   cheaper per token) picks the units worth the QR-head pass, up to ``prefilter_tokens``; the rest
   rank below them in dense order. A shorter context goes to the QR heads whole.
-* ``both``: the pre-filter, then fusion on the units it kept.
+* ``fusion-prefiltered`` (the default): the pre-filter, then fusion on the units it kept.
 
 With a ``KeepHint`` (what the policy will keep), the QR-head pass is skipped when it cannot change
 the kept set: the pre-filtered units rank above all others, so when they fit the allowance
@@ -16,7 +16,7 @@ twice the pre-filter budget). The dense order then stands in for theirs.
 
 Same interface as ``QRHeadScorer``: ``score(query, units, hint)``, ``score_batch(requests)`` and the
 ``tokenizer`` the in-process compressor counts with. ``EncoderScorer`` is the encoder alone
-(``CCPROXY_SCORING_DENSE=only``): no QR model at all.
+(``CCPROXY_SCORING_MODE=dense``): no QR model at all.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, Literal, Protocol
 from ccproxy.compression.fusion import FusionMethod, fuse, merge_prefiltered, prefilter
 from ccproxy.compression.policy import KeepHint, kept_whatever_the_order
 
-DenseMode = Literal["fusion", "prefilter", "both"]
+# The CCPROXY_SCORING_MODE values that use both scorers.
+DenseMode = Literal["fusion", "qrhead-prefiltered", "fusion-prefiltered"]
 
 
 class UnitScorer(Protocol):  # QRHeadScorer
@@ -51,7 +52,7 @@ class FusedScorer:
         weight: float = 0.5,
         prefilter_tokens: int = 8000,
     ) -> None:
-        if mode not in ("fusion", "prefilter", "both"):
+        if mode not in ("fusion", "qrhead-prefiltered", "fusion-prefiltered"):
             raise ValueError(f"unknown mode {mode!r}")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be between 0 and 1, got {weight}")
@@ -107,7 +108,7 @@ class FusedScorer:
         qr_all = self.qr.score_batch([(requests[r][0], [requests[r][1][i] for i in kept]) for r, kept in pending])
         for (r, kept), qr_scores in zip(pending, qr_all, strict=True):
             dense_scores = dense[r]
-            if self.mode in ("fusion", "both"):
+            if self.mode in ("fusion", "fusion-prefiltered"):
                 qr_scores = fuse(qr_scores, [dense_scores[i] for i in kept], self.method, self.weight)
             out[r] = merge_prefiltered(dense_scores, kept, qr_scores)
         return out
@@ -129,7 +130,7 @@ class FusedScorer:
 
 
 class EncoderScorer:
-    """The sentence encoder alone (``CCPROXY_SCORING_DENSE=only``): on NQ it keeps what fusion
+    """The sentence encoder alone (``CCPROXY_SCORING_MODE=dense``): on NQ it keeps what fusion
     keeps at about a ninth of the CPU time (docs/BENCHMARKS.md); the QR model is not loaded, only
     its tokenizer, which the in-process compressor counts with."""
 

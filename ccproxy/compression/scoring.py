@@ -91,14 +91,14 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
 
     adapter = str(settings.scoring_lora_path) if settings.scoring_lora_path else None
     source = scoring_source(settings)
-    if settings.scoring_dense == "only":
+    if settings.scoring_mode == "dense":
         return encoder_scorer(settings, source)
     # Before the weights load (minutes for a 7B model): a model without heads never serves.
     # The name is the one load_scoring_model gives the model it loads.
     heads, weights = chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
     loaded = load_scoring_model(source, adapter=adapter, cache_dir=settings.model_cache_dir)
     qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights)
-    if settings.scoring_dense == "off":
+    if settings.scoring_mode == "qrhead":
         return qr
     from ccproxy.compression.dense import DenseModelMissing
 
@@ -107,8 +107,8 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
     except DenseModelMissing as error:
         # A missing optional wheel must not keep the proxy from serving: the QR heads alone
         # still compress, only less well on hard distractors (docs/BENCHMARKS.md).
-        log.warning("CCPROXY_SCORING_DENSE=%s, but %s; scoring with the QR heads alone",
-                    settings.scoring_dense, error)
+        log.warning("CCPROXY_SCORING_MODE=%s, but %s; scoring with the QR heads alone",
+                    settings.scoring_mode, error)
         return qr
 
 
@@ -139,7 +139,7 @@ def fused_scorer(qr, settings: Settings):  # -> FusedScorer
     return FusedScorer(
         qr,
         dense,
-        settings.scoring_dense,
+        settings.scoring_mode,
         method=settings.scoring_fusion_method,
         weight=settings.scoring_fusion_weight,
         prefilter_tokens=settings.scoring_prefilter_tokens,

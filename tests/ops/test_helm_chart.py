@@ -119,7 +119,7 @@ FULL = {
         "gpu": 1,
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
         "modelCache": {"existingClaim": "ccproxy-models"},
-        "config": {"CCPROXY_COMPRESSOR_MAX_BATCH_SIZE": "8", "CCPROXY_SCORING_DENSE": "fusion"},
+        "config": {"CCPROXY_COMPRESSOR_MAX_BATCH_SIZE": "8", "CCPROXY_SCORING_MODE": "fusion"},
         "nodeSelector": {"nvidia.com/gpu.present": "true"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     },

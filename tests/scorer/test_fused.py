@@ -73,7 +73,7 @@ def test_fusion_is_the_pure_fusion_of_both_scorers(scorer: QRHeadScorer, dense: 
 def test_prefilter_rescores_only_the_encoders_best_and_keeps_the_gold(scorer: QRHeadScorer, dense: DenseEncoder,
                                                                       item) -> None:
     units = item.document_texts()
-    fused = FusedScorer(scorer, dense, "prefilter", prefilter_tokens=500)
+    fused = FusedScorer(scorer, dense, "qrhead-prefiltered", prefilter_tokens=500)
     tokens = fused.unit_tokens(units)
     assert 1000 < sum(tokens) < 2000  # so 500 tokens is a real cut: three or four documents
     dense_scores = dense.scores(item.question, units)
@@ -90,14 +90,14 @@ def test_prefilter_rescores_only_the_encoders_best_and_keeps_the_gold(scorer: QR
 
 
 def test_settings_pick_the_scorer() -> None:
-    assert isinstance(load_scorer(Settings(scoring_dense="off")), QRHeadScorer)
-    both = load_scorer(Settings(scoring_dense="both", scoring_fusion_weight=0.7, scoring_prefilter_tokens=900))
+    assert isinstance(load_scorer(Settings(scoring_mode="qrhead")), QRHeadScorer)
+    both = load_scorer(Settings(scoring_mode="fusion-prefiltered", scoring_fusion_weight=0.7, scoring_prefilter_tokens=900))
     assert isinstance(both, FusedScorer)
-    assert (both.mode, both.weight, both.prefilter_tokens) == ("both", 0.7, 900)
+    assert (both.mode, both.weight, both.prefilter_tokens) == ("fusion-prefiltered", 0.7, 900)
 
 
 def test_the_encoder_alone_loads_no_qr_model(dense: DenseEncoder, scorer: QRHeadScorer, item, monkeypatch) -> None:
-    """CCPROXY_SCORING_DENSE=only: the encoder's scores, the scoring model's tokenizer for the
+    """CCPROXY_SCORING_MODE=dense: the encoder's scores, the scoring model's tokenizer for the
     counts, and the QR model's weights never loaded."""
     import ccproxy.compression.model as model
 
@@ -105,7 +105,7 @@ def test_the_encoder_alone_loads_no_qr_model(dense: DenseEncoder, scorer: QRHead
         raise AssertionError("the QR model was loaded")
 
     monkeypatch.setattr(model, "load_scoring_model", refuse)
-    only = load_scorer(Settings(scoring_dense="only"))
+    only = load_scorer(Settings(scoring_mode="dense"))
     assert isinstance(only, EncoderScorer)
     units = item.document_texts()
     served = load_dense_encoder(model.default_dtype("cpu"))  # bf16 where the CPU has it, as served

@@ -61,7 +61,7 @@ def test_the_compressor_loads_the_adapter_with_its_heads(trained, tiny) -> None:
     assert metadata["nq_lines"]["train_seen"] == sorted(item.record.line for item in tiny[0])
     assert all(line < 500 for part in metadata["nq_lines"].values() for line in part)
 
-    scorer = load_scorer(Settings(scoring_lora_path=config.out, scoring_dense="off"))
+    scorer = load_scorer(Settings(scoring_lora_path=config.out, scoring_mode="qrhead"))
     assert isinstance(scorer, QRHeadScorer)
     assert hasattr(scorer.model, "peft_config")  # peft-wrapped
     assert scorer.heads == sorted(HEADS) != sorted(load_head_set(EMBEDDED_NAME))

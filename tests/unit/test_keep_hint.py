@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ccproxy.adapters.chat import segment_messages as segment
 from ccproxy.compression.fused import FusedScorer
 from ccproxy.compression.fusion import merge_prefiltered, prefilter
 from ccproxy.compression.pipeline import keep_hint
 from ccproxy.compression.policy import KeepHint, allowance, kept_whatever_the_order, select
 from ccproxy.compression.scoring import ScoreRequest
-from ccproxy.adapters.chat import segment_messages as segment
 from tests.unit.test_pipeline import compress_messages, plan, rag_messages, words
 
 
@@ -77,7 +77,7 @@ def _fused(mode: str, n: int) -> tuple[FusedScorer, ListScorer, list[str]]:
 
 
 def test_the_prefiltered_pass_is_skipped_only_when_its_units_fit() -> None:
-    fused, qr, units = _fused("both", 10)  # 100 tokens; the pre-filter keeps the best 3 (30 tokens)
+    fused, qr, units = _fused("fusion-prefiltered", 10)  # 100 tokens; the pre-filter keeps the best 3 (30 tokens)
     fits = KeepHint((10,) * 10, 30)
     scores = fused.score("q", units, fits)
     assert qr.calls == 0 and fused.passes_skipped == 1
@@ -97,7 +97,7 @@ def test_fusion_mode_skips_only_when_everything_fits() -> None:
 
 
 def test_a_hint_for_other_units_is_refused() -> None:
-    fused, _, units = _fused("both", 4)
+    fused, _, units = _fused("fusion-prefiltered", 4)
     with pytest.raises(ValueError, match="hint for 3 units"):
         fused.score("q", units, KeepHint((10,) * 3, 40))
 

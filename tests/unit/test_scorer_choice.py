@@ -36,3 +36,23 @@ def test_the_weighted_hard_distractor_set_is_one_setting_away() -> None:
     assert heads and weights is not None and len(weights) == len(heads)
     assert all(w >= 0 for w in weights) and sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-3)
     assert max(layer for layer, _ in heads) <= 15  # shallower than the shipped set: fewer layers run
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("off", "qrhead"), ("prefilter", "qrhead-prefiltered"), ("fusion", "fusion"),
+    ("both", "fusion-prefiltered"), ("only", "dense"),
+])
+def test_scoring_modes_are_named_for_what_scores_and_the_old_names_still_read(
+    monkeypatch: pytest.MonkeyPatch, old: str, new: str
+) -> None:
+    assert Settings().scoring_mode == "fusion-prefiltered"
+    monkeypatch.setenv("CCPROXY_SCORING_DENSE", old)
+    assert Settings().scoring_mode == new
+    monkeypatch.setenv("CCPROXY_SCORING_MODE", "dense")  # the new name wins over the old one
+    assert Settings().scoring_mode == "dense"
+    monkeypatch.delenv("CCPROXY_SCORING_DENSE")
+    monkeypatch.setenv("CCPROXY_SCORING_MODE", "both")
+    assert Settings().scoring_mode == "fusion-prefiltered"
+    monkeypatch.setenv("CCPROXY_SCORING_MODE", "fast")
+    with pytest.raises(ValueError, match="scoring_mode|CCPROXY_SCORING_MODE"):
+        Settings()
