@@ -95,6 +95,13 @@ class Charged:
 
     score = scores = _get
 
+    # FusedScorer asks its two scorers in batches (QRHeadScorer.score_batch, DenseEncoder.scores_many).
+    def score_batch(self, requests: Sequence[tuple[Any, ...]]) -> list[list[float]]:
+        return [self._get(request[0], request[1]) for request in requests]
+
+    def scores_many(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        return [self._get(query, units) for query, units in requests]
+
     def forget(self) -> None:
         self._cache.clear()
 
@@ -460,7 +467,7 @@ def cpu_name() -> str:
 
 def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, Any]], methods: Sequence[str],
            wall_seconds: float, load: tuple[float, float], heads: Sequence[Sequence[int]], options: Options,
-           split: str = "eval", replayed: Path | None = None) -> str:
+           split: str = "eval", replayed: Path | None = None, head_set: str | None = None) -> str:
     import torch
 
     from ccproxy.compression.qrhead import middle_layers
@@ -483,7 +490,8 @@ def report(command: str, settings: Sequence[Setting], rows: Sequence[dict[str, A
         f"Command: `{command}`",
         "",
         run + 
-        f"Scoring model: SmolLM2-135M-Instruct (embedded GGUF, {model_dtype()}). `qrhead`: the shipped head set, "
+        f"Scoring model: SmolLM2-135M-Instruct (embedded GGUF, {model_dtype()}). `qrhead`: the head set "
+        f"`{head_set or 'shipped'}`, "
         f"{len(heads)} heads (layer, head): {', '.join(f'({layer}, {head})' for layer, head in heads)}. "
         f"`icr`: every head of layers {middle.start}–{middle.stop - 1}. Token counts: SmolLM2 tokenizer, each "
         "document with its separator. Kept rates are shares of items; budgets are shares of the document "
@@ -650,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = Options(args.seed, stored["fusion"]["method"], stored["fusion"]["weight"], stored["prefilter_tokens"],
                           stored.get("adapter"))
         text = report(stored["command"], settings, rows, methods, 0.0, (0.0, 0.0), stored["qrhead_heads"], options,
-                      args.split, replayed=args.replay)
+                      args.split, replayed=args.replay, head_set=stored.get("qrhead_head_set"))
         args.out.write_text(text, encoding="utf-8")
         args.replay.write_text(json.dumps({**stored, "items": rows}, indent=1), encoding="utf-8")
         plot(settings, rows, methods, args.plot)
@@ -679,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_json(args.json, command, heads, rows, options)
     load = (load_at_start, os.getloadavg()[0])
     text = report(command, settings, rows, args.methods, time.perf_counter() - started, load, heads, options,
-                  args.split)
+                  args.split, head_set=Settings().scoring_head_set)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
@@ -716,6 +724,7 @@ def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: 
     document = {
         "command": command,
         "qrhead_heads": list(heads),
+        "qrhead_head_set": Settings().scoring_head_set,  # None: the shipped set
         "dense_dtype": str(dense_dtype()).removeprefix("torch."),
         "fusion": {"method": options.fusion_method, "weight": options.fusion_weight},
         "prefilter_tokens": options.prefilter_tokens,
@@ -733,10 +742,12 @@ def adapter_heads(adapter: str) -> list[tuple[int, int]]:
 
 
 def shipped_heads() -> list[list[int]]:
+    """The heads `qrhead` runs with: CCPROXY_SCORING_HEAD_SET's set when it is set, else the shipped one."""
     from ccproxy.compression.heads import read_head_set
     from ccproxy.compression.model import EMBEDDED_NAME
+    from ccproxy.settings import Settings
 
-    return (read_head_set(EMBEDDED_NAME) or {}).get("heads", [])
+    return (read_head_set(Settings().scoring_head_set or EMBEDDED_NAME) or {}).get("heads", [])
 
 
 if __name__ == "__main__":
