@@ -36,7 +36,7 @@ from ccproxy.readiness import ReadinessProbe
 from ccproxy.serving import ChatParts
 from ccproxy.settings import get_settings
 from ccproxy.spend import SpendGuard
-from ccproxy.startup_checks import refuse_unsafe_start
+from ccproxy.startup_checks import refuse_unsafe_start, writable_data_dir
 from ccproxy.tokens import counter_for, loaded_counter
 from ccproxy.upstream import EmbeddedUpstream, HttpUpstream, Upstream
 from ccproxy.usage.flusher import UsageFlusher
@@ -111,14 +111,14 @@ class Gateway:
         self.anthropic_upstream: Upstream | None = (
             HttpUpstream(settings, anthropic=True) if settings.anthropic_upstream_url else None
         )
+        data_dir = writable_data_dir(settings.data_dir)  # the SQLite store and the outbox live there
         # Apart: the flusher's writes may wait on an unreachable database, which must not hold
         # up key checks and /usage reads on the request path. Those share a pool of 4 per
         # worker (Postgres), so a slow read does not hold up the others either.
         self.store: UsageStore = open_store(settings, pool_size=4)
         self.store.migrate()
         self.flusher_store: UsageStore = open_store(settings)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        outbox = Outbox(settings.data_dir / "usage-outbox.sqlite")
+        outbox = Outbox(data_dir / "usage-outbox.sqlite")
         self.flusher = UsageFlusher(
             outbox,
             self.flusher_store,
@@ -128,7 +128,7 @@ class Gateway:
         )
         # Before the first request: events spilled by the last run go back to the outbox now.
         recorder = UsageRecorder(
-            outbox, SpillFile(settings.data_dir / "usage-spill.jsonl"), on_drop=usage_metrics().dropped_event
+            outbox, SpillFile(data_dir / "usage-spill.jsonl"), on_drop=usage_metrics().dropped_event
         )
         self.flusher.start()
         counter_for(None, settings)  # load the default tokenizer now, not on the first request

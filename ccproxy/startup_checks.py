@@ -7,11 +7,39 @@ refuses to start rather than expose something by accident. Development (the defa
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from ccproxy.settings import Settings
 
 
 class UnsafeConfiguration(RuntimeError):
     """The settings would expose something in production; the message says how to fix it."""
+
+
+class DataDirUnwritable(RuntimeError):
+    """CCPROXY_DATA_DIR cannot hold the usage outbox; the message says how to fix it."""
+
+
+def writable_data_dir(path: Path) -> Path:
+    """Creates ``path`` and proves this process can write there, before the outbox opens in it.
+
+    A container volume mounted owned by root, with the image running as its own user, otherwise
+    ends in SQLite's "unable to open database file" deep in a traceback.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ccproxy-write-check-"):
+            pass
+    except OSError as error:
+        raise DataDirUnwritable(
+            f"CCPROXY_DATA_DIR={path} is not writable by this process (uid {os.getuid()}): "
+            f"{type(error).__name__}: {error.strerror}. The durable usage outbox lives there: make it "
+            "writable by this user (a container volume: chown it to the image's user, uid 1034 in the "
+            "Bento image), or set CCPROXY_DATA_DIR to a folder that is."
+        ) from None
+    return path
 
 
 def production_problems(settings: Settings) -> list[str]:
