@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(
         default=200, ge=1, description="Pooled connections to the upstream per worker."
     )
+    upstream_keepalive_s: float = Field(
+        default=4.0,
+        gt=0,
+        le=300,
+        description="Seconds a pooled upstream connection may sit idle before ccproxy closes it. Keep "
+        "it below the upstream's own idle timeout (uvicorn, vLLM and llama-server close after 5 s): "
+        "at equal timeouts a request can be sent on a connection the upstream is closing (a 502).",
+    )
     upstream_responses: Literal["native", "bridge"] = Field(
         default="native",
         description="How `POST /v1/responses` reaches the upstream. `native`: to its own /v1/responses "

@@ -194,6 +194,7 @@ class HttpUpstream:
             limits=httpx.Limits(
                 max_connections=settings.upstream_max_connections,
                 max_keepalive_connections=settings.upstream_max_connections,
+                keepalive_expiry=settings.upstream_keepalive_s,
             ),
             transport=transport,  # tests inject httpx.MockTransport; None is the real network
             headers=_UPSTREAM_DEFAULT_HEADERS,
