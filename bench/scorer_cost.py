@@ -10,7 +10,8 @@ the most it held during it, ``request`` the difference.
   ``KeepHint`` for a 50 % ratio: the pre-filtered units all fit, so the QR pass is skipped.
 - adversarial: a 40 k-character query (a question, then pasted JSON) over 20 documents; one
   50 k-token unit among 19 documents; a 200 k-token context (1,500 NQ passages, the file's
-  thousand and half of them again) with the default scorer.
+  thousand and half of them again) with the default scorer, and with the encoder reading all of
+  it (``CCPROXY_SCORING_ENCODER_MAX_TOKENS=0``, the default before BM25 bounded it).
 
     .venv/bin/python -m bench.scorer_cost            # ~5 min on 2 cores
 """
@@ -34,7 +35,7 @@ BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
 RESULTS_MD = ROOT / "bench" / "results" / "scorer_cost.md"
 MARKS = ("<!-- scorer-cost:start -->", "<!-- scorer-cost:end -->")
 CASES = ("qr 2k", "qr 27k", "both, ratio 0.5, no hint", "both, ratio 0.5, hint",
-         "40k-character query", "one 50k-token unit", "200k-token context")
+         "40k-character query", "one 50k-token unit", "200k-token context, encoder uncapped", "200k-token context")
 
 
 def _rss_mib() -> float:
@@ -85,7 +86,10 @@ def run_case(case: str, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     qr_only = case.startswith("qr") or case in ("40k-character query", "one 50k-token unit")
-    scorer = load_scorer(Settings(scoring_mode="qrhead" if qr_only else "fusion-prefiltered"))
+    settings = Settings(scoring_mode="qrhead" if qr_only else "fusion-prefiltered")
+    if case.endswith("encoder uncapped"):  # the scorer before BM25 bounded the encoder's read
+        settings = settings.model_copy(update={"scoring_encoder_max_tokens": 0})
+    scorer = load_scorer(settings)
     tokenizer = scorer.tokenizer
     if case == "qr 2k":
         query, units = _documents(15)

@@ -326,6 +326,13 @@ class Settings(BaseSettings):
         description="The `-prefiltered` modes: on longer contexts (scoring model's tokens) the QR heads rescore only "
         "the encoder's best units up to this many tokens; the others rank below them in the encoder's order.",
     )
+    scoring_encoder_max_tokens: int = Field(
+        default=32000,
+        ge=0,
+        description="Modes with the encoder: it reads at most this many of a request's tokens (its own). On a "
+        "longer context BM25 picks the units it reads, up to this many; the others rank below them in BM25 "
+        "order. Bounds the encoder's time on huge contexts (about 6 s per 32 k tokens on 2 CPU cores); 0: no cap.",
+    )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "ccproxy" / "models",
         description="Where converted models are cached (the GGUF dequantised once).",

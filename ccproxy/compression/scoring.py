@@ -123,7 +123,16 @@ def encoder_scorer(settings: Settings, source: str | None):  # -> EncoderScorer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_scoring_tokenizer(source, cache_dir=settings.model_cache_dir)
-    return EncoderScorer(load_dense_encoder(default_dtype(device), device), tokenizer)
+    return EncoderScorer(bounded_encoder(load_dense_encoder(default_dtype(device), device), settings), tokenizer)
+
+
+def bounded_encoder(dense, settings: Settings):  # -> DenseEncoder | LexicalFirst
+    """The encoder behind BM25 on contexts over CCPROXY_SCORING_ENCODER_MAX_TOKENS (0: alone)."""
+    from ccproxy.compression.lexical import LexicalFirst
+
+    if settings.scoring_encoder_max_tokens == 0:
+        return dense
+    return LexicalFirst(dense, settings.scoring_encoder_max_tokens)
 
 
 def fused_scorer(qr, settings: Settings):  # -> FusedScorer
@@ -138,7 +147,7 @@ def fused_scorer(qr, settings: Settings):  # -> FusedScorer
     dense = load_dense_encoder(default_dtype(device), device)
     return FusedScorer(
         qr,
-        dense,
+        bounded_encoder(dense, settings),
         settings.scoring_mode,
         method=settings.scoring_fusion_method,
         weight=settings.scoring_fusion_weight,
