@@ -205,20 +205,40 @@ class RepoFile:
     lines: tuple[str, ...]
 
 
-def repo_corpus(root: Path = ROOT) -> list[RepoFile]:
-    """The tracked .py and .md files of ccproxy/, tests/, bench/ and docs/ as they are on disk."""
-    listed = subprocess.run(["git", "ls-files", *CORPUS_DIRS], cwd=root, capture_output=True, text=True, check=True)
+CORPUS_REV_HELP = ("cut the coding traces from the files as they were at this git revision (default: the working "
+                   "tree, which changes with every commit); the report names the one it used")
+
+
+def repo_corpus(root: Path = ROOT, revision: str | None = None) -> list[RepoFile]:
+    """The tracked .py and .md files of ccproxy/, tests/, bench/ and docs/: as they are on disk,
+    or as they were at a git ``revision``. The coding traces are cut from these files, so a run
+    over the working tree changes whenever the code does; a revision makes it reproducible."""
+    if revision is None:
+        listed = subprocess.run(["git", "ls-files", *CORPUS_DIRS], cwd=root, capture_output=True, text=True, check=True)
+    else:
+        listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", revision, "--", *CORPUS_DIRS], cwd=root,
+                                capture_output=True, text=True)
+        if listed.returncode != 0:
+            raise SystemExit(f"--corpus-rev {revision}: not in this clone's history ({listed.stderr.strip()}); "
+                             "fetch it (a shallow clone lacks it) or leave the option out")
     files = []
     for path in sorted(listed.stdout.split()):
         if not path.endswith(CORPUS_SUFFIXES) or path in OWN_PATHS or path.startswith("bench/results/"):
             continue
-        try:
-            text = (root / path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # deleted in the working tree, or not text
-        if text.strip():
+        text = _file_text(root, path, revision)
+        if text is not None and text.strip():
             files.append(RepoFile(path, tuple(text.splitlines())))
     return files
+
+
+def _file_text(root: Path, path: str, revision: str | None) -> str | None:
+    try:
+        if revision is None:
+            return (root / path).read_text(encoding="utf-8")
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, check=True)
+        return shown.stdout.decode("utf-8")
+    except (OSError, UnicodeDecodeError, subprocess.CalledProcessError):
+        return None  # deleted in the working tree, or not text
 
 
 def pytest_log_lines(path: Path = PYTEST_LOG) -> list[str]:
@@ -1104,10 +1124,13 @@ def load_scorer_named(name: str) -> tuple[ChargedScorer, str]:
     )
 
 
-def tree_state() -> str:
+def tree_state(revision: str | None = None) -> str:
+    """Which files the coding traces were cut from, in words a rerun can use (``--corpus-rev``)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
+    if revision is not None:
+        return f"the files at {git('rev-parse', '--short', revision)} (`--corpus-rev`)"
     commit = git("rev-parse", "--short", "HEAD")
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CORPUS_DIRS)
     return f"the working tree at {commit}" + (" (with uncommitted edits)" if dirty else "")
@@ -1125,6 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads for scoring (CCPROXY_COMPRESSOR_THREADS's role; default: torch's)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 traces of 20 steps")
     parser.add_argument("--no-docs", action="store_true", help="write bench/results only, not docs/")
+    parser.add_argument("--corpus-rev", metavar="REV", help=CORPUS_REV_HELP)
     args = parser.parse_args(argv)
     if args.quick:
         args.traces, args.min_steps, args.max_steps = 3, 20, 20
@@ -1135,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     log(f"load average at the start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
         f"({os.cpu_count()} cores)")
-    traces = build_traces(args.traces, args.min_steps, args.max_steps, args.seed)
+    traces = build_traces(args.traces, args.min_steps, args.max_steps, args.seed,
+                          corpus=repo_corpus(revision=args.corpus_rev))
     log(f"{len(traces)} traces of {min(len(t.steps) for t in traces)}-{max(len(t.steps) for t in traces)} steps, "
         f"{sum(t.n_requests for t in traces)} requests; built in {time.perf_counter() - started:.0f} s")
     if args.threads:
@@ -1153,7 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
     load_end = os.getloadavg()
     log(f"load average at the end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     section = report(command, args, traces, runs, time.perf_counter() - started, (load_start, load_end), scorer_name,
-                     memo, tree_state(), scorer)
+                     memo, tree_state(args.corpus_rev), scorer)
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_MD.write_text(section, encoding="utf-8")
     RESULTS_JSON.write_text(json.dumps([trace_json(t, r) for t, r in zip(traces, runs)], indent=1) + "\n",

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.agent_traces import Trace, build_traces
+from bench.agent_traces import CORPUS_REV_HELP, Trace, build_traces, repo_corpus, tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.10, 0.20)
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
+    parser.add_argument("--corpus-rev", metavar="REV", help=CORPUS_REV_HELP)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "conversational.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "conversational_items.json")
     options = parser.parse_args(argv)
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from ccproxy.compression.model import load_scoring_tokenizer
 
     tokenizer = load_scoring_tokenizer()
-    traces = build_traces(options.traces, options.min_steps, options.max_steps, options.seed)
+    traces = build_traces(options.traces, options.min_steps, options.max_steps, options.seed,
+                          corpus=repo_corpus(revision=options.corpus_rev))
     picked = cases(traces, tokenizer)
     results: dict[str, list[dict[str, Any]]] = {}
     for name, (score, _) in scorers.items():
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{load_end[0]:.1f} at the end" + (" (the machine was busy: seconds inflated)." if busy else "."),
         "",
         f"{len(picked)} agent traces of `bench/agent_traces.py` (seed {options.seed}; "
-        f"{sum(c.trace.kind == 'coding' for c in picked)} coding, {sum(c.trace.kind == 'research' for c in picked)} research), "
+        f"{sum(c.trace.kind == 'coding' for c in picked)} coding, cut from {tree_state(options.corpus_rev)}; "
+        f"{sum(c.trace.kind == 'research' for c in picked)} research), "
         f"{options.min_steps}–{options.max_steps} tool steps each; units = the tool results "
         f"({min(tokens):,}–{max(tokens):,} tokens in all, median {statistics.median(tokens):,.0f}); "
         f"query = the final question; the needed result lies {min(steps_back)}–{max(steps_back)} "

@@ -90,3 +90,28 @@ def test_truncate_oldest_keeps_the_task_and_the_newest_step() -> None:
     assert renderer.count([], out) <= target
     assert [m["content"] for m in out if m["role"] == "tool"][:2] == [agent_traces.TRUNCATED] * 2
     assert out[-1] == messages[-1] and out[:2] == messages[:2]
+
+
+def test_a_corpus_revision_reads_the_committed_files_not_the_working_tree(tmp_path) -> None:
+    """The coding traces are cut from the repository's files: ``--corpus-rev`` pins them, so a
+    rerun after the code changed cuts the same traces."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "ccproxy").mkdir()
+    source = tmp_path / "ccproxy" / "a.py"
+    source.write_text("def committed():\n    return 1\n", encoding="utf-8")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    source.write_text("def edited():\n    return 2\n", encoding="utf-8")
+
+    [on_disk] = agent_traces.repo_corpus(tmp_path)
+    [pinned] = agent_traces.repo_corpus(tmp_path, revision="HEAD")
+    assert on_disk.path == pinned.path == "ccproxy/a.py"
+    assert on_disk.lines[0] == "def edited():" and pinned.lines[0] == "def committed():"
+    with pytest.raises(SystemExit, match="not in this clone's history"):
+        agent_traces.repo_corpus(tmp_path, revision="no-such-revision")
