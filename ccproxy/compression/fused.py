@@ -50,7 +50,7 @@ class FusedScorer:
         *,
         method: FusionMethod = "zscore",
         weight: float = 0.5,
-        prefilter_tokens: int = 8000,
+        prefilter_tokens: int = 5000,
     ) -> None:
         if mode not in ("fusion", "qrhead-prefiltered", "fusion-prefiltered"):
             raise ValueError(f"unknown mode {mode!r}")
