@@ -14,7 +14,9 @@ result at several sizes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from bench.compressor_bench import cpu_name
+    from bench.load import run_line
     from ccproxy.compression.fusion import prefilter
 
     torch.set_num_threads(2)
+    command = "python -m bench.conversational_fusion " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_start, started = os.getloadavg(), time.perf_counter()
     rows = collect(options.traces, options.min_steps, options.max_steps, options.seed, options.corpus_rev)
     variants: dict[str, Callable[[Row], list[float]]] = {
         "MiniLM alone": lambda r: r["dense"],
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for threshold in (0.03, 0.05):
             variants[f"QR weight {code_weight} on code-like units (> {threshold:.0%} symbols), else 0.3"] = (
                 lambda r, c=code_weight, t=threshold: fused_variant(r, 0.3, code_weight=c, threshold=t))
+    print(run_line(command, f"{cpu_name()}, 2 torch threads", (time.perf_counter() - started) / 60,
+                   (load_start[0], os.getloadavg()[0])))
     print(f"{len(rows)} traces, coding ones cut from {tree_state(options.corpus_rev)}")
     print("| variant | kept 10 % | kept 20 % | coding 10/20 % | research 10/20 % |\n|---|---:|---:|---:|---:|")
     for name, score in variants.items():
