@@ -333,7 +333,7 @@ class Settings(BaseSettings):
         ge=0,
         description="Modes with the encoder: it reads at most this many of a request's tokens (its own). On a "
         "longer context BM25 picks the units it reads, up to this many; the others rank below them in BM25 "
-        "order. Bounds the encoder's time on huge contexts (about 6 s per 32 k tokens on 2 CPU cores); 0: no cap.",
+        "order. Bounds the encoder's time on huge contexts (about 3 s per 32 k tokens on 2 CPU cores); 0: no cap.",
     )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "ccproxy" / "models",

@@ -1,8 +1,9 @@
 """BM25 over a request's own units: the first, cheapest stage of the scorer on huge contexts.
 
-The sentence encoder costs about a millisecond per 6 tokens on two cores, so a 150 k-token
-context takes it longer than the Gateway waits for the Compressor (docs/BENCHMARKS.md,
-*Huge contexts*): the request would go out uncompressed. ``LexicalFirst`` bounds the encoder's
+The sentence encoder reads about 12 k tokens a second on two cores (bf16), so a 177 k-token
+context took it ~15 s, most of a scoring call that then went past the 30 s the Gateway waits for
+the Compressor: the request went out uncompressed (docs/BENCHMARKS.md, *Scorer cost* and *Huge
+contexts*). ``LexicalFirst`` bounds the encoder's
 read: past ``max_tokens`` of units, BM25 (linear in the text, pure Python) picks which units
 the encoder reads, up to that many tokens, and ranks the rest below them in BM25 order. It
 is a cascade, as retrieval systems are built: each stage reads less than the one before and
@@ -21,8 +22,8 @@ from ccproxy.compression.fusion import merge_prefiltered, prefilter
 
 # One run of letters or digits; no alternation, no nesting, so the scan is linear.
 _WORD = re.compile(r"\w+")
-# The query terms the heads would read at most: a question followed by pasted JSON must not
-# turn every token of the JSON into a term.
+# Distinct query terms BM25 looks for, at most: a question followed by pasted JSON must not turn
+# every word of the JSON into a term (the QR heads cap their query too, at 512 tokens).
 MAX_QUERY_TERMS = 512
 # Function words that match everywhere and carry no relevance (the usual short English list).
 STOPWORDS = frozenset(
