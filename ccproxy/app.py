@@ -31,6 +31,7 @@ from ccproxy.messages.serving import MESSAGES, count_tokens
 from ccproxy.responses.serving import RESPONSES
 from ccproxy.serving import Api, ChatParts, limit_key, serve_conversation
 from ccproxy.limits import ConcurrencyLimitMiddleware
+from ccproxy.logs import log_error
 from ccproxy.metrics import ChatObserver, NoMetrics
 from ccproxy.openapi import (
     CHAT_COMPLETIONS, COMPRESS, COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, RESPONSES_ROUTE, RETRIEVE, USAGE,
@@ -141,6 +142,10 @@ def _reply_response(reply: UpstreamReply) -> Response:
     )
 
 
+def _request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
 def _state(request: Request, name: str) -> Any:
     value = getattr(request.app.state, name, None)
     if value is None:
@@ -188,12 +193,17 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
+        # The route's template, never the raw path: a relayed path is the caller's text.
+        route = getattr(request.scope.get("route"), "path", "other")
+        log_error(_request_id(request), route, exc.status, exc.type, exc.code)
         body = error_payload(request.url.path, exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        log_error(_request_id(request), route, exc.status_code, "invalid_request_error", code)
         body = error_payload(request.url.path, exc.status_code, str(exc.detail), code=code)
         return JSONResponse(body, status_code=exc.status_code)
 
@@ -228,7 +238,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def compress(request: Request) -> Response:
         principal = await admitted(request)
         raw = await read_body(request, settings.max_body_bytes)
-        request_id = request.scope.get("state", {}).get("request_id", "")
+        request_id = _request_id(request)
         return await serve_compress(_state(request, "parts"), principal, raw, request_id, limiter)
 
     # Sidecar mode's originals (docs/SIDECAR.md); declared before the catch-all /v1 route below.
@@ -328,7 +338,7 @@ def create_app(settings: Settings) -> FastAPI:
             request.method, path, request.scope.get("query_string", b""), raw,
             request.headers.get("content-type"), request.headers.get("accept"),
         )
-        request_id = request.scope.get("state", {}).get("request_id", "")
+        request_id = _request_id(request)
         return await relay(_state(request, "parts"), principal, call, request.headers, request_id)
 
     return app

@@ -39,3 +39,17 @@ def access_line(request_id: str, event: UsageEvent) -> str:
 def log_request(request_id: str, event: UsageEvent) -> None:
     if access_logger.isEnabledFor(logging.INFO):
         access_logger.info(access_line(request_id, event))
+
+
+def error_line(request_id: str, route: str, status: int, type_: str, code: str | None) -> str:
+    """An answer ccproxy gave itself (a refused key, a limit, a malformed body, a failed upstream):
+    status, type and code only. The message is left out: some quote a field of the request."""
+    return json.dumps(
+        {"log": "error", "request_id": request_id, "route": route, "status": status, "type": type_, "code": code},
+        ensure_ascii=True,
+    )
+
+
+def log_error(request_id: str, route: str, status: int, type_: str, code: str | None) -> None:
+    if access_logger.isEnabledFor(logging.INFO):
+        access_logger.info(error_line(request_id, route, status, type_, code))

@@ -70,7 +70,7 @@ def test_requests_show_up_in_the_metrics_and_the_log_but_their_text_nowhere(obse
     with httpx.stream("POST", f"{base}/v1/chat/completions", json={**body, "stream": True},
                       headers={**headers, "x-request-id": "observed-2"}, timeout=120) as streamed:
         streamed.read()
-    bad = httpx.post(f"{base}/v1/chat/completions", headers=headers,
+    bad = httpx.post(f"{base}/v1/chat/completions", headers={**headers, "x-request-id": "observed-3"},
                      content=json.dumps({"model": 1, "messages": messages}).encode())
     assert bad.status_code == 400
 
@@ -86,6 +86,11 @@ def test_requests_show_up_in_the_metrics_and_the_log_but_their_text_nowhere(obse
     by_id = {line["request_id"]: line for line in access}
     assert by_id["observed-1"]["tokens_saved"] == int(whole.headers["x-tokens-saved"])
     assert by_id["observed-2"]["stream"] is True and by_id["observed-2"]["status"] == 200
+    # The refused body has no usage event; ccproxy's own answer is logged, without its message.
+    errors = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"log": "error"')]
+    refused = [line for line in errors if line["request_id"] == "observed-3"]
+    assert refused == [{"log": "error", "request_id": "observed-3", "route": "/v1/chat/completions", "status": 400,
+                        "type": "invalid_request_error", "code": bad.json()["error"]["code"]}]
     metrics_text = httpx.get(f"{base}/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert secret not in log.read_text()
     assert secret not in metrics_text and key not in log.read_text() and key not in metrics_text
