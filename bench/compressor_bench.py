@@ -403,6 +403,16 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def budget_column(budget: str) -> str:
+    """A budget key of ``evaluate``'s rows as a column heading ("gold kept 10%", "gold kept @4k")."""
+    return f"gold kept {'@4k' if budget == str(ABSOLUTE_BUDGET) else budget}"
+
+
+def gold_kept_cells(rows: Sequence[dict[str, Any]], budgets: Sequence[str]) -> list[str]:
+    """Per budget, the share of ``evaluate``'s rows that kept the gold, as table cells."""
+    return [f"{_mean([r['budgets'][b]['gold'] for r in rows]):.3f}" for b in budgets]
+
+
 def ms_per_1k(rows: Sequence[dict[str, Any]]) -> float:
     """Total scoring time over total context tokens, so long items weigh by their length."""
     return 1e6 * sum(r["seconds"] for r in rows) / sum(r["context_tokens"] for r in rows)

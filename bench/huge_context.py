@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.compressor_bench import TokenCounter, cpu_name, evaluate, prepare
+from bench.compressor_bench import TokenCounter, budget_column, cpu_name, evaluate, gold_kept_cells, prepare
 from bench.load import publish, run_line
 from bench.multiturn import load_items
 from nqdata.items import Item, contains_answer, load_records
@@ -79,13 +79,13 @@ def _mean(values: Sequence[float]) -> float:
 def table(rows: dict[str, list[dict[str, Any]]], seconds: dict[str, list[float]]) -> list[str]:
     lines = [
         "| scorer | seconds per item | gold in top 4 | "
-        + " | ".join(f"gold kept {b if b != '4000' else '@4k'}" for b in BUDGETS) + " |",
+        + " | ".join(budget_column(b) for b in BUDGETS) + " |",
         "|---|---:|---:|" + "---:|" * len(BUDGETS),
     ]
     for arm in ARMS:
         mine = rows[arm]
         cells = [LABELS[arm], f"{_mean(seconds[arm]):.1f}", f"{_mean([r['gold_rank'] <= 4 for r in mine]):.3f}"]
-        cells += [f"{_mean([r['budgets'][b]['gold'] for r in mine]):.3f}" for b in BUDGETS]
+        cells += gold_kept_cells(mine, BUDGETS)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

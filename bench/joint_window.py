@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.compressor_bench import RATIOS, TokenCounter, _qr_scorer, cpu_name, evaluate, prepare
+from bench.compressor_bench import RATIOS, TokenCounter, _qr_scorer, budget_column, cpu_name, evaluate, gold_kept_cells, prepare
 from bench.load import publish, run_line
 from bench.multiturn import load_items
 
@@ -44,14 +44,14 @@ def _mean(values: Sequence[float]) -> float:
 def table(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     labels = [f"{round(r * 100)}%" for r in RATIOS] + ["4000"]
     lines = [
-        "| scores | gold first | gold in top 4 | " + " | ".join(f"gold kept {b if b != '4000' else '@4k'}" for b in labels) + " |",
+        "| scores | gold first | gold in top 4 | " + " | ".join(budget_column(b) for b in labels) + " |",
         "|---|---:|---:|" + "---:|" * len(labels),
     ]
     for arm in ARMS:
         mine = rows[arm]
         cells = [LABELS[arm], f"{_mean([r['gold_rank'] == 1 for r in mine]):.3f}",
                  f"{_mean([r['gold_rank'] <= 4 for r in mine]):.3f}"]
-        cells += [f"{_mean([r['budgets'][b]['gold'] for r in mine]):.3f}" for b in labels]
+        cells += gold_kept_cells(mine, labels)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

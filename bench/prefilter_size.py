@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compressor_bench import Setting, TokenCounter, build_items, cpu_name, evaluate
+from bench.compressor_bench import Setting, TokenCounter, budget_column, build_items, cpu_name, evaluate, gold_kept_cells
 from bench.load import publish, run_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         "Budgets as in the compressor benchmark (policy `select`; @4k: 4,000 tokens for the whole prompt).",
         "",
         "| pre-filter tokens | QR pass s / item | gold first | gold in top 4 | "
-        + " | ".join(f"gold kept {b if b != '4000' else '@4k'}" for b in budgets) + " |",
+        + " | ".join(budget_column(b) for b in budgets) + " |",
         "|---:|---:|---:|---:|" + "---:|" * len(budgets),
     ]
     for size in arms:
         mine = rows[size]
         cells = [f"{size:,}", f"{seconds[size] / n_items:.1f}", f"{sum(r['gold_rank'] == 1 for r in mine) / n_items:.3f}",
                  f"{sum(r['gold_rank'] <= 4 for r in mine) / n_items:.3f}"]
-        cells += [f"{sum(r['budgets'][b]['gold'] for r in mine) / n_items:.3f}" for b in budgets]
+        cells += gold_kept_cells(mine, budgets)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", MARKS[1], ""]
     publish("\n".join(lines), RESULTS_MD, None if options.no_docs else BENCHMARKS_MD, MARKS)

@@ -146,6 +146,12 @@ def _request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
+def _log_error(request: Request, status: int, type_: str, code: str | None) -> None:
+    # The route's template, never the raw path: a relayed path is the caller's text.
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    log_error(_request_id(request), route, status, type_, code)
+
+
 def _state(request: Request, name: str) -> Any:
     value = getattr(request.app.state, name, None)
     if value is None:
@@ -193,17 +199,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
-        # The route's template, never the raw path: a relayed path is the caller's text.
-        route = getattr(request.scope.get("route"), "path", "other")
-        log_error(_request_id(request), route, exc.status, exc.type, exc.code)
+        _log_error(request, exc.status, exc.type, exc.code)
         body = error_payload(request.url.path, exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        log_error(_request_id(request), route, exc.status_code, "invalid_request_error", code)
+        _log_error(request, exc.status_code, "invalid_request_error", code)
         body = error_payload(request.url.path, exc.status_code, str(exc.detail), code=code)
         return JSONResponse(body, status_code=exc.status_code)
 

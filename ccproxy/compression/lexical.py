@@ -121,6 +121,4 @@ class LexicalFirst:
         ]
 
     def _costs(self, units: Sequence[str]) -> list[int]:
-        if not units:
-            return []
         return [len(ids) for ids in self.tokenizer(list(units), add_special_tokens=False).input_ids]
