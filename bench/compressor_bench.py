@@ -121,11 +121,13 @@ class Options:
 
 
 def _qr_scorer(heads_from_file: bool, adapter: str | None = None) -> Any:
+    from ccproxy.compression.adapters import resolve_adapter
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
     from ccproxy.compression.scoring import chosen_heads
     from ccproxy.settings import Settings
 
+    adapter = str(resolve_adapter(adapter)) if adapter else None  # a folder or a shipped adapter's name
     loaded = load_scoring_model(adapter=adapter)
     if not heads_from_file:
         return QRHeadScorer(loaded.model, loaded.tokenizer, None)
@@ -628,7 +630,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
     parser.add_argument("--adapter", default=None, metavar="DIR",
-                        help=f"a LoRA adapter folder (training/train_qr_lora.py) for the `{LORA}` method")
+                        help=f"a LoRA adapter folder (training/train_qr_lora.py), or a shipped adapter's name, for the `{LORA}` method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--split", choices=["eval", "train"], default="eval",
@@ -675,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         return 0
     command = ".venv/bin/python -m bench.compressor_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if Settings().scoring_head_set:  # part of what the run measured: the command reproduces it only with it
+        command = f"CCPROXY_SCORING_HEAD_SET={shlex.quote(Settings().scoring_head_set)} {command}"
     command = command.rstrip()
     pairs = [(n, kind) for n in args.sizes for kind in args.distractors]
     counts = args.n_items + [args.n_items[-1]] * max(0, len(pairs) - len(args.n_items))
@@ -745,10 +749,11 @@ def _write_json(path: Path, command: str, heads: Sequence[Sequence[int]], rows: 
 
 
 def adapter_heads(adapter: str) -> list[tuple[int, int]]:
+    from ccproxy.compression.adapters import resolve_adapter
     from ccproxy.compression.heads import scoring_head_set
     from ccproxy.compression.model import EMBEDDED_NAME
 
-    return scoring_head_set(EMBEDDED_NAME, adapter) or []
+    return scoring_head_set(EMBEDDED_NAME, resolve_adapter(adapter)) or []
 
 
 def shipped_heads() -> list[list[int]]:

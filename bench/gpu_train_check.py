@@ -76,7 +76,7 @@ def measure(config: TrainConfig, documents: list[int], n_steps: int) -> None:
             step_seconds.append(time.perf_counter() - started)
         peak = torch.cuda.max_memory_allocated() / 2**30
         started = time.perf_counter()
-        held_out_check(scorer, data.held_out, config.temperature)  # the Compressor's inference path, LoRA on
+        held_out_check(scorer, data.held_out, config)  # the Compressor's inference path, LoRA on
         check_seconds = (time.perf_counter() - started) / max(1, len(data.held_out))
         step = statistics.median(step_seconds)
         print(f"| {label} | {n_documents} | {tokens:,.0f} | {step / config.batch_size:.2f} | {step:.2f} "

@@ -290,7 +290,8 @@ class Settings(BaseSettings):
         "ccproxy/compression/heads/) makes the Compressor refuse to start.",
     )
     scoring_lora_path: Path | None = Field(
-        default=None, description="A peft LoRA adapter (from training/train_qr_lora.py) to load."
+        default=None, description="A peft LoRA adapter for the scoring model (training/train_qr_lora.py): "
+        "a folder, or the name of one shipped in ccproxy/compression/adapters/.",
     )
     scoring_head_set: str | None = Field(
         default=None,

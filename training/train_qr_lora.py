@@ -4,8 +4,17 @@ The scoring model runs only up to the deepest selected head, so LoRA goes on the
 projections (``q_proj``, ``k_proj`` by default) of layers 0..deepest; layers above are never run.
 Per example (one question, its gold document and distractors from the same context), the units'
 QR-head scores come from ``QRHeadScorer.differentiable_unit_scores``: the very functions the
-Compressor serves with, with autograd on. The loss is the softmax cross-entropy of the gold unit
-among them at a temperature (a group contrastive objective, as QRRanker trains QR-head scores).
+Compressor serves with, with autograd on. The loss is the softmax cross-entropy of the answering
+units among them (a group contrastive objective, as QRRanker trains QR-head scores; several
+positives where several units hold an answer), the raw scores divided by a temperature (0.05).
+``--loss zscore`` normalises each list's scores first (z-scores), so the temperature means the same
+on every list whatever attention mass its heads put on the context; on SmolLM2 it did worse than
+the raw scores (docs/TRAINING.md), so it is not the default.
+
+LoRA goes where it is read: on the layers below the deepest selected head every projection asked
+for (``--targets``) changes what deeper layers see; on the deepest layer only ``q_proj`` and
+``k_proj`` are read (the scorer stops at its keys and the tail's queries), so ``v_proj`` and
+``o_proj`` there would be dead weights (``lora_target_modules``).
 
 Data: TRAINING part of the NQ file only (``training/data.py``); a few of its questions are held
 out for the periodic checks. The adapter folder gets ``heads.json`` (the head set it was trained
@@ -32,11 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ccproxy.compression.heads import ADAPTER_HEADS_FILE, scoring_head_set
+from ccproxy.compression.heads import ADAPTER_HEADS_FILE
 from ccproxy.compression.qrhead import QRHeadScorer
-from nqdata.items import Item
+from nqdata.items import Item, contains_answer
 from training.detect_heads import dump_json
 
 Head = tuple[int, int]
@@ -52,7 +60,8 @@ class TrainConfig:
     batch_size: int = 4  # examples per optimizer step (gradient accumulation)
     learning_rate: float = 5e-4
     warmup_steps: int = 10
-    temperature: float = 0.05
+    temperature: float = 0.05  # DEFAULT_TEMPERATURE[loss]
+    loss: str = "raw"  # "raw": scores / temperature as they are; "zscore": per-list normalised first
     rank: int = 8
     alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "k_proj")
@@ -67,7 +76,8 @@ class TrainConfig:
     # the residual stream and every saved activation is float32: 2.4x the peak memory on an H200
     # at 20 documents (docs/TRAINING.md), for numbers the bf16 Compressor never computes.
     upcast_4bit_base: bool = False
-    heads: tuple[Head, ...] | None = None  # None: the base model's shipped set
+    heads: tuple[Head, ...] | None = None  # None: the base model's shipped set (or ``head_set``)
+    head_set: str | None = None  # a shipped head set by name (heads and weights), e.g. smollm2-135m-instruct-hard
     max_minutes: float | None = None  # stop early (and save) past this wall time
     resume: bool = False
 
@@ -83,11 +93,38 @@ class TrainState:
 # --- the maths (pure functions) -----------------------------------------------------------------
 
 
-def contrastive_loss(scores: torch.Tensor, gold: int, temperature: float) -> torch.Tensor:
-    """Cross-entropy of the gold unit among all units of one context, scores / temperature as
-    logits. Calibrated QR-head scores are attention-mass differences (~0.01-1), so the
-    temperature sets how hard the softmax pushes the gold above the distractors."""
-    return F.cross_entropy((scores / temperature)[None], torch.tensor([gold], device=scores.device))
+# Raw calibrated scores are attention-mass differences (~0.01-1); z-scores run over a few units.
+DEFAULT_TEMPERATURE = {"raw": 0.05, "zscore": 1.0}
+
+
+def list_zscores(scores: torch.Tensor) -> torch.Tensor:
+    """Scores of one list as z-scores (mean 0, unit std): a list whose heads put little mass on
+    the context and one where they put much get the same scale. A flat list stays flat (0s)."""
+    centred = scores - scores.mean()
+    return centred / scores.std(unbiased=False).clamp(min=1e-6)
+
+
+def listwise_loss(scores: torch.Tensor, positives: Sequence[int], temperature: float, normalise: bool) -> torch.Tensor:
+    """Multi-positive softmax cross-entropy over one list: -log of the probability mass on the
+    ``positives`` (logsumexp over them minus over all); with one positive, plain cross-entropy.
+    Raw calibrated QR-head scores are attention-mass differences (~0.01-1): their temperature
+    (~0.05) sets how hard the softmax pushes; z-scores take one near 1."""
+    if not positives:
+        raise ValueError("a list needs at least one positive unit")
+    logits = (list_zscores(scores) if normalise else scores) / temperature
+    index = torch.tensor(sorted(set(positives)), device=scores.device)
+    return torch.logsumexp(logits, dim=0) - torch.logsumexp(logits[index], dim=0)
+
+
+def answering_units(item: Item) -> list[int]:
+    """The gold document and any other that holds one of the question's answers (SQuAD-normalised):
+    each answers, so none should be pushed down. Hard distractors hold none by construction."""
+    return [i for i, passage in enumerate(item.documents)
+            if i == item.gold_index or contains_answer(passage.text, item.record.answers)]
+
+
+def item_loss(scores: torch.Tensor, item: Item, config: TrainConfig) -> torch.Tensor:
+    return listwise_loss(scores, answering_units(item), config.temperature, normalise=config.loss == "zscore")
 
 
 def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
@@ -123,18 +160,39 @@ def resolve_dtype(name: str) -> torch.dtype | None:
     return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+READ_AT_DEEPEST = ("q_proj", "k_proj")  # the deepest layer's projections the scorer reads
+
+
+def lora_target_modules(targets: Sequence[str], deepest: int) -> list[str]:
+    """Module name suffixes for peft: every ``targets`` projection of layers 0..deepest-1, and only
+    the read ones (q, k) of the deepest layer. Layers above it never run."""
+    names = [f"layers.{layer}.self_attn.{target}" for layer in range(deepest) for target in targets]
+    return names + [f"layers.{deepest}.self_attn.{target}" for target in targets if target in READ_AT_DEEPEST]
+
+
 def lora_config(config: TrainConfig, deepest: int) -> Any:
     from peft import LoraConfig
 
-    # Layers above the deepest selected head never run: adapting them would only add weights.
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=0.0,
-        target_modules=list(config.targets),
-        layers_to_transform=list(range(deepest + 1)),
+        target_modules=lora_target_modules(config.targets, deepest),
         bias="none",
     )
+
+
+def configured_heads(config: TrainConfig, base_name: str) -> tuple[list[Head], list[float] | None]:
+    """The heads to train (and their per-head weights): ``--heads`` (equal weights), else the
+    named set, else the base model's shipped set."""
+    from ccproxy.compression.heads import head_pairs, head_weights, read_head_set
+
+    if config.heads:
+        return list(config.heads), None
+    data = read_head_set(config.head_set or base_name)
+    if data is None or not data.get("heads"):
+        raise SystemExit(f"no head set {config.head_set or base_name!r}: run training/detect_heads.py or pass --heads")
+    return head_pairs(data), head_weights(data)
 
 
 def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
@@ -160,9 +218,7 @@ def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
 
         # No gradient checkpointing: our own forward (window_token_scores) runs the layers.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    heads = list(config.heads) if config.heads else scoring_head_set(loaded.name)
-    if not heads:
-        raise SystemExit(f"no head set for {loaded.name}: run training/detect_heads.py or pass --heads")
+    heads, weights = configured_heads(config, loaded.name)
     deepest = max(layer for layer, _ in heads)
     torch.manual_seed(config.seed)  # LoRA's A matrices start random
     checkpoint = config.out / CHECKPOINT
@@ -172,7 +228,7 @@ def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
         model = get_peft_model(model, lora_config(config, deepest))
     # Eval mode: no dropout anywhere (LoRA's is 0), the same numbers the Compressor computes.
     model.eval()
-    return QRHeadScorer(model, loaded.tokenizer, heads), loaded.name
+    return QRHeadScorer(model, loaded.tokenizer, heads, head_weights=weights), loaded.name
 
 
 def trainable(scorer: QRHeadScorer) -> list[torch.nn.Parameter]:
@@ -182,13 +238,13 @@ def trainable(scorer: QRHeadScorer) -> list[torch.nn.Parameter]:
 # --- checks -------------------------------------------------------------------------------------
 
 
-def held_out_check(scorer: QRHeadScorer, items: Sequence[Item], temperature: float) -> dict[str, float]:
+def held_out_check(scorer: QRHeadScorer, items: Sequence[Item], config: TrainConfig) -> dict[str, float]:
     """Loss and gold ranks on held-out items through ``score`` (inference mode, windowed): the
     Compressor's path. At 20 documents a 10 % budget keeps ~2 documents, 20 % ~4."""
     losses, ranks = [], []
     for item in items:
         scores = scorer.score(item.question, item.document_texts())
-        losses.append(float(contrastive_loss(torch.tensor(scores), item.gold_index, temperature)))
+        losses.append(float(item_loss(torch.tensor(scores), item, config)))
         ranks.append(gold_rank(scores, item.gold_index))
     n = max(1, len(items))
     return {
@@ -226,11 +282,16 @@ def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, stat
     """The adapter (peft ``save_pretrained``), the head set it serves with, and the metadata."""
     out = config.out
     scorer.model.save_pretrained(str(out))
-    (out / ADAPTER_HEADS_FILE).write_text(dump_json({
+    portable_base_name(out / "adapter_config.json", config.source)
+    heads: dict[str, Any] = {
         "model": base_name,
         "heads": [list(h) for h in scorer.heads],
-        "source": "training/train_qr_lora.py: the head set this adapter was trained for",
-    }), encoding="utf-8")
+        "source": "training/train_qr_lora.py: the head set this adapter was trained for"
+                  + (f" ({config.head_set})" if config.head_set and not config.heads else ""),
+    }
+    if scorer.head_weights is not None:
+        heads["weights"] = [round(float(w), 6) for w in scorer.head_weights]  # scorer.heads' order
+    (out / ADAPTER_HEADS_FILE).write_text(dump_json(heads), encoding="utf-8")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     (out / METADATA).write_text(json.dumps({
         "config": settings,
@@ -241,6 +302,20 @@ def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, stat
         "checks": state.checks,
         "history": state.history,
     }, indent=1) + "\n", encoding="utf-8")
+
+
+def portable_base_name(adapter_config: Path, source: str | None) -> None:
+    """peft records the base model's folder: for the embedded model (or a GGUF file) a path in this
+    machine's cache. ccproxy never reads it (it loads the base itself), so the adapter names its
+    base instead of a local path; a hub id or folder given as ``--model`` stays as peft wrote it."""
+    from ccproxy.compression.model import EMBEDDED, EMBEDDED_HUB_ID
+
+    data = json.loads(adapter_config.read_text(encoding="utf-8"))
+    if source is None or source == EMBEDDED:
+        data["base_model_name_or_path"] = EMBEDDED_HUB_ID
+    elif source.endswith(".gguf"):
+        data["base_model_name_or_path"] = Path(source).name
+    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -270,7 +345,7 @@ def optimizer_step(scorer: QRHeadScorer, optimizer: torch.optim.Optimizer, batch
     losses = []
     for item in batch:
         scores = scorer.differentiable_unit_scores(item.question, item.document_texts())
-        loss = contrastive_loss(scores, item.gold_index, config.temperature)
+        loss = item_loss(scores, item, config)
         (loss / len(batch)).backward()
         losses.append(float(loss.detach()))
     norm = torch.nn.utils.clip_grad_norm_(trainable(scorer), config.max_grad_norm)
@@ -294,7 +369,7 @@ def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
 
     bar = progress_bar(config.steps, state.step)
     if held_out and not state.checks:
-        state.checks.append({"step": 0, **held_out_check(scorer, held_out, config.temperature)})
+        state.checks.append({"step": 0, **held_out_check(scorer, held_out, config)})
         say(bar, f"check step 0: {state.checks[-1]}")
     started = time.perf_counter()
     seconds_before = state.seconds
@@ -310,7 +385,7 @@ def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
             bar.set_postfix(loss=f"{mean:.3f}")
         out_of_time = config.max_minutes is not None and state.seconds > 60 * config.max_minutes
         if held_out and (state.step % config.eval_every == 0 or state.step == config.steps or out_of_time):
-            state.checks.append({"step": state.step, **held_out_check(scorer, held_out, config.temperature)})
+            state.checks.append({"step": state.step, **held_out_check(scorer, held_out, config)})
             say(bar, f"check step {state.step}: {state.checks[-1]}")
         if state.step % config.checkpoint_every == 0 or state.step == config.steps or out_of_time:
             save_checkpoint(scorer, optimizer, state, config.out)
@@ -340,11 +415,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the adapter folder (checkpoints inside)")
     parser.add_argument("--model", default=None, help="hub id, local folder or .gguf; default: the embedded SmolLM2")
     parser.add_argument("--heads", type=parse_heads, default=None, help="layer:head,...; default: the model's set")
+    parser.add_argument("--head-set", default=None,
+                        help="a shipped head set by name, with its weights (e.g. smollm2-135m-instruct-hard)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--loss", choices=sorted(DEFAULT_TEMPERATURE), default=defaults.loss,
+                        help="raw: the scores as they are; zscore: normalised per list before the softmax")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"softmax temperature (default: {DEFAULT_TEMPERATURE} by --loss)")
     parser.add_argument("--rank", type=int, default=defaults.rank)
     parser.add_argument("--alpha", type=int, default=defaults.alpha)
     parser.add_argument("--targets", nargs="+", default=list(defaults.targets),
@@ -372,10 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = replace(
         defaults, out=args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-        warmup_steps=args.warmup_steps, temperature=args.temperature, rank=args.rank, alpha=args.alpha,
+        warmup_steps=args.warmup_steps, loss=args.loss,
+        temperature=DEFAULT_TEMPERATURE[args.loss] if args.temperature is None else args.temperature,
+        rank=args.rank, alpha=args.alpha,
         targets=tuple(args.targets), eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         seed=args.seed, source=args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
-        upcast_4bit_base=args.upcast_4bit_base, heads=args.heads,
+        upcast_4bit_base=args.upcast_4bit_base, heads=args.heads, head_set=args.head_set,
         max_minutes=args.max_minutes, resume=args.resume,
     )
     data = build_training_data(

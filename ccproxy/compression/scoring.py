@@ -86,10 +86,11 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
     if settings.compressor_threads:
         torch.set_num_threads(settings.compressor_threads)
 
+    from ccproxy.compression.adapters import resolve_adapter
     from ccproxy.compression.model import EMBEDDED, load_scoring_model, model_name
     from ccproxy.compression.qrhead import QRHeadScorer
 
-    adapter = str(settings.scoring_lora_path) if settings.scoring_lora_path else None
+    adapter = str(resolve_adapter(settings.scoring_lora_path)) if settings.scoring_lora_path else None
     source = scoring_source(settings)
     if settings.scoring_mode == "dense":
         return encoder_scorer(settings, source)

@@ -63,3 +63,22 @@ def test_fitted_weights_put_the_informative_head_first() -> None:
     weights = fit_weights(torch.stack([informative, noise], dim=1), gold)
     assert weights.min() >= 0 and weights.mean() == pytest.approx(1.0)
     assert weights[0] * informative.std() > 20 * weights[1] * noise.std()
+
+
+def test_the_shipped_adapter_loads_by_name_with_its_weighted_heads(item) -> None:
+    """CCPROXY_SCORING_LORA_PATH=smollm2-hard-lora (docs/TRAINING.md): the Compressor's loader
+    wraps the model in the shipped LoRA and scores with the weighted set it was trained for."""
+    from ccproxy.compression.heads import head_pairs, read_head_set
+    from ccproxy.compression.model import load_scoring_model
+    from ccproxy.compression.scoring import load_scorer
+    from ccproxy.settings import Settings
+
+    scorer = load_scorer(Settings(scoring_lora_path="smollm2-hard-lora", scoring_mode="qrhead"))
+    assert hasattr(scorer.model, "peft_config")
+    hard = read_head_set("smollm2-135m-instruct-hard")
+    assert scorer.heads == sorted(head_pairs(hard))
+    assert scorer.head_weights.tolist() == pytest.approx([dict(zip(head_pairs(hard), hard["weights"]))[h] for h in scorer.heads])
+    question, documents = item
+    base = load_scoring_model()
+    plain = QRHeadScorer(base.model, base.tokenizer, head_pairs(hard), head_weights=hard["weights"])
+    assert scorer.score(question, documents) != pytest.approx(plain.score(question, documents), rel=1e-2)

@@ -1,5 +1,6 @@
 """A few LoRA steps on a tiny training-part slice: the loss falls, a resumed run continues where
-the checkpoint left off, and the Compressor loads the adapter with the heads it was trained for."""
+the checkpoint left off, and the Compressor loads the adapter with the heads (and head weights) it
+was trained for. The loss and the LoRA placement are pure functions, tested on their own."""
 
 from __future__ import annotations
 
@@ -9,17 +10,28 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ccproxy.compression.heads import load_head_set
-from ccproxy.compression.model import EMBEDDED_NAME, load_scoring_model
+from ccproxy.compression.heads import head_pairs, head_weights, load_head_set, read_head_set
+from ccproxy.compression.model import EMBEDDED_HUB_ID, EMBEDDED_NAME, load_scoring_model
 from ccproxy.compression.qrhead import QRHeadScorer
 from ccproxy.compression.scoring import load_scorer
 from ccproxy.settings import Settings
 from nqdata.items import load_records, random_distractor_items
-from training.train_qr_lora import CHECKPOINT, METADATA, TrainConfig, batch_indices, learning_rate, train
+from training.train_qr_lora import (
+    CHECKPOINT,
+    METADATA,
+    TrainConfig,
+    answering_units,
+    batch_indices,
+    learning_rate,
+    listwise_loss,
+    lora_target_modules,
+    train,
+)
 
-# Two of the shipped heads: shallower than the shipped set (cheaper steps) and not equal to it,
-# so the test can tell whether the Compressor scores with the adapter's heads or the base set's.
-HEADS = ((7, 7), (14, 3))
+# The weighted set fitted on hard distractors: shallower than the base model's set (cheaper steps)
+# and not equal to it, so the test can tell whether the Compressor scores with the adapter's heads
+# (and their weights) or the base set's.
+HEAD_SET = "smollm2-135m-instruct-hard"
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +47,8 @@ def trained(tiny, tmp_path_factory) -> tuple[TrainConfig, list[dict]]:
     items, held_out = tiny
     out = tmp_path_factory.mktemp("qr-lora")
     # Every step sees the same three items, so the per-step loss is the loss of one fixed batch.
-    config = TrainConfig(out=out, steps=5, batch_size=3, learning_rate=3e-3, warmup_steps=1, temperature=0.05,
-                         rank=4, alpha=8, eval_every=100, checkpoint_every=5, heads=HEADS)
+    config = TrainConfig(out=out, steps=5, batch_size=3, learning_rate=3e-3, warmup_steps=1,
+                         rank=4, alpha=8, eval_every=100, checkpoint_every=5, head_set=HEAD_SET)
     first = train(config, items, held_out)
     assert first.step == 5 and (out / CHECKPOINT).is_dir()
     resumed = train(replace(config, steps=8, resume=True), items, held_out)
@@ -60,14 +72,25 @@ def test_the_compressor_loads_the_adapter_with_its_heads(trained, tiny) -> None:
     assert metadata["steps_done"] == 8
     assert metadata["nq_lines"]["train_seen"] == sorted(item.record.line for item in tiny[0])
     assert all(line < 500 for part in metadata["nq_lines"].values() for line in part)
+    # The adapter names its base, not this machine's model cache.
+    assert json.loads((config.out / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_HUB_ID
 
     scorer = load_scorer(Settings(scoring_lora_path=config.out, scoring_mode="qrhead"))
     assert isinstance(scorer, QRHeadScorer)
     assert hasattr(scorer.model, "peft_config")  # peft-wrapped
-    assert scorer.heads == sorted(HEADS) != sorted(load_head_set(EMBEDDED_NAME))
+    shipped = read_head_set(HEAD_SET)
+    assert scorer.heads == sorted(head_pairs(shipped)) != sorted(load_head_set(EMBEDDED_NAME))
+    weight_of = dict(zip(head_pairs(shipped), head_weights(shipped)))
+    assert scorer.head_weights.tolist() == pytest.approx([weight_of[h] for h in scorer.heads])
+    # LoRA sits where it is read: every projection below the deepest head, q and k at it.
+    deepest = max(layer for layer, _ in scorer.heads)
+    adapted_modules = {name.split(".lora_A")[0] for name, _ in scorer.model.named_parameters() if "lora_A" in name}
+    assert any(name.endswith(f"layers.{deepest}.self_attn.q_proj") for name in adapted_modules)
+    assert not any(f"layers.{deepest}.self_attn.v_proj" in name for name in adapted_modules)
+    assert not any(f"layers.{deepest + 1}." in name for name in adapted_modules)
 
     base = load_scoring_model()
-    plain = QRHeadScorer(base.model, base.tokenizer, HEADS)
+    plain = QRHeadScorer(base.model, base.tokenizer, head_pairs(shipped), head_weights=head_weights(shipped))
     item = tiny[0][0]
     adapted = torch.tensor(scorer.score(item.question, item.document_texts()))
     original = torch.tensor(plain.score(item.question, item.document_texts()))
@@ -96,3 +119,38 @@ def test_an_adapter_without_heads_json_scores_with_the_base_models_set(tmp_path)
     assert scoring_head_set(adapted, tmp_path) == [(3, 1)]
     # Without an adapter, the adapted name alone does not borrow the base set.
     assert scoring_head_set(adapted) is None
+
+
+def test_the_listwise_loss_is_scale_free_and_counts_every_positive() -> None:
+    scores = torch.tensor([0.02, 0.10, 0.01, 0.03])
+    normalised = listwise_loss(scores, [1], 1.0, normalise=True)
+    # z-scores: the same list at 100x the attention mass has the same loss; raw scores do not.
+    assert float(listwise_loss(100 * scores, [1], 1.0, normalise=True)) == pytest.approx(float(normalised), rel=1e-5)
+    assert float(listwise_loss(100 * scores, [1], 1.0, normalise=False)) < float(listwise_loss(scores, [1], 1.0, normalise=False))
+    # One positive: plain cross-entropy.
+    expected = torch.nn.functional.cross_entropy((scores / 0.05)[None], torch.tensor([1]))
+    assert float(listwise_loss(scores, [1], 0.05, normalise=False)) == pytest.approx(float(expected), rel=1e-5)
+    # Two positives: the mass on either counts, so the loss is lower than with one of them alone.
+    assert float(listwise_loss(scores, [1, 3], 1.0, normalise=True)) < float(normalised)
+    assert float(listwise_loss(scores, [1, 1], 1.0, normalise=True)) == pytest.approx(float(normalised))
+    # A flat list does not divide by zero.
+    assert torch.isfinite(listwise_loss(torch.zeros(4), [0], 1.0, normalise=True))
+    with pytest.raises(ValueError):
+        listwise_loss(scores, [], 1.0, normalise=True)
+
+
+def test_lora_targets_every_projection_below_the_deepest_head_and_only_q_k_at_it() -> None:
+    names = lora_target_modules(["q_proj", "k_proj", "v_proj", "o_proj"], deepest=2)
+    assert names == [f"layers.{layer}.self_attn.{p}" for layer in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+        "layers.2.self_attn.q_proj", "layers.2.self_attn.k_proj"]
+    assert lora_target_modules(["v_proj"], deepest=1) == ["layers.0.self_attn.v_proj"]
+
+
+def test_answering_units_are_the_gold_and_any_document_holding_an_answer() -> None:
+    records = load_records("train")[:40]
+    items = random_distractor_items(records, 6, n_items=40, seed=1)
+    for item in items:
+        units = answering_units(item)
+        assert item.gold_index in units
+        for i in set(range(len(item.documents))) - set(units):
+            assert not any(answer.lower() in item.documents[i].text.lower() for answer in item.record.answers if len(answer) > 3)
