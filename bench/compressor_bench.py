@@ -677,8 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         return 0
     command = ".venv/bin/python -m bench.compressor_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if Settings().scoring_head_set:  # part of what the run measured: the command reproduces it only with it
-        command = f"CCPROXY_SCORING_HEAD_SET={shlex.quote(Settings().scoring_head_set)} {command}"
+    head_set = Settings().scoring_head_set
+    if head_set:  # part of what the run measured: the command reproduces it only with it
+        command = f"CCPROXY_SCORING_HEAD_SET={shlex.quote(head_set)} {command}"
     command = command.rstrip()
     pairs = [(n, kind) for n in args.sizes for kind in args.distractors]
     counts = args.n_items + [args.n_items[-1]] * max(0, len(pairs) - len(args.n_items))

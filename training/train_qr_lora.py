@@ -184,15 +184,27 @@ def lora_config(config: TrainConfig, deepest: int) -> Any:
 
 def configured_heads(config: TrainConfig, base_name: str) -> tuple[list[Head], list[float] | None]:
     """The heads to train (and their per-head weights): ``--heads`` (equal weights), else the
-    named set, else the base model's shipped set."""
-    from ccproxy.compression.heads import head_pairs, head_weights, read_head_set
+    named set, else the base model's shipped set, found as the Compressor finds them."""
+    from ccproxy.compression.scoring import NoHeadSet, chosen_heads
+    from ccproxy.settings import Settings
 
     if config.heads:
         return list(config.heads), None
-    data = read_head_set(config.head_set or base_name)
-    if data is None or not data.get("heads"):
-        raise SystemExit(f"no head set {config.head_set or base_name!r}: run training/detect_heads.py or pass --heads")
-    return head_pairs(data), head_weights(data)
+    try:
+        return chosen_heads(Settings(scoring_head_set=config.head_set), base_name, None)
+    except NoHeadSet as error:
+        raise SystemExit(f"{error} (here: --head-set, or --heads)") from None
+
+
+def base_model_label(source: str | None) -> str | None:
+    """What the adapter's config names as its base, where peft's own record would be a path in
+    this machine's model cache (the embedded model, a GGUF file); None: keep peft's (a hub id or a
+    folder given as ``--model``). ccproxy never reads it: it loads the base itself."""
+    from ccproxy.compression.model import EMBEDDED, EMBEDDED_HUB_ID
+
+    if source is None or source == EMBEDDED:
+        return EMBEDDED_HUB_ID
+    return Path(source).name if source.endswith(".gguf") else None
 
 
 def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
@@ -226,6 +238,9 @@ def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
         model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(config, deepest))
+    label = base_model_label(config.source)
+    if label is not None:  # peft writes it into every adapter_config.json (adapter and checkpoints)
+        model.peft_config["default"].base_model_name_or_path = label
     # Eval mode: no dropout anywhere (LoRA's is 0), the same numbers the Compressor computes.
     model.eval()
     return QRHeadScorer(model, loaded.tokenizer, heads, head_weights=weights), loaded.name
@@ -282,7 +297,6 @@ def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, stat
     """The adapter (peft ``save_pretrained``), the head set it serves with, and the metadata."""
     out = config.out
     scorer.model.save_pretrained(str(out))
-    portable_base_name(out / "adapter_config.json", config.source)
     heads: dict[str, Any] = {
         "model": base_name,
         "heads": [list(h) for h in scorer.heads],
@@ -302,20 +316,6 @@ def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, stat
         "checks": state.checks,
         "history": state.history,
     }, indent=1) + "\n", encoding="utf-8")
-
-
-def portable_base_name(adapter_config: Path, source: str | None) -> None:
-    """peft records the base model's folder: for the embedded model (or a GGUF file) a path in this
-    machine's cache. ccproxy never reads it (it loads the base itself), so the adapter names its
-    base instead of a local path; a hub id or folder given as ``--model`` stays as peft wrote it."""
-    from ccproxy.compression.model import EMBEDDED, EMBEDDED_HUB_ID
-
-    data = json.loads(adapter_config.read_text(encoding="utf-8"))
-    if source is None or source == EMBEDDED:
-        data["base_model_name_or_path"] = EMBEDDED_HUB_ID
-    elif source.endswith(".gguf"):
-        data["base_model_name_or_path"] = Path(source).name
-    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # --- the loop -----------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def test_the_compressor_loads_the_adapter_with_its_heads(trained, tiny) -> None:
     assert metadata["nq_lines"]["train_seen"] == sorted(item.record.line for item in tiny[0])
     assert all(line < 500 for part in metadata["nq_lines"].values() for line in part)
     # The adapter names its base, not this machine's model cache.
-    assert json.loads((config.out / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_HUB_ID
+    for folder in (config.out, config.out / CHECKPOINT):
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_HUB_ID
 
     scorer = load_scorer(Settings(scoring_lora_path=config.out, scoring_mode="qrhead"))
     assert isinstance(scorer, QRHeadScorer)

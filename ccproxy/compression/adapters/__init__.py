@@ -22,10 +22,10 @@ def resolve_adapter(value: str | Path) -> Path:
     path = Path(value)
     if (path / ADAPTER_CONFIG).is_file():
         return path
-    name = str(value)
-    if "/" not in name and (ADAPTERS_DIR / name / ADAPTER_CONFIG).is_file():
+    name, shipped = str(value), shipped_adapters()
+    if name in shipped:  # exact names only: never a path assembled from the value
         return ADAPTERS_DIR / name
     raise FileNotFoundError(
         f"CCPROXY_SCORING_LORA_PATH={name!r} is neither a folder with {ADAPTER_CONFIG} nor a shipped "
-        f"adapter ({', '.join(shipped_adapters()) or 'none ship'})"
+        f"adapter ({', '.join(shipped) or 'none ship'})"
     )
