@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench.cost_model import (
     IM_END,
@@ -465,14 +465,17 @@ def step_counts(n_traces: int, min_steps: int, max_steps: int) -> list[int]:
 
 
 def build_traces(n_traces: int, min_steps: int, max_steps: int, seed: int, *,
-                 corpus: Sequence[RepoFile] | None = None, log_lines: Sequence[str] | None = None) -> list[Trace]:
+                 corpus: Sequence[RepoFile] | None = None, log_lines: Sequence[str] | None = None,
+                 nq_part: Literal["train", "eval"] = "eval") -> list[Trace]:
     """Coding and research traces alternately over the sorted lengths, so both kinds span the
-    range; each trace from its own generator (seed, number)."""
+    range; each trace from its own generator (seed, number). The research traces read the NQ
+    file's ``nq_part``: the evaluation part for every benchmark, the training part for head
+    detection (``training/trace_items.py``)."""
     from nqdata.items import load_records
 
     corpus = repo_corpus() if corpus is None else corpus
     log_lines = pytest_log_lines() if log_lines is None else log_lines
-    records = load_records("eval")
+    records = load_records(nq_part)
     traces = []
     for number, n_steps in enumerate(step_counts(n_traces, min_steps, max_steps)):
         rng = random.Random(f"{seed}:{number}")

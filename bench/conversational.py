@@ -63,8 +63,10 @@ def cases(traces: Sequence[Trace], tokenizer: Any) -> list[Case]:
     return out
 
 
-def product_scorers(names: Sequence[str]) -> dict[str, tuple[Scorer, Any]]:
-    """name -> (score function, tokenizer); the QR model is loaded once and shared."""
+def product_scorers(names: Sequence[str], head_sets: Sequence[str] = ()) -> dict[str, tuple[Scorer, Any]]:
+    """name -> (score function, tokenizer); the QR model is loaded once and shared. Each of
+    ``head_sets`` adds ``qrhead:<set>`` (and ``default:<set>`` when ``default`` is asked for):
+    the same scorer with ``CCPROXY_SCORING_HEAD_SET=<set>``, so head sets compare in one run."""
     from ccproxy.compression.scoring import encoder_scorer, fused_scorer, load_scorer
     from ccproxy.settings import Settings
 
@@ -77,6 +79,12 @@ def product_scorers(names: Sequence[str]) -> dict[str, tuple[Scorer, Any]]:
     if "default" in names:
         default = fused_scorer(qr, Settings())  # the default mode, on the same QR model
         built["default"] = (default.score, default.tokenizer)
+    for head_set in head_sets:
+        other = load_scorer(Settings(scoring_mode="qrhead", scoring_head_set=head_set))
+        built[f"qrhead:{head_set}"] = (other.score, other.tokenizer)
+        if "default" in names:
+            fused = fused_scorer(other, Settings(scoring_head_set=head_set))
+            built[f"default:{head_set}"] = (fused.score, fused.tokenizer)
     if "dense" in names:
         dense = encoder_scorer(Settings(scoring_mode="dense"), None)
         built["dense"] = (dense.score, dense.tokenizer)
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
+    parser.add_argument("--head-sets", nargs="*", default=[], metavar="SET",
+                        help="also score with these shipped head sets (qrhead:<set>, default:<set>)")
     parser.add_argument("--corpus-rev", metavar="REV", help=CORPUS_REV_HELP)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "conversational.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "conversational_items.json")
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     started = time.perf_counter()
 
-    scorers = product_scorers(options.scorers)
+    scorers = product_scorers(options.scorers, options.head_sets)
     from ccproxy.compression.model import load_scoring_tokenizer
 
     tokenizer = load_scoring_tokenizer()

@@ -13,6 +13,7 @@ training part is split once more, by a seeded draw:
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,3 +65,31 @@ def build_training_data(
     # The builders draw distractors from the records they are given: the whole training part here.
     held_out = [item for item in build(records, held_out_documents, seed=seed) if item.record.line in held_lines]
     return TrainingData(train, held_out)
+
+
+@dataclass(frozen=True)
+class UnitsItem:
+    """A retrieval item of any units (tool results, turns), read from a JSON file written outside
+    ``training`` (``bench/trace_items.py``): what ``detect_heads.score_items`` reads of an item."""
+
+    question: str
+    units: tuple[str, ...]
+    gold_index: int
+    kind: str
+
+    def document_texts(self) -> list[str]:
+        return list(self.units)
+
+
+def read_units_items(text: str) -> tuple[str, list[UnitsItem]]:
+    """(the file's description of its items, the items) from ``{"source": ..., "items": [{"question",
+    "units", "gold", "kind"}, ...]}``; an item whose gold is not one of its units is refused."""
+    data = json.loads(text)
+    items = []
+    for number, raw in enumerate(data["items"]):
+        units = tuple(str(unit) for unit in raw["units"])
+        gold = int(raw["gold"])
+        if not 0 <= gold < len(units):
+            raise ValueError(f"item {number}: gold {gold} is not one of its {len(units)} units")
+        items.append(UnitsItem(str(raw["question"]), units, gold, str(raw.get("kind", ""))))
+    return str(data.get("source", "")), items
