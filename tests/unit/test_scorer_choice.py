@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ccproxy.compression.heads import load_head_set
+from ccproxy.compression.heads import load_head_set, read_head_set
 from ccproxy.compression.model import EMBEDDED_NAME
 from ccproxy.compression.scoring import NoHeadSet, chosen_heads, load_scorer, scoring_source
 from ccproxy.settings import Settings
@@ -36,6 +36,15 @@ def test_the_weighted_hard_distractor_set_is_one_setting_away() -> None:
     assert heads and weights is not None and len(weights) == len(heads)
     assert all(w >= 0 for w in weights) and sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-3)
     assert max(layer for layer, _ in heads) <= 15  # shallower than the shipped set: fewer layers run
+
+
+def test_the_set_detected_on_agent_traces_too_is_one_setting_away() -> None:
+    # training/fit_head_weights.py --trace-items ... --out ccproxy/compression/heads/smollm2-135m-instruct-mixed.json
+    heads, weights = chosen_heads(Settings(scoring_head_set="smollm2-135m-instruct-mixed"), EMBEDDED_NAME, None)
+    assert heads and weights is not None and len(weights) == len(heads)
+    assert all(w >= 0 for w in weights) and sum(weights) / len(weights) == pytest.approx(1.0, abs=1e-3)
+    data = read_head_set("smollm2-135m-instruct-mixed")
+    assert "agent traces" in data["detected_on"] and set(data["report"]["held_out_by_source"]) == {"hard", "traces"}
 
 
 @pytest.mark.parametrize(("old", "new"), [
