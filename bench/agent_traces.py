@@ -205,8 +205,12 @@ class RepoFile:
     lines: tuple[str, ...]
 
 
-CORPUS_REV_HELP = ("cut the coding traces from the files as they were at this git revision (default: the working "
-                   "tree, which changes with every commit); the report names the one it used")
+def corpus_rev_help(default: str = "the working tree, which changes with every commit") -> str:
+    return (f"cut the coding traces from the files as they were at this git revision (default: {default}); "
+            "the report names the one it used")
+
+
+CORPUS_REV_HELP = corpus_rev_help()
 
 
 def repo_corpus(root: Path = ROOT, revision: str | None = None) -> list[RepoFile]:

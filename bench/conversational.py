@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.10, 0.20)
 SCORERS = ("default", "qrhead", "dense", "bm25", "recent")
 Scorer = Callable[[str, Sequence[str]], list[float]]
+# The traces of the documented run (docs/BENCHMARKS.md, *Conversational retrieval*), which
+# bench/trace_items.py keeps out of its training items; a test checks the docs still say so.
+DOCUMENTED_TRACES: dict[str, Any] = {"n_traces": 20, "min_steps": 10, "max_steps": 30, "seed": 18, "corpus_rev": "888722f"}
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,14 @@ def cases(traces: Sequence[Trace], tokenizer: Any) -> list[Case]:
     return out
 
 
-def product_scorers(names: Sequence[str], head_sets: Sequence[str] = ()) -> dict[str, tuple[Scorer, Any]]:
+def product_scorers(names: Sequence[str], head_sets: Sequence[str] = (),
+                    adapters: Sequence[str] = ()) -> dict[str, tuple[Scorer, Any]]:
     """name -> (score function, tokenizer); the QR model is loaded once and shared. Each of
     ``head_sets`` adds ``qrhead:<set>`` (and ``default:<set>`` when ``default`` is asked for):
-    the same scorer with ``CCPROXY_SCORING_HEAD_SET=<set>``, so head sets compare in one run."""
+    the same scorer with ``CCPROXY_SCORING_HEAD_SET=<set>``, so head sets compare in one run. Each
+    of ``adapters`` (a LoRA folder or a shipped adapter's name) adds ``qrhead+<name>`` (and
+    ``default+<name>``): the scorer with ``CCPROXY_SCORING_LORA_PATH=<adapter>``, on the head set
+    the adapter was trained for."""
     from ccproxy.compression.scoring import encoder_scorer, fused_scorer, load_scorer
     from ccproxy.settings import Settings
 
@@ -79,12 +86,14 @@ def product_scorers(names: Sequence[str], head_sets: Sequence[str] = ()) -> dict
     if "default" in names:
         default = fused_scorer(qr, Settings())  # the default mode, on the same QR model
         built["default"] = (default.score, default.tokenizer)
-    for head_set in head_sets:
-        other = load_scorer(Settings(scoring_mode="qrhead", scoring_head_set=head_set))
-        built[f"qrhead:{head_set}"] = (other.score, other.tokenizer)
+    variants = [(f":{head_set}", {"scoring_head_set": head_set}) for head_set in head_sets]
+    variants += [(f"+{Path(adapter).name}", {"scoring_lora_path": adapter}) for adapter in adapters]
+    for suffix, setting in variants:
+        other = load_scorer(Settings(scoring_mode="qrhead", **setting))
+        built[f"qrhead{suffix}"] = (other.score, other.tokenizer)
         if "default" in names:
-            fused = fused_scorer(other, Settings(scoring_head_set=head_set))
-            built[f"default:{head_set}"] = (fused.score, fused.tokenizer)
+            fused = fused_scorer(other, Settings(**setting))
+            built[f"default{suffix}"] = (fused.score, fused.tokenizer)
     if "dense" in names:
         dense = encoder_scorer(Settings(scoring_mode="dense"), None)
         built["dense"] = (dense.score, dense.tokenizer)
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
     parser.add_argument("--head-sets", nargs="*", default=[], metavar="SET",
                         help="also score with these shipped head sets (qrhead:<set>, default:<set>)")
+    parser.add_argument("--adapters", nargs="*", default=[], metavar="ADAPTER",
+                        help="also score with these LoRA adapters (qrhead+<name>, and default+<name>)")
     parser.add_argument("--corpus-rev", metavar="REV", help=CORPUS_REV_HELP)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "conversational.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "conversational_items.json")
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     started = time.perf_counter()
 
-    scorers = product_scorers(options.scorers, options.head_sets)
+    scorers = product_scorers(options.scorers, options.head_sets, options.adapters)
     from ccproxy.compression.model import load_scoring_tokenizer
 
     tokenizer = load_scoring_tokenizer()

@@ -28,10 +28,8 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.agent_traces import CORPUS_REV_HELP, RepoFile, Trace, build_traces, repo_corpus, tree_state
-
-# The conversational benchmark's traces as its documented run builds them (docs/BENCHMARKS.md).
-BENCH_TRACES: dict[str, Any] = {"n_traces": 20, "min_steps": 10, "max_steps": 30, "seed": 18, "corpus_rev": "888722f"}
+from bench.agent_traces import RepoFile, Trace, build_traces, corpus_rev_help, repo_corpus, tree_state
+from bench.conversational import DOCUMENTED_TRACES as BENCH_TRACES
 
 
 def fit_window(unit_tokens: Sequence[int], gold: int, max_tokens: int) -> int:
@@ -101,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # By default the files the benchmark's traces were cut from: the exclusion of its needles then
     # compares like with like, and the items do not change with every commit.
     parser.add_argument("--corpus-rev", metavar="REV", default=BENCH_TRACES["corpus_rev"],
-                        help=CORPUS_REV_HELP.replace("default: the working tree, which changes with every commit",
-                                                     f"default: {BENCH_TRACES['corpus_rev']}, as the benchmark's"))
+                        help=corpus_rev_help(f"{BENCH_TRACES['corpus_rev']}, as the benchmark's"))
     options = parser.parse_args(argv)
 
     from ccproxy.compression.model import load_scoring_tokenizer

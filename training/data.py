@@ -17,7 +17,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from nqdata.items import SPLIT_LINES, Item, Record, hard_distractor_items, load_records, random_distractor_items
 
@@ -36,6 +36,19 @@ class TrainingData:
             "train": sorted(item.record.line for item in self.train),
             "held_out": sorted(item.record.line for item in self.held_out),
         }
+
+
+T = TypeVar("T")
+
+
+def split_items(items: Sequence[T], n_held_out: int, seed: int) -> tuple[list[T], list[T]]:
+    """(fit, held_out) of items read from a file (``read_units_items``): a seeded shuffle's first
+    ``n_held_out`` are held out, both lists in file order. Head detection and the LoRA use the same
+    draw, so with the same seed the LoRA never trains on the items detection held out."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held_out])
+    return [s for i, s in enumerate(items) if i not in held], [s for i, s in enumerate(items) if i in held]
 
 
 def split_held_out(records: Sequence[Record], n_held_out: int, seed: int) -> tuple[list[Record], list[Record]]:

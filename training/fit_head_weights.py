@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from ccproxy.compression.heads import head_pairs, head_weights, load_head_set, r
 from ccproxy.compression.model import load_scoring_model
 from ccproxy.compression.qrhead import QRHeadScorer
 from nqdata.items import hard_distractor_items, load_records
-from training.data import read_units_items
+from training.data import read_units_items, split_items
 from training.detect_heads import (
     Head,
     ItemScores,
@@ -106,13 +105,6 @@ def head_features(scores: Sequence[ItemScores], heads: Sequence[Head], n_heads: 
     return features, torch.tensor([s.gold for s in scores]), mask
 
 
-def split(items: Sequence[ItemScores], n_held_out: int, seed: int) -> tuple[list[ItemScores], list[ItemScores]]:
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_held_out])
-    return [s for i, s in enumerate(items) if i not in held], [s for i, s in enumerate(items) if i in held]
-
-
 def mean_qrscore(fit_parts: dict[str, Sequence[ItemScores]], n_layers: int, n_heads: int) -> torch.Tensor:
     """[layers, heads] QRScore averaged over the sources, each source's own mean counting once."""
     per_source = [head_statistics(items, n_layers, n_heads)["qrscore"] for items in fit_parts.values()]
@@ -168,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fit_parts: dict[str, list[ItemScores]] = {}
     held_parts: dict[str, list[ItemScores]] = {}
-    fit_parts["hard"], held_parts["hard"] = split(scored("train", args.n_train), args.n_held_out, args.seed)
+    fit_parts["hard"], held_parts["hard"] = split_items(scored("train", args.n_train), args.n_held_out, args.seed)
     trace_note = ""
     if args.trace_items:
         file_bytes = args.trace_items.read_bytes()
@@ -176,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace_key = {"model": name, "dtype": dtype_name, "trace_items": hashlib.sha256(file_bytes).hexdigest()}
         trace_scores = cached_scores(cache and cache.with_suffix(".traces.pt"), trace_key,
                                      lambda: score_items(scorer, items, "per-head scores (agent traces)"))
-        fit_parts["traces"], held_parts["traces"] = split(trace_scores, args.traces_held_out, args.seed)
+        fit_parts["traces"], held_parts["traces"] = split_items(trace_scores, args.traces_held_out, args.seed)
         trace_note = f"; plus {trace_source} ({len(fit_parts['traces'])} to fit, {len(held_parts['traces'])} held out)"
 
     qrscore = mean_qrscore(fit_parts, scorer.n_layers, n_heads)

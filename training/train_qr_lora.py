@@ -17,9 +17,14 @@ for (``--targets``) changes what deeper layers see; on the deepest layer only ``
 ``o_proj`` there would be dead weights (``lora_target_modules``).
 
 Data: TRAINING part of the NQ file only (``training/data.py``); a few of its questions are held
-out for the periodic checks. The adapter folder gets ``heads.json`` (the head set it was trained
-for, which the Compressor then scores with) and ``training.json`` (settings, NQ line ids of the
-training and held-out questions, loss history, checks).
+out for the periodic checks. ``--trace-items FILE`` (``bench/trace_items.py``: agent traces built
+from training data) adds a second source: each step then takes ``--traces-per-batch`` of its
+examples from the traces, and a held-out slice of them (the one head detection held out, same
+seed) gets its own checks. ``--init-adapter`` starts from an adapter (a folder or a shipped name)
+instead of fresh LoRA weights, so a shipped adapter can be trained further. The adapter folder
+gets ``heads.json`` (the head set it was trained for, which the Compressor then scores with) and
+``training.json`` (settings, the LoRA as saved, NQ line ids of the training and held-out questions,
+loss history, checks).
 
     .venv/bin/python -m training.train_qr_lora --out /tmp/qr-lora            # CPU, embedded SmolLM2
     .venv/bin/python -m training.train_qr_lora --out /tmp/qr-lora --resume   # continue a run
@@ -29,6 +34,7 @@ training and held-out questions, loss history, checks).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -45,9 +51,11 @@ import torch
 from ccproxy.compression.heads import ADAPTER_HEADS_FILE
 from ccproxy.compression.qrhead import QRHeadScorer
 from nqdata.items import Item, contains_answer
+from training.data import UnitsItem
 from training.detect_heads import dump_json
 
 Head = tuple[int, int]
+Example = Item | UnitsItem  # an NQ list (documents) or a list of any units (agent-trace tool results)
 CHECKPOINT = "checkpoint"
 TRAINER_STATE = "trainer.pt"
 METADATA = "training.json"
@@ -79,6 +87,8 @@ class TrainConfig:
     heads: tuple[Head, ...] | None = None  # None: the base model's shipped set (or ``head_set``)
     head_set: str | None = None  # a shipped head set by name (heads and weights), e.g. smollm2-135m-instruct-hard
     max_minutes: float | None = None  # stop early (and save) past this wall time
+    init_adapter: str | None = None  # start from this adapter (folder or shipped name), not fresh LoRA
+    traces_per_batch: int = 0  # of each step's examples, how many come from the trace items
     resume: bool = False
 
 
@@ -116,14 +126,17 @@ def listwise_loss(scores: torch.Tensor, positives: Sequence[int], temperature: f
     return torch.logsumexp(logits, dim=0) - torch.logsumexp(logits[index], dim=0)
 
 
-def answering_units(item: Item) -> list[int]:
+def answering_units(item: Example) -> list[int]:
     """The gold document and any other that holds one of the question's answers (SQuAD-normalised):
-    each answers, so none should be pushed down. Hard distractors hold none by construction."""
+    each answers, so none should be pushed down. Hard distractors hold none by construction. A
+    trace item has one positive: the one tool result that holds its needle."""
+    if isinstance(item, UnitsItem):
+        return [item.gold_index]
     return [i for i, passage in enumerate(item.documents)
             if i == item.gold_index or contains_answer(passage.text, item.record.answers)]
 
 
-def item_loss(scores: torch.Tensor, item: Item, config: TrainConfig) -> torch.Tensor:
+def item_loss(scores: torch.Tensor, item: Example, config: TrainConfig) -> torch.Tensor:
     return listwise_loss(scores, answering_units(item), config.temperature, normalise=config.loss == "zscore")
 
 
@@ -136,7 +149,7 @@ def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[int]:
+def batch_indices(step: int, batch_size: int, n_items: int, seed: int | str) -> list[int]:
     """The items of one optimizer step: consecutive slices of a seeded permutation per epoch.
     A function of the step alone, so resuming replays the same order."""
     out = []
@@ -146,6 +159,15 @@ def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[i
         random.Random(f"{seed}-{epoch}").shuffle(order)
         out.append(order[offset])
     return out
+
+
+def step_examples(step: int, config: TrainConfig, items: Sequence[Item],
+                  traces: Sequence[UnitsItem]) -> list[Example]:
+    """One step's examples: ``batch_size - traces_per_batch`` NQ items, then ``traces_per_batch``
+    trace items, each source in its own seeded order (so each is seen evenly whatever its size)."""
+    n_traces = config.traces_per_batch if traces else 0
+    nq = [items[i] for i in batch_indices(step, config.batch_size - n_traces, len(items), config.seed)]
+    return nq + [traces[i] for i in batch_indices(step, n_traces, len(traces), f"traces-{config.seed}")]
 
 
 def gold_rank(scores: Sequence[float], gold: int) -> int:
@@ -190,10 +212,20 @@ def configured_heads(config: TrainConfig, base_name: str) -> tuple[list[Head], l
 
     if config.heads:
         return list(config.heads), None
-    try:
-        return chosen_heads(Settings(scoring_head_set=config.head_set), base_name, None)
+    adapter = str(initial_adapter(config)) if config.init_adapter else None
+    try:  # with --init-adapter and no set named: the set that adapter was trained for
+        return chosen_heads(Settings(scoring_head_set=config.head_set), base_name, adapter)
     except NoHeadSet as error:
         raise SystemExit(f"{error} (here: --head-set, or --heads)") from None
+
+
+def initial_adapter(config: TrainConfig) -> Path:
+    from ccproxy.compression.adapters import resolve_adapter
+
+    try:
+        return resolve_adapter(config.init_adapter or "")
+    except FileNotFoundError as error:
+        raise SystemExit(f"--init-adapter: {error}") from None
 
 
 def base_model_label(source: str | None) -> str | None:
@@ -236,6 +268,8 @@ def build_scorer(config: TrainConfig) -> tuple[QRHeadScorer, str]:
     checkpoint = config.out / CHECKPOINT
     if config.resume and (checkpoint / TRAINER_STATE).is_file():
         model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    elif config.init_adapter:  # its own targets and rank, whatever --targets/--rank say
+        model = PeftModel.from_pretrained(model, str(initial_adapter(config)), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(config, deepest))
     label = base_model_label(config.source)
@@ -253,7 +287,7 @@ def trainable(scorer: QRHeadScorer) -> list[torch.nn.Parameter]:
 # --- checks -------------------------------------------------------------------------------------
 
 
-def held_out_check(scorer: QRHeadScorer, items: Sequence[Item], config: TrainConfig) -> dict[str, float]:
+def held_out_check(scorer: QRHeadScorer, items: Sequence[Example], config: TrainConfig) -> dict[str, float]:
     """Loss and gold ranks on held-out items through ``score`` (inference mode, windowed): the
     Compressor's path. At 20 documents a 10 % budget keeps ~2 documents, 20 % ~4."""
     losses, ranks = [], []
@@ -292,6 +326,14 @@ def load_checkpoint(optimizer: torch.optim.Optimizer, out: Path) -> TrainState:
     return TrainState(**saved["state"])
 
 
+def head_set_origin(config: TrainConfig) -> str:
+    if config.heads:
+        return ""
+    if config.head_set:
+        return f" ({config.head_set})"
+    return f" (that of {config.init_adapter}, which it started from)" if config.init_adapter else ""
+
+
 def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, state: TrainState,
                  lines: dict[str, list[int]], data_note: str) -> None:
     """The adapter (peft ``save_pretrained``), the head set it serves with, and the metadata."""
@@ -300,13 +342,16 @@ def save_adapter(scorer: QRHeadScorer, base_name: str, config: TrainConfig, stat
     heads: dict[str, Any] = {
         "model": base_name,
         "heads": [list(h) for h in scorer.heads],
-        "source": "training/train_qr_lora.py: the head set this adapter was trained for"
-                  + (f" ({config.head_set})" if config.head_set and not config.heads else ""),
+        "source": "training/train_qr_lora.py: the head set this adapter was trained for" + head_set_origin(config),
     }
     if scorer.head_weights is not None:
         heads["weights"] = [round(float(w), 6) for w in scorer.head_weights]  # scorer.heads' order
     (out / ADAPTER_HEADS_FILE).write_text(dump_json(heads), encoding="utf-8")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    # What the LoRA is, as peft saved it: with --init-adapter, that adapter's, not --targets/--rank.
+    peft_config = scorer.model.peft_config["default"]
+    settings["lora"] = {"r": peft_config.r, "alpha": peft_config.lora_alpha,
+                        "target_modules": sorted(peft_config.target_modules)}
     (out / METADATA).write_text(json.dumps({
         "config": settings,
         "data": data_note,
@@ -336,7 +381,7 @@ def say(bar: Any, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def optimizer_step(scorer: QRHeadScorer, optimizer: torch.optim.Optimizer, batch: Sequence[Item], lr: float,
+def optimizer_step(scorer: QRHeadScorer, optimizer: torch.optim.Optimizer, batch: Sequence[Example], lr: float,
                    config: TrainConfig) -> tuple[float, float]:
     """One update from the mean loss over ``batch``, one example at a time (gradient accumulation:
     memory holds one example's activations). Returns (mean loss before the update, gradient norm)."""
@@ -355,8 +400,13 @@ def optimizer_step(scorer: QRHeadScorer, optimizer: torch.optim.Optimizer, batch
 
 
 def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
-          lines: dict[str, list[int]] | None = None, data_note: str = "") -> TrainState:
-    """Train, check and save; returns the final state (its ``history`` holds every step's loss)."""
+          lines: dict[str, list[int]] | None = None, data_note: str = "",
+          traces: Sequence[UnitsItem] = (), trace_held_out: Sequence[UnitsItem] = ()) -> TrainState:
+    """Train, check and save; returns the final state (its ``history`` holds every step's loss).
+    ``traces``: trace items mixed into every step (``config.traces_per_batch``); ``trace_held_out``
+    gets its own checks, as ``traces_<measure>``."""
+    if traces and not 0 < config.traces_per_batch < config.batch_size:
+        raise ValueError(f"traces_per_batch must be 1..{config.batch_size - 1} with trace items, got {config.traces_per_batch}")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -367,15 +417,21 @@ def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
     lines = lines or {"train": sorted(i.record.line for i in items),
                       "held_out": sorted(i.record.line for i in held_out)}
 
+    def check(step: int) -> None:
+        row = {"step": step, **held_out_check(scorer, held_out, config)}
+        if trace_held_out:
+            row |= {f"traces_{k}": v for k, v in held_out_check(scorer, trace_held_out, config).items()}
+        state.checks.append(row)
+        say(bar, f"check step {step}: {row}")
+
     bar = progress_bar(config.steps, state.step)
     if held_out and not state.checks:
-        state.checks.append({"step": 0, **held_out_check(scorer, held_out, config)})
-        say(bar, f"check step 0: {state.checks[-1]}")
+        check(0)
     started = time.perf_counter()
     seconds_before = state.seconds
     while state.step < config.steps:
         lr = learning_rate(state.step, config.steps, config.learning_rate, config.warmup_steps)
-        batch = [items[i] for i in batch_indices(state.step, config.batch_size, len(items), config.seed)]
+        batch = step_examples(state.step, config, items, traces)
         mean, norm = optimizer_step(scorer, optimizer, batch, lr, config)
         state.step += 1
         state.seconds = seconds_before + time.perf_counter() - started
@@ -385,8 +441,7 @@ def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
             bar.set_postfix(loss=f"{mean:.3f}")
         out_of_time = config.max_minutes is not None and state.seconds > 60 * config.max_minutes
         if held_out and (state.step % config.eval_every == 0 or state.step == config.steps or out_of_time):
-            state.checks.append({"step": state.step, **held_out_check(scorer, held_out, config)})
-            say(bar, f"check step {state.step}: {state.checks[-1]}")
+            check(state.step)
         if state.step % config.checkpoint_every == 0 or state.step == config.steps or out_of_time:
             save_checkpoint(scorer, optimizer, state, config.out)
         if out_of_time:
@@ -395,8 +450,8 @@ def train(config: TrainConfig, items: Sequence[Item], held_out: Sequence[Item],
     if bar is not None:
         bar.close()
     # The questions the steps actually drew (a short run sees part of the training list).
-    seen = {i for step in range(state.step) for i in batch_indices(step, config.batch_size, len(items), config.seed)}
-    lines = {**lines, "train_seen": sorted(items[i].record.line for i in seen)}
+    drawn = [e for step in range(state.step) for e in step_examples(step, config, items, traces)]
+    lines = {**lines, "train_seen": sorted({e.record.line for e in drawn if isinstance(e, Item)})}
     save_adapter(scorer, base_name, config, state, lines, data_note)
     return state
 
@@ -444,11 +499,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) past this training time")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    parser.add_argument("--init-adapter", default=None, metavar="ADAPTER",
+                        help="start from this adapter (a folder or a shipped name, e.g. smollm2-hard-lora) "
+                             "instead of fresh LoRA weights: its head set unless --head-set/--heads, its "
+                             "rank and targets whatever --rank/--alpha/--targets say")
+    parser.add_argument("--trace-items", type=Path, default=None, metavar="FILE",
+                        help="trace items (python -m bench.trace_items --out FILE) mixed into every step")
+    parser.add_argument("--traces-per-batch", type=int, default=2, help="of each step's examples, from the traces")
+    parser.add_argument("--traces-held-out", type=int, default=40,
+                        help="trace items held out for the checks (the same draw as fit_head_weights with the same --seed)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from training.data import build_training_data
+    from training.data import build_training_data, read_units_items, split_items
 
     config = replace(
         defaults, out=args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
@@ -458,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets=tuple(args.targets), eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         seed=args.seed, source=args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
         upcast_4bit_base=args.upcast_4bit_base, heads=args.heads, head_set=args.head_set,
-        max_minutes=args.max_minutes, resume=args.resume,
+        max_minutes=args.max_minutes, resume=args.resume, init_adapter=args.init_adapter,
+        traces_per_batch=args.traces_per_batch if args.trace_items else 0,
     )
     data = build_training_data(
         args.documents, held_out_documents=args.held_out_documents, n_held_out=args.n_held_out,
@@ -470,8 +535,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"passages), {len(data.held_out)} held-out questions x {args.held_out_documents} documents "
         f"({args.distractors} distractors from the whole training part), seed {args.seed}"
     )
+    traces: list[UnitsItem] = []
+    trace_held_out: list[UnitsItem] = []
+    if args.trace_items:
+        file_bytes = args.trace_items.read_bytes()
+        source, trace_items = read_units_items(file_bytes.decode("utf-8"))
+        traces, trace_held_out = split_items(trace_items, args.traces_held_out, args.seed)
+        if not traces:
+            parser.error(f"--traces-held-out {args.traces_held_out} leaves none of the {len(trace_items)} trace items to train on")
+        note += (f"; plus {source} (file sha256 {hashlib.sha256(file_bytes).hexdigest()[:16]}): {len(traces)} to train, "
+                 f"{len(trace_held_out)} held out (seed {args.seed}), {config.traces_per_batch} of each step's "
+                 f"{config.batch_size} examples")
+    if args.init_adapter:
+        note += f"; LoRA started from the adapter {args.init_adapter}"
     print(note, file=sys.stderr, flush=True)
-    state = train(config, data.train, data.held_out, data.lines(), note)
+    state = train(config, data.train, data.held_out, data.lines(), note, traces, trace_held_out)
     first, last = state.history[:10], state.history[-10:]
     print(json.dumps({
         "out": str(args.out), "steps": state.step, "train_minutes": round(state.seconds / 60, 1),

@@ -497,7 +497,8 @@ class QRHeadScorer:
 
     ``heads``: (layer, head) pairs; ``None`` scores with every head of the middle third of the
     layers (ICR-style, no detection needed). ``head_weights``: one non-negative weight per head,
-    in the order of ``heads`` (``training/fit_head_weights.py``); None: every head counts 1.
+    in the order of ``heads`` (``training/fit_head_weights.py``); None: every head counts 1. Heads
+    of weight 0 are left out of ``self.heads`` (never computed).
     ``window_tokens``: the longest prompt scored at once; longer contexts go through overlapping windows (``overlap_tokens`` of units repeated); a unit
     bigger than a window, through up to ``max_unit_pieces`` window-sized pieces (its best counts;
     None: MAX_UNIT_PIECES_CUDA on CUDA, 1 on a CPU).
@@ -539,6 +540,10 @@ class QRHeadScorer:
             weight_of = dict(zip(pairs, (float(w) for w in head_weights)))
             if not all(w >= 0 and math.isfinite(w) for w in weight_of.values()):
                 raise ValueError("head weights must be finite and non-negative")
+            # A head of weight 0 adds nothing to any score: it is not computed at all.
+            self.heads = [h for h in self.heads if weight_of[h] > 0]
+            if not self.heads:
+                raise ValueError("every head weight is 0")
             self.head_weights = torch.tensor([weight_of[h] for h in self.heads])  # rows' order
         for layer, head in self.heads:
             if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):

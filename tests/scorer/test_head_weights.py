@@ -30,7 +30,9 @@ def test_a_head_weighted_zero_counts_for_nothing_and_weights_scale_the_rest(
     # Given out of order: the weights follow the heads they were given with, not the sorted rows.
     given = [*others[::-1], first]
     weights = [0.0] * len(others) + [2.5]
-    weighted = QRHeadScorer(model, tokenizer, given, head_weights=weights).scored(question, documents).windowed
+    zeroed = QRHeadScorer(model, tokenizer, given, head_weights=weights)
+    assert zeroed.heads == [first]  # heads of weight 0 are not computed at all
+    weighted = zeroed.scored(question, documents).windowed
     assert weighted == pytest.approx([2.5 * x for x in alone], rel=1e-4, abs=1e-7)
     plain = QRHeadScorer(model, tokenizer, shipped_heads).scored(question, documents).windowed
     ones = QRHeadScorer(model, tokenizer, shipped_heads, head_weights=[1.0] * len(shipped_heads))
@@ -44,6 +46,8 @@ def test_weights_are_checked_against_the_heads(scoring_model: ScoringModel, ship
         QRHeadScorer(model, tokenizer, shipped_heads, head_weights=[1.0])
     with pytest.raises(ValueError, match="non-negative"):
         QRHeadScorer(model, tokenizer, shipped_heads, head_weights=[-1.0] + [1.0] * (len(shipped_heads) - 1))
+    with pytest.raises(ValueError, match="every head weight is 0"):
+        QRHeadScorer(model, tokenizer, shipped_heads, head_weights=[0.0] * len(shipped_heads))
     with pytest.raises(ValueError, match="weights for"):
         head_weights({"model": "m", "heads": [[1, 2], [3, 4]], "weights": [1.0]})
     assert head_weights({"model": "m", "heads": [[1, 2]]}) is None
@@ -76,9 +80,22 @@ def test_the_shipped_adapter_loads_by_name_with_its_weighted_heads(item) -> None
     scorer = load_scorer(Settings(scoring_lora_path="smollm2-hard-lora", scoring_mode="qrhead"))
     assert hasattr(scorer.model, "peft_config")
     hard = read_head_set("smollm2-135m-instruct-hard")
-    assert scorer.heads == sorted(head_pairs(hard))
-    assert scorer.head_weights.tolist() == pytest.approx([dict(zip(head_pairs(hard), hard["weights"]))[h] for h in scorer.heads])
+    weight_of = dict(zip(head_pairs(hard), hard["weights"]))
+    assert scorer.heads == sorted(h for h, w in weight_of.items() if w > 0)  # (14, 3) weighs 0
+    assert scorer.head_weights.tolist() == pytest.approx([weight_of[h] for h in scorer.heads])
     question, documents = item
     base = load_scoring_model()
     plain = QRHeadScorer(base.model, base.tokenizer, head_pairs(hard), head_weights=hard["weights"])
     assert scorer.score(question, documents) != pytest.approx(plain.score(question, documents), rel=1e-2)
+
+
+def test_the_conversational_bench_scores_with_each_adapter_it_is_given(item) -> None:
+    """bench.conversational --adapters: one more scorer per adapter, with that adapter on."""
+    from bench.conversational import product_scorers
+
+    built = product_scorers(["qrhead"], adapters=["smollm2-hard-lora"])
+    assert set(built) == {"qrhead", "qrhead+smollm2-hard-lora"}
+    question, documents = item
+    plain = built["qrhead"][0](question, documents)
+    tuned = built["qrhead+smollm2-hard-lora"][0](question, documents)
+    assert tuned != pytest.approx(plain, rel=1e-3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from ccproxy.compression.qrhead import QRHeadScorer
 from ccproxy.compression.scoring import load_scorer
 from ccproxy.settings import Settings
 from nqdata.items import load_records, random_distractor_items
+from training.data import UnitsItem, split_items
 from training.train_qr_lora import (
     CHECKPOINT,
     METADATA,
@@ -25,6 +27,7 @@ from training.train_qr_lora import (
     learning_rate,
     listwise_loss,
     lora_target_modules,
+    step_examples,
     train,
 )
 
@@ -59,6 +62,57 @@ def trained(tiny, tmp_path_factory) -> tuple[TrainConfig, list[dict]]:
     return config, resumed.history
 
 
+def trace_like(item) -> UnitsItem:
+    """An NQ item read as a trace item (units, one gold), as bench/trace_items.py writes them."""
+    return UnitsItem(item.question, tuple(item.document_texts()), item.gold_index, "research")
+
+
+def test_trace_items_mix_into_every_step_from_the_given_adapter(trained, tiny, tmp_path) -> None:
+    config, _ = trained
+    items, held_out = tiny
+    traces = [trace_like(item) for item in items]
+    first_run = json.loads((config.out / METADATA).read_text())
+    mixed = TrainConfig(out=tmp_path, steps=2, batch_size=2, learning_rate=3e-3, warmup_steps=1,
+                        eval_every=100, checkpoint_every=100, init_adapter=str(config.out), traces_per_batch=1)
+    state = train(mixed, items, held_out, traces=traces[:2], trace_held_out=[trace_like(held_out[0])])
+    # Step 0 scores with the adapter it started from (the first run's last check), not a fresh
+    # LoRA (the base model: the first run's step-0 check), and with that adapter's head set.
+    start, end = state.checks[0], state.checks[-1]
+    assert start["loss"] == pytest.approx(first_run["checks"][-1]["loss"], rel=1e-4)
+    assert start["loss"] != pytest.approx(first_run["checks"][0]["loss"], rel=1e-4)
+    # The held-out trace is the held-out NQ item read as units: the same list, the same measures.
+    assert start["traces_loss"] == pytest.approx(start["loss"], rel=1e-4) and end["step"] == 2
+    assert json.loads((tmp_path / "heads.json").read_text())["heads"] == json.loads((config.out / "heads.json").read_text())["heads"]
+    metadata = json.loads((tmp_path / METADATA).read_text())
+    assert len(metadata["nq_lines"]["train_seen"]) == 2  # one NQ item a step; the traces have no NQ line
+    # The LoRA recorded is the one trained: the first run's rank 4, not this config's default 8.
+    assert mixed.rank == 8 and metadata["config"]["lora"]["r"] == 4
+    assert "which it started from" in json.loads((tmp_path / "heads.json").read_text())["source"]
+    with pytest.raises(ValueError, match="traces_per_batch"):
+        train(replace(mixed, traces_per_batch=2), items, held_out, traces=traces)
+
+
+def test_each_step_takes_its_share_of_trace_items_in_their_own_order() -> None:
+    config = TrainConfig(out=Path("."), batch_size=4, traces_per_batch=1, seed=3)
+    nq = [f"nq{i}" for i in range(9)]
+    traces = [f"t{i}" for i in range(5)]
+    steps = [step_examples(step, config, nq, traces) for step in range(10)]
+    assert all(len(batch) == 4 and batch[-1].startswith("t") and not any(e.startswith("t") for e in batch[:3]) for batch in steps)
+    # Each source is seen evenly: every trace twice in ten steps, every NQ item within one epoch.
+    assert sorted(batch[-1] for batch in steps) == sorted(traces * 2)
+    assert sorted(e for batch in steps[:3] for e in batch[:3]) == sorted(nq)
+    assert step_examples(7, config, nq, traces) == steps[7]
+    assert step_examples(0, config, nq, []) == [nq[i] for i in batch_indices(0, 4, 9, 3)]  # no traces: all NQ
+
+
+def test_trace_items_split_as_head_detection_splits_them() -> None:
+    items = list(range(30))
+    fit, held = split_items(items, 8, seed=0)
+    assert len(held) == 8 and sorted(fit + held) == items and fit == sorted(fit) and held == sorted(held)
+    assert split_items(items, 8, seed=0) == (fit, held) != split_items(items, 8, seed=1)
+    assert answering_units(UnitsItem("q", ("a", "b", "c"), 2, "coding")) == [2]
+
+
 def test_loss_decreases(trained) -> None:
     _, history = trained
     losses = [row["loss"] for row in history]
@@ -80,8 +134,10 @@ def test_the_compressor_loads_the_adapter_with_its_heads(trained, tiny) -> None:
     assert isinstance(scorer, QRHeadScorer)
     assert hasattr(scorer.model, "peft_config")  # peft-wrapped
     shipped = read_head_set(HEAD_SET)
-    assert scorer.heads == sorted(head_pairs(shipped)) != sorted(load_head_set(EMBEDDED_NAME))
     weight_of = dict(zip(head_pairs(shipped), head_weights(shipped)))
+    # The set's heads but those of weight 0, which are never computed.
+    assert 0 in weight_of.values()
+    assert scorer.heads == sorted(h for h, w in weight_of.items() if w > 0) != sorted(load_head_set(EMBEDDED_NAME))
     assert scorer.head_weights.tolist() == pytest.approx([weight_of[h] for h in scorer.heads])
     # LoRA sits where it is read: every projection below the deepest head, q and k at it.
     deepest = max(layer for layer, _ in scorer.heads)

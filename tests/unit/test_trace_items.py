@@ -55,3 +55,17 @@ def test_the_exported_file_reads_back_on_the_training_side(tmp_path) -> None:
     assert "research over the NQ training part" in source and len(items) == len(raw) >= 3
     assert [(item.question, list(item.units), item.gold_index) for item in items] == \
         [(r["question"], r["units"], r["gold"]) for r in raw]
+
+
+def test_the_left_out_traces_are_the_documented_benchmark_runs() -> None:
+    """trace_items leaves out the needles of the conversational traces docs/BENCHMARKS.md reports:
+    if that run's arguments change, DOCUMENTED_TRACES (and with it the left-out needles) must too."""
+    from pathlib import Path
+
+    from bench.conversational import DOCUMENTED_TRACES as spec
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    command = (f"python -m bench.conversational --traces {spec['n_traces']} --min-steps {spec['min_steps']} "
+               f"--max-steps {spec['max_steps']} --corpus-rev {spec['corpus_rev']}")
+    assert f"Command: `{command}`" in docs
+    assert f"(seed {spec['seed']};" in docs
