@@ -42,9 +42,10 @@ T = TypeVar("T")
 
 
 def split_items(items: Sequence[T], n_held_out: int, seed: int) -> tuple[list[T], list[T]]:
-    """(fit, held_out) of items read from a file (``read_units_items``): a seeded shuffle's first
-    ``n_held_out`` are held out, both lists in file order. Head detection and the LoRA use the same
-    draw, so with the same seed the LoRA never trains on the items detection held out."""
+    """(fit, held_out): a seeded shuffle's first ``n_held_out`` items are held out, both lists in
+    the given order. Head detection splits its scored items (hard distractors, agent traces) this
+    way, and the LoRA its trace items (``read_units_items``): with the same seed the LoRA never
+    trains on the traces detection held out."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_held_out])
