@@ -68,12 +68,16 @@ class ItemScores:
     tokens: torch.Tensor  # [n_layers * n_heads, n_context] calibrated token scores (float16)
 
 
-def all_heads(scorer: QRHeadScorer) -> dict[int, list[int]]:
-    return {layer: list(range(scorer.n_heads)) for layer in range(scorer.n_layers)}
+def all_heads(scorer: QRHeadScorer, max_layer: int | None = None) -> dict[int, list[int]]:
+    """Every head of every layer, or of layers <= ``max_layer`` (the forward stops there)."""
+    n_layers = scorer.n_layers if max_layer is None else min(scorer.n_layers, max_layer + 1)
+    return {layer: list(range(scorer.n_heads)) for layer in range(n_layers)}
 
 
-def score_items(scorer: QRHeadScorer, items: Sequence[Item], label: str) -> list[ItemScores]:
-    heads = all_heads(scorer)
+def score_items(scorer: QRHeadScorer, items: Sequence[Item], label: str,
+                max_layer: int | None = None) -> list[ItemScores]:
+    """Per-head token scores of each item; rows ``layer * n_heads + head`` for the layers scored."""
+    heads = all_heads(scorer, max_layer)
     out = []
     for item in progress(items, label):
         prompt = scorer.build_prompt(item.question, item.document_texts())

@@ -24,6 +24,9 @@ a held-out slice.
     python -m bench.trace_items --out /tmp/qrh/trace_items.json      # + agent traces:
     python -m training.fit_head_weights --scores-cache /tmp/qrh/hard --trace-items /tmp/qrh/trace_items.json \
         --n-eval 0 --out ccproxy/compression/heads/smollm2-135m-instruct-mixed.json
+    python -m training.fit_head_weights --scores-cache /tmp/qrh/shallow --max-layer 11 --depths 7 8 11 \
+        --trace-items /tmp/qrh/trace_items.json --n-eval 0 --out ccproxy/compression/heads/smollm2-135m-instruct-fast.json
+        # a shallow set: only layers 0-11 scored (the forward stops there), ~23 min on 2 cores
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from training.data import read_units_items, split_items
 from training.detect_heads import (
     Head,
     ItemScores,
+    all_heads,
     cached_scores,
     dump_json,
     evaluate,
@@ -138,23 +142,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--traces-held-out", type=int, default=40, help="of those, the held-out slice")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--l2", type=float, default=1e-3)
+    parser.add_argument("--depths", type=int, nargs="+", default=list(CANDIDATE_DEPTH),
+                        help="candidate deepest layers (the scorer's cost grows with the deepest one)")
+    parser.add_argument("--max-layer", type=int, default=None,
+                        help="score only the heads of layers <= this (default: every layer; the forward "
+                        "stops there, so a shallow search costs a fraction of a full one)")
     parser.add_argument("--scores-cache", type=Path, default=None, help="reuse per-head scores across runs")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the winner there as a head set file (ccproxy/compression/heads/<name>.json "
                         "is served with CCPROXY_SCORING_HEAD_SET=<name>)")
     args = parser.parse_args(argv)
+    if args.max_layer is not None and max(args.depths) > args.max_layer:
+        parser.error(f"--depths reach layer {max(args.depths)}, deeper than --max-layer {args.max_layer}")
 
     model, tokenizer, name = load_scoring_model(None)
     scorer = QRHeadScorer(model, tokenizer, window_tokens=6000)
     dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
     n_heads = scorer.n_heads
-    key = {"model": name, "dtype": dtype_name, "documents": args.documents, "seed": args.seed, "distractors": "hard"}
+    n_layers = len(all_heads(scorer, args.max_layer))  # the layers scored
+    # a cache of every layer keeps its old key; a shallow one says how deep it goes
+    depth_key = {} if n_layers == scorer.n_layers else {"layers": n_layers}
+    key = {"model": name, "dtype": dtype_name, "documents": args.documents, "seed": args.seed, "distractors": "hard",
+           **depth_key}
     cache = args.scores_cache
 
     def scored(split_name: str, n: int) -> list[ItemScores]:
         def compute() -> list[ItemScores]:
             items = hard_distractor_items(load_records(split_name), args.documents, n_items=n, seed=args.seed)
-            return score_items(scorer, items, f"per-head scores ({split_name})")
+            return score_items(scorer, items, f"per-head scores ({split_name})", args.max_layer)
 
         return cached_scores(cache and cache.with_suffix(f".{split_name}.pt"), {**key, "n": n, "split": split_name}, compute)
 
@@ -165,19 +180,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.trace_items:
         file_bytes = args.trace_items.read_bytes()
         trace_source, items = read_units_items(file_bytes.decode("utf-8"))
-        trace_key = {"model": name, "dtype": dtype_name, "trace_items": hashlib.sha256(file_bytes).hexdigest()}
+        trace_key = {"model": name, "dtype": dtype_name, "trace_items": hashlib.sha256(file_bytes).hexdigest(), **depth_key}
         trace_scores = cached_scores(cache and cache.with_suffix(".traces.pt"), trace_key,
-                                     lambda: score_items(scorer, items, "per-head scores (agent traces)"))
+                                     lambda: score_items(scorer, items, "per-head scores (agent traces)", args.max_layer))
         fit_parts["traces"], held_parts["traces"] = split_items(trace_scores, args.traces_held_out, args.seed)
         trace_note = f"; plus {trace_source} ({len(fit_parts['traces'])} to fit, {len(held_parts['traces'])} held out)"
 
-    qrscore = mean_qrscore(fit_parts, scorer.n_layers, n_heads)
+    qrscore = mean_qrscore(fit_parts, n_layers, n_heads)
     fit_all = [item for items in fit_parts.values() for item in items]
     # each source weighs the same in the loss, whatever its number of items
     item_weights = torch.cat([torch.full((len(items),), 1.0 / len(items)) for items in fit_parts.values()])
     head_sets: dict[str, list[Head]] = {}
     weights: dict[str, torch.Tensor | None] = {}
-    for depth in CANDIDATE_DEPTH:
+    for depth in args.depths:
         for k in CANDIDATE_K:
             heads = select_heads(qrscore, k, depth)
             features, gold, mask = head_features(fit_all, heads, n_heads)
@@ -186,12 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             head_sets[f"top{k} layers<={depth} weighted"] = heads
             weights[f"top{k} layers<={depth} weighted"] = fit_weights(
                 features, gold, mask=mask, item_weights=item_weights, l2=args.l2)
+    # the shipped sets for comparison, where the layers scored hold them
     shipped = load_head_set(name)
-    if shipped:
+    if shipped and max(layer for layer, _ in shipped) < n_layers:
         head_sets["shipped (random-distractor detection)"] = shipped
         weights["shipped (random-distractor detection)"] = None
     hard = read_head_set(HARD_SET)
-    if args.trace_items and hard:
+    if hard and max(layer for layer, _ in head_pairs(hard)) < n_layers:
         head_sets[f"shipped {HARD_SET}"] = head_pairs(hard)
         hard_weights = head_weights(hard)
         weights[f"shipped {HARD_SET}"] = None if hard_weights is None else torch.tensor(hard_weights)
@@ -226,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["weights"] = [round(float(w), 4) for w in chosen_weights]
     held_sizes = " + ".join(f"{len(items)} {source}" for source, items in held_parts.items())
     data["source"] = (f"training/fit_head_weights.py: {winner}, chosen by top-1 on a held-out slice of "
-                      f"{held_sizes} training items among k in {list(CANDIDATE_K)}, depth in {list(CANDIDATE_DEPTH)}")
+                      f"{held_sizes} training items among k in {list(CANDIDATE_K)}, depth in {args.depths}")
     data["detected_on"] = (f"nqdata.items TRAINING part (NQ-open oracle dev lines 0-499): {len(fit_parts['hard'])} items x "
                            f"{args.documents} documents, hard distractors, seed {args.seed}{trace_note}; {dtype_name} weights")
     report: dict[str, object] = {"held_out": held_table, "evaluation_hard": evaluation}

@@ -1,3 +1,3 @@
 """The training tests run the real embedded model, with the scorer tests' one-thread rule."""
 
-from tests.scorer.conftest import one_torch_thread  # noqa: F401  (autouse fixture, re-registered here)
+from tests.scorer.conftest import one_torch_thread, scoring_model  # noqa: F401  (fixtures, re-registered here)

@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 
-from training.data import read_units_items
-from training.detect_heads import ItemScores
+from ccproxy.compression.model import ScoringModel
+from ccproxy.compression.qrhead import QRHeadScorer
+from training.data import UnitsItem, read_units_items
+from training.detect_heads import ItemScores, score_items
 from training.fit_head_weights import fit_weights, head_features, macro_table, mean_qrscore
 
 
@@ -68,3 +70,18 @@ def test_units_items_are_read_and_a_gold_outside_the_units_is_refused() -> None:
     assert [(i.gold_index, i.kind) for i in items] == [(1, "coding"), (0, "")]
     with pytest.raises(ValueError, match="gold 2 is not one of its 2 units"):
         read_units_items(json.dumps({"items": [{"question": "q", "units": ["a", "b"], "gold": 2}]}))
+
+
+def test_a_shallow_scoring_is_the_first_layers_of_a_full_one(scoring_model: ScoringModel) -> None:
+    """``--max-layer``: the forward stops after that layer, and its rows are the full run's first
+    rows (same layers, same heads, same order), so a shallow cache serves a shallow search."""
+    scorer = QRHeadScorer(scoring_model.model, scoring_model.tokenizer, [(7, 7)], window_tokens=2000)
+    units = ("The Eiffel Tower is in Paris, France.", "Mount Everest is 8,849 metres high.",
+             "The Danube flows through Vienna and Budapest.")
+    item = UnitsItem("How high is Mount Everest?", units, 1, "test")
+    [full] = score_items(scorer, [item], "full")
+    [shallow] = score_items(scorer, [item], "shallow", max_layer=3)
+    assert full.tokens.shape[0] == scorer.n_layers * scorer.n_heads
+    assert shallow.tokens.shape == (4 * scorer.n_heads, full.tokens.shape[1])
+    assert shallow.spans == full.spans and shallow.gold == full.gold
+    assert torch.allclose(shallow.tokens.float(), full.tokens[: 4 * scorer.n_heads].float(), atol=1e-3)

@@ -47,6 +47,17 @@ def test_the_set_detected_on_agent_traces_too_is_one_setting_away() -> None:
     assert "agent traces" in data["detected_on"] and set(data["report"]["held_out_by_source"]) == {"hard", "traces"}
 
 
+
+def test_the_shallow_set_runs_nine_layers_and_drops_its_zero_weight_head() -> None:
+    # training/fit_head_weights.py --max-layer 11 --depths 7 8 11 --trace-items ...
+    #     --out ccproxy/compression/heads/smollm2-135m-instruct-fast.json
+    data = read_head_set("smollm2-135m-instruct-fast")
+    assert max(layer for layer, _ in data["heads"]) <= 8 and "depth in [7, 8, 11]" in data["source"]
+    heads, weights = chosen_heads(Settings(scoring_head_set="smollm2-135m-instruct-fast"), EMBEDDED_NAME, None)
+    assert weights is not None and all(w >= 0 for w in weights)
+    # the scorer computes only the heads of non-zero weight (QRHeadScorer), so the model runs up to layer 8
+    assert max(layer for (layer, _), w in zip(heads, weights) if w > 0) == 8
+
 @pytest.mark.parametrize(("old", "new"), [
     ("off", "qrhead"), ("prefilter", "qrhead-prefiltered"), ("fusion", "fusion"),
     ("both", "fusion-prefiltered"), ("only", "dense"),
