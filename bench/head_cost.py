@@ -9,7 +9,7 @@ configuration alike. The contexts are NQ documents (``bench.scorer_cost``'s: 15 
 
     .venv/bin/python -m bench.head_cost              # ~20 min on 2 cores of a float32 host (27 k: ~5 min a round)
     .venv/bin/python -m bench.head_cost --configs smollm2-135m-instruct \\
-        smollm2-135m-instruct-fast+smollm2-fast-lora --repeats 5
+        smollm2-135m-instruct-hard+smollm2-traces-lora --repeats 5
 """
 
 from __future__ import annotations
