@@ -120,11 +120,20 @@ class Options:
         return list(self.shared.values())
 
 
+def scorer_env(settings: Any) -> str:
+    """The scorer settings a run was given that are not the defaults, as the environment
+    assignments that reproduce it (they are part of what the run measured)."""
+    fields = type(settings).model_fields
+    names = ("scoring_head_set", "scoring_window_tokens", "scoring_window_overlap_tokens")
+    return "".join(f"CCPROXY_{name.upper()}={shlex.quote(str(getattr(settings, name)))} " for name in names
+                   if getattr(settings, name) != fields[name].default)
+
+
 def _qr_scorer(heads_from_file: bool, adapter: str | None = None) -> Any:
     from ccproxy.compression.adapters import resolve_adapter
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
-    from ccproxy.compression.scoring import chosen_heads
+    from ccproxy.compression.scoring import chosen_heads, window_options
     from ccproxy.settings import Settings
 
     adapter = str(resolve_adapter(adapter)) if adapter else None  # a folder or a shipped adapter's name
@@ -133,8 +142,9 @@ def _qr_scorer(heads_from_file: bool, adapter: str | None = None) -> Any:
         return QRHeadScorer(loaded.model, loaded.tokenizer, None)
     # As the Compressor picks them (CCPROXY_SCORING_HEAD_SET, else the model's or the adapter's
     # set); none raises NoHeadSet: without one the scorer would be ICR's heads, not "qrhead".
-    heads, weights = chosen_heads(Settings(), loaded.name, adapter)
-    return QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights)
+    settings = Settings()
+    heads, weights = chosen_heads(settings, loaded.name, adapter)
+    return QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights, **window_options(settings))
 
 
 def dense_dtype() -> Any:
@@ -677,10 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         return 0
     command = ".venv/bin/python -m bench.compressor_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    head_set = Settings().scoring_head_set
-    if head_set:  # part of what the run measured: the command reproduces it only with it
-        command = f"CCPROXY_SCORING_HEAD_SET={shlex.quote(head_set)} {command}"
-    command = command.rstrip()
+    command = (scorer_env(Settings()) + command).rstrip()
     pairs = [(n, kind) for n in args.sizes for kind in args.distractors]
     counts = args.n_items + [args.n_items[-1]] * max(0, len(pairs) - len(args.n_items))
     settings = [Setting(n, kind, count) for (n, kind), count in zip(pairs, counts)]

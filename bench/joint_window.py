@@ -21,9 +21,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.compressor_bench import RATIOS, TokenCounter, _qr_scorer, budget_column, cpu_name, evaluate, gold_kept_cells, prepare
+from bench.compressor_bench import (
+    RATIOS,
+    TokenCounter,
+    _qr_scorer,
+    budget_column,
+    cpu_name,
+    evaluate,
+    gold_kept_cells,
+    prepare,
+    scorer_env,
+)
 from bench.load import publish, run_line
 from bench.multiturn import load_items
+from ccproxy.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "docs" / "BENCHMARKS.md"
@@ -62,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--documents", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=RESULTS_MD, help="where the section is kept")
     options = parser.parse_args(argv)
-    command = "python -m bench.joint_window " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = scorer_env(Settings()) + "python -m bench.joint_window " + shlex.join(argv if argv is not None else sys.argv[1:])
     load_start = os.getloadavg()
     started = time.perf_counter()
     scorer = _qr_scorer(heads_from_file=True)
+    chosen = Settings().scoring_head_set
+    head_set = f"The head set `{chosen}`" if chosen else "The shipped head set"
     counter = TokenCounter()
     rows: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     seconds, tokens, windows = 0.0, 0, 0
@@ -91,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{n_items} items of the evaluation part, {options.documents} documents each (hard distractors; "
         f"mean {tokens / max(n_items, 1):,.0f} document tokens, {windows / max(n_items, 1):.1f} windows of "
-        "6,000 tokens). The shipped head set, no encoder (`CCPROXY_SCORING_MODE=qrhead`). Both rows come from the "
+        f"{scorer.window_tokens:,} tokens, {scorer.overlap_tokens} shared). {head_set}, no encoder "
+        "(`CCPROXY_SCORING_MODE=qrhead`). Both rows come from the "
         "same pass (`QRHeadScorer.scored`): *windowed means* rank by each unit's mean score over its windows "
         "(the scorer before issue 18); *joint window* re-scores each window's best units together in one more "
         "window and ranks them above the rest. Budgets as in the compressor benchmark (policy `select`; @4k: "
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         MARKS[1],
         "",
     ]
-    publish("\n".join(lines), RESULTS_MD, None if options.no_docs else BENCHMARKS_MD, MARKS)
+    publish("\n".join(lines), options.out, None if options.no_docs else BENCHMARKS_MD, MARKS)
     return 0
 
 

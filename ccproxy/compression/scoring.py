@@ -54,6 +54,11 @@ def scoring_source(settings: Settings) -> str | None:
     return settings.scoring_model or None
 
 
+def window_options(settings: Settings) -> dict[str, int]:
+    """The QR scorer's window plan from the settings (``QRHeadScorer``'s keyword arguments)."""
+    return {"window_tokens": settings.scoring_window_tokens, "overlap_tokens": settings.scoring_window_overlap_tokens}
+
+
 def chosen_heads(settings: Settings, model_name: str, adapter: str | None) -> tuple[list[tuple[int, int]], list[float] | None]:
     """The head set to score with and its per-head weights (None: equal), or NoHeadSet naming the
     way to make one."""
@@ -98,7 +103,7 @@ def load_scorer(settings: Settings):  # -> QRHeadScorer | FusedScorer; torch is 
     # The name is the one load_scoring_model gives the model it loads.
     heads, weights = chosen_heads(settings, model_name(source or EMBEDDED, adapter), adapter)
     loaded = load_scoring_model(source, adapter=adapter, cache_dir=settings.model_cache_dir)
-    qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights)
+    qr = QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights, **window_options(settings))
     if settings.scoring_mode == "qrhead":
         return qr
     from ccproxy.compression.dense import DenseModelMissing

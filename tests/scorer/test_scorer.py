@@ -7,6 +7,8 @@ import torch
 
 from ccproxy.compression.model import ScoringModel
 from ccproxy.compression.qrhead import QRHeadScorer, joint_candidates, joint_ranking, plan_windows, unit_scores
+from ccproxy.compression.scoring import window_options
+from ccproxy.settings import Settings
 from nqdata.items import load_records, random_distractor_items
 
 UNITS = [
@@ -111,6 +113,24 @@ def _eager_reference(model, prompt, layers: list[int]) -> torch.Tensor:
     finally:
         model.set_attn_implementation("sdpa")
     return reference  # [layers, heads, n_context]
+
+
+def test_the_window_settings_plan_the_windows(scoring_model: ScoringModel, shipped_heads, eval_items) -> None:
+    """CCPROXY_SCORING_WINDOW_TOKENS / _OVERLAP_TOKENS reach the scorer: the 20 documents (~2.6 k
+    tokens) that fit one default window take several 1,024-token windows sharing no unit, and
+    every window's prompt fits its size."""
+    item = eval_items[0]
+    units = item.document_texts()
+    default = QRHeadScorer(scoring_model.model, scoring_model.tokenizer, shipped_heads, **window_options(Settings()))
+    assert len(default._plan(item.question, units).windows) == 1
+    small = QRHeadScorer(scoring_model.model, scoring_model.tokenizer, shipped_heads, **window_options(
+        Settings(scoring_window_tokens=1024, scoring_window_overlap_tokens=0)))
+    plan = small._plan(item.question, units)
+    assert len(plan.windows) >= 3
+    assert all(a.stop == b.start for a, b in zip(plan.windows, plan.windows[1:]))  # nothing shared
+    assert all(_prompt_tokens(small, item.question, [units[k] for k in window]) <= 1024 for window in plan.windows)
+    scored = small.scored(item.question, units)
+    assert scored.windows == len(plan.windows) and len(scored.ranked) == len(units)
 
 
 def test_early_exit_matches_eager_attention(float32_model: ScoringModel) -> None:

@@ -76,3 +76,10 @@ def test_scoring_modes_are_named_for_what_scores_and_the_old_names_still_read(
     monkeypatch.setenv("CCPROXY_SCORING_MODE", "fast")
     with pytest.raises(ValueError, match="scoring_mode|CCPROXY_SCORING_MODE"):
         Settings()
+
+
+def test_a_window_too_small_for_the_capped_query_is_refused_at_startup() -> None:
+    with pytest.raises(ValueError, match="scoring_window_tokens"):
+        Settings(scoring_window_tokens=512)
+    with pytest.raises(ValueError, match="scoring_window_overlap_tokens"):
+        Settings(scoring_window_overlap_tokens=-1)
