@@ -85,7 +85,7 @@ def load_line(when: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                        help="HEAD_SET or HEAD_SET+ADAPTER, shipped names")
+                        help="HEAD_SET[+ADAPTER][@WINDOW/OVERLAP]: shipped names, window plan in tokens")
     parser.add_argument("--documents", type=int, nargs="+", default=list(DEFAULT_DOCUMENTS),
                         help="NQ documents per context, smallest first (15: ~2 k tokens, 200: ~27 k)")
     parser.add_argument("--repeats", type=int, default=3)
