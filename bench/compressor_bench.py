@@ -133,18 +133,16 @@ def _qr_scorer(heads_from_file: bool, adapter: str | None = None) -> Any:
     from ccproxy.compression.adapters import resolve_adapter
     from ccproxy.compression.model import load_scoring_model
     from ccproxy.compression.qrhead import QRHeadScorer
-    from ccproxy.compression.scoring import chosen_heads, window_options
+    from ccproxy.compression.scoring import load_scorer
     from ccproxy.settings import Settings
 
-    adapter = str(resolve_adapter(adapter)) if adapter else None  # a folder or a shipped adapter's name
-    loaded = load_scoring_model(adapter=adapter)
-    if not heads_from_file:
-        return QRHeadScorer(loaded.model, loaded.tokenizer, None)
-    # As the Compressor picks them (CCPROXY_SCORING_HEAD_SET, else the model's or the adapter's
-    # set); none raises NoHeadSet: without one the scorer would be ICR's heads, not "qrhead".
-    settings = Settings()
-    heads, weights = chosen_heads(settings, loaded.name, adapter)
-    return QRHeadScorer(loaded.model, loaded.tokenizer, heads, head_weights=weights, **window_options(settings))
+    if heads_from_file:
+        # The Compressor's own QR scorer: its head set (CCPROXY_SCORING_HEAD_SET, else the model's
+        # or the adapter's; none raises NoHeadSet: without one the scorer would be ICR's heads, not
+        # "qrhead") and its window settings. The adapter is this run's --adapter, not the environment's.
+        return load_scorer(Settings(scoring_mode="qrhead", scoring_lora_path=adapter))
+    loaded = load_scoring_model(adapter=str(resolve_adapter(adapter)) if adapter else None)
+    return QRHeadScorer(loaded.model, loaded.tokenizer, None)
 
 
 def dense_dtype() -> Any:

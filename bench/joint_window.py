@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     parser.add_argument("--out", type=Path, default=RESULTS_MD, help="where the section is kept")
     options = parser.parse_args(argv)
-    command = scorer_env(Settings()) + "python -m bench.joint_window " + shlex.join(argv if argv is not None else sys.argv[1:])
+    settings = Settings()
+    command = scorer_env(settings) + "python -m bench.joint_window " + shlex.join(argv if argv is not None else sys.argv[1:])
     load_start = os.getloadavg()
     started = time.perf_counter()
     scorer = _qr_scorer(heads_from_file=True)
-    chosen = Settings().scoring_head_set
-    head_set = f"The head set `{chosen}`" if chosen else "The shipped head set"
+    head_set = f"The head set `{settings.scoring_head_set}`" if settings.scoring_head_set else "The shipped head set"
     counter = TokenCounter()
     rows: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     seconds, tokens, windows = 0.0, 0, 0

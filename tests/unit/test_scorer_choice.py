@@ -47,7 +47,6 @@ def test_the_set_detected_on_agent_traces_too_is_one_setting_away() -> None:
     assert "agent traces" in data["detected_on"] and set(data["report"]["held_out_by_source"]) == {"hard", "traces"}
 
 
-
 def test_the_shallow_set_runs_nine_layers_and_drops_its_zero_weight_head() -> None:
     # training/fit_head_weights.py --max-layer 11 --depths 7 8 11 --trace-items ...
     #     --out ccproxy/compression/heads/smollm2-135m-instruct-fast.json
@@ -57,6 +56,7 @@ def test_the_shallow_set_runs_nine_layers_and_drops_its_zero_weight_head() -> No
     assert weights is not None and all(w >= 0 for w in weights)
     # the scorer computes only the heads of non-zero weight (QRHeadScorer), so the model runs up to layer 8
     assert max(layer for (layer, _), w in zip(heads, weights) if w > 0) == 8
+
 
 @pytest.mark.parametrize(("old", "new"), [
     ("off", "qrhead"), ("prefilter", "qrhead-prefiltered"), ("fusion", "fusion"),
